@@ -1,0 +1,1 @@
+"""Pure-torch building blocks: no Ray here (see DESIGN.md, layers)."""

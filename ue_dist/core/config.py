@@ -1,0 +1,119 @@
+"""Settings: presets (``paper`` / ``quick``) plus ``key=value`` overrides, typed by the default.
+
+Every command that fits or trains resolves its settings here and prints what it used.
+"""
+from __future__ import annotations
+
+import json
+from fractions import Fraction
+from typing import Any, Mapping, Sequence
+
+PRESETS = ("paper", "quick")
+
+
+class SettingsError(ValueError):
+    """A preset, key or value that cannot be used; the message names it."""
+
+
+def parse_radius(value: Any, name: str = "eps") -> float:
+    """Parse ``8/255``, ``0.03`` or a number into a float radius (must be >= 0)."""
+    if isinstance(value, bool):
+        raise SettingsError(f"{name}: expected a number or a fraction like 8/255, got {value!r}")
+    if isinstance(value, (int, float)):
+        out = float(value)
+    else:
+        text = str(value).strip()
+        try:
+            out = float(Fraction(text)) if "/" in text else float(text)
+        except (ValueError, ZeroDivisionError):
+            raise SettingsError(
+                f"{name}: expected a number or a fraction like 8/255, got {value!r}") from None
+    if out != out or out < 0:
+        raise SettingsError(f"{name}: must be a non-negative number, got {value!r}")
+    return out
+
+
+def _coerce(key: str, raw: str, default: Any) -> Any:
+    text = raw.strip()
+    if default is None:
+        if text.lower() in ("none", "null", ""):
+            return None
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            return text
+    if isinstance(default, bool):
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise SettingsError(f"--set {key}: expected true/false, got {raw!r}")
+    if isinstance(default, int):
+        try:
+            return int(text)
+        except ValueError:
+            raise SettingsError(f"--set {key}: expected an integer, got {raw!r}") from None
+    if isinstance(default, float):
+        return parse_radius(text, f"--set {key}") if "/" in text else _float(key, text)
+    if isinstance(default, (list, tuple)):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = [v for v in text.split(",") if v]
+        if not isinstance(value, list):
+            raise SettingsError(f"--set {key}: expected a list, got {raw!r}")
+        return value
+    return text
+
+
+def _float(key: str, text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise SettingsError(f"--set {key}: expected a number, got {text!r}") from None
+
+
+def parse_overrides(pairs: Sequence[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for pair in pairs or ():
+        if "=" not in pair:
+            raise SettingsError(f"--set expects key=value, got {pair!r}")
+        key, value = pair.split("=", 1)
+        out[key.strip().replace("-", "_")] = value
+    return out
+
+
+def resolve_settings(presets: Mapping[str, Mapping[str, Any]], preset: str = "paper",
+                     overrides: Sequence[str] | Mapping[str, Any] = (),
+                     what: str = "settings") -> dict[str, Any]:
+    """Start from ``presets[preset]`` and apply overrides; unknown keys are an error.
+
+    ``overrides`` is either ``["key=value", ...]`` (strings, typed by the default) or a mapping
+    of already-typed values (job specs, Tune trials).
+    """
+    if preset not in presets:
+        raise SettingsError(
+            f"unknown preset {preset!r} for {what}; valid: {', '.join(sorted(presets))}")
+    settings = dict(presets[preset])
+    if isinstance(overrides, Mapping):
+        typed = dict(overrides)
+        raw: dict[str, str] = {}
+    else:
+        typed = {}
+        raw = parse_overrides(overrides)
+    for key in list(raw) + list(typed):
+        if key not in settings:
+            raise SettingsError(
+                f"unknown setting {key!r} for {what}; valid: {', '.join(sorted(settings))}")
+    for key, value in raw.items():
+        settings[key] = _coerce(key, value, settings[key])
+    settings.update(typed)
+    for key in settings:
+        if key == "eps" or key.endswith("_eps") or key.startswith("rho"):
+            if settings[key] is not None:
+                settings[key] = parse_radius(settings[key], key)
+    return settings
+
+
+def format_settings(settings: Mapping[str, Any]) -> str:
+    return json.dumps(dict(settings), sort_keys=True, default=str)

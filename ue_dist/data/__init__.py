@@ -1,0 +1,1 @@
+"""WebDataset shards on any fsspec URL: schema, reading, atomic writing, converters."""

@@ -1,0 +1,164 @@
+"""The one interface every protection method implements, its registry, and fitted state I/O.
+
+A method is a small class (like an attack in torchattacks):
+
+* ``presets``: ``{"paper": {...}, "quick": {...}}`` flat settings; ``eps`` always present
+  (L-inf radius on the [0, 1] scale). ``resolve_settings`` applies ``--set key=value``.
+* ``fit(train, ctx) -> state``: whatever must be learned first; ``state`` is a plain dict of
+  tensors / numbers / strings that ``save_state`` writes to any fsspec URL and ``load_state``
+  reads back with ``torch.load(weights_only=True)``.
+* ``load(state, device)``: materialise the state (build modules) once per process / Ray actor.
+* ``perturb(loaded, images, labels) -> delta``: images float ``B x C x H x W`` in [0, 1], labels
+  ``B``; returns ``delta`` of the same shape with ``|delta|_inf <= eps`` and ``images + delta``
+  in [0, 1]. Batch-independent, so Ray Data can stream it over shards.
+
+The epsilon contract (``ue_dist.core.quantize.apply_perturbation``) is applied by whoever writes
+the protected images, never by the method.
+"""
+from __future__ import annotations
+
+import io
+from typing import Any, Callable, ClassVar, Mapping, Sequence
+
+import torch
+
+from ue_dist.core.config import SettingsError, resolve_settings
+from ue_dist.core.context import FitContext
+from ue_dist.data import storage
+from ue_dist.data.imageset import ImageSet
+
+STATE_VERSION = 1
+
+
+class StateError(ValueError):
+    """A fitted-state file that cannot be used with this method, data or settings."""
+
+
+class Method:
+    name: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+    presets: ClassVar[dict[str, dict[str, Any]]] = {}
+    #: False for methods whose ``fit`` learns nothing (the state carries settings only).
+    needs_fit: ClassVar[bool] = True
+
+    def __init__(self, settings: Mapping[str, Any] | None = None) -> None:
+        self.settings = dict(settings) if settings is not None else self.resolve("paper")
+        self.eps = float(self.settings["eps"])
+        self.validate_settings()
+
+    # settings --------------------------------------------------------------------------------
+    @classmethod
+    def resolve(cls, preset: str = "paper",
+                overrides: Sequence[str] | Mapping[str, Any] = ()) -> dict[str, Any]:
+        return resolve_settings(cls.presets, preset, overrides, what=f"method {cls.name!r}")
+
+    def validate_settings(self) -> None:
+        """Raise ``SettingsError`` naming the option; subclasses extend."""
+        if not self.eps > 0:
+            raise SettingsError(f"eps must be > 0 for method {self.name!r}, got {self.eps}")
+
+    # the two verbs ------------------------------------------------------------------------------
+    def fit(self, train: ImageSet, ctx: FitContext) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def load(self, state: Mapping[str, Any], device: torch.device | str = "cpu") -> Any:
+        """Return whatever ``perturb`` needs (modules on ``device``); default: the state itself."""
+        return state
+
+    def perturb(self, loaded: Any, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    # state -------------------------------------------------------------------------------------
+    def new_state(self, train: ImageSet, **payload: Any) -> dict[str, Any]:
+        return {"method": self.name, "version": STATE_VERSION, "settings": dict(self.settings),
+                "image_shape": list(train.image_shape), "num_classes": int(train.num_classes),
+                **payload}
+
+    def check_state(self, state: Mapping[str, Any], image_shape: Sequence[int] | None = None,
+                    source: str = "state") -> None:
+        got = state.get("method")
+        if got != self.name:
+            raise StateError(f"{source} was fitted by method {got!r}, not {self.name!r}")
+        if image_shape is not None and list(state.get("image_shape", [])) != list(image_shape):
+            raise StateError(f"{source} was fitted on images of shape {state.get('image_shape')} "
+                             f"(C,H,W), but the data have shape {list(image_shape)}")
+        fitted_eps = state.get("settings", {}).get("eps")
+        if fitted_eps is not None and abs(float(fitted_eps) - self.eps) > 1e-9 and \
+                getattr(self, "eps_fixed_by_state", False):
+            raise StateError(f"{source} was fitted for eps={fitted_eps}, but eps={self.eps} was asked")
+
+
+# registry ------------------------------------------------------------------------------------
+_REGISTRY: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    if not cls.name:
+        raise TypeError(f"{cls.__name__} has no name")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def _load_builtin_methods() -> None:
+    import importlib
+    import pkgutil
+
+    import ue_dist.methods as pkg
+
+    for info in pkgutil.iter_modules(pkg.__path__):
+        if info.name != "base" and not info.name.startswith("_"):
+            importlib.import_module(f"ue_dist.methods.{info.name}")
+
+
+def method_names() -> list[str]:
+    _load_builtin_methods()
+    return sorted(_REGISTRY)
+
+
+def get_method(name: str) -> type[Method]:
+    _load_builtin_methods()
+    if name not in _REGISTRY:
+        raise SettingsError(f"unknown method {name!r}; valid: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+def build_method(name: str, preset: str = "paper",
+                 overrides: Sequence[str] | Mapping[str, Any] = ()) -> Method:
+    cls = get_method(name)
+    return cls(cls.resolve(preset, overrides))
+
+
+# state I/O ------------------------------------------------------------------------------------
+def save_state(state: Mapping[str, Any], url: str,
+               storage_options: Mapping[str, Any] | None = None) -> None:
+    buffer = io.BytesIO()
+    torch.save(dict(state), buffer)
+    storage.write_bytes(url, buffer.getvalue(), storage_options)
+
+
+def load_state(url: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    try:
+        raw = storage.read_bytes(url, storage_options)
+    except FileNotFoundError:
+        raise StateError(f"state file {url!r} does not exist") from None
+    try:
+        state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated, not a torch file, pickled code ...
+        raise StateError(f"state file {url!r} cannot be read ({type(exc).__name__}: {exc}); "
+                         "is it truncated or not a ue_dist state?") from None
+    if not isinstance(state, dict) or "method" not in state:
+        raise StateError(f"state file {url!r} is not a ue_dist fitted state")
+    return state
+
+
+def state_for(method: Method, url: str | None, train: ImageSet | None,
+              storage_options: Mapping[str, Any] | None = None,
+              fit: Callable[[], dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Load and validate a state, or fit one when ``url`` is None and ``fit`` is given."""
+    if url is None:
+        if fit is None:
+            raise StateError(f"method {method.name!r} needs --state (a fitted state URL)")
+        return fit()
+    state = load_state(url, storage_options)
+    method.check_state(state, train.image_shape if train is not None else None, source=url)
+    return state
