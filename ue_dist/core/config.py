@@ -8,10 +8,12 @@ import json
 from fractions import Fraction
 from typing import Any, Mapping, Sequence
 
+from ue_dist.errors import UserError
+
 PRESETS = ("paper", "quick")
 
 
-class SettingsError(ValueError):
+class SettingsError(UserError, ValueError):
     """A preset, key or value that cannot be used; the message names it."""
 
 

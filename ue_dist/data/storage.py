@@ -16,8 +16,10 @@ from typing import Any, Iterator, Mapping
 import fsspec
 from fsspec.core import url_to_fs
 
+from ue_dist.errors import UserError
 
-class StorageError(RuntimeError):
+
+class StorageError(UserError, RuntimeError):
     """A URL that cannot be used: missing bucket, unreachable endpoint, output inside input."""
 
 

@@ -26,11 +26,12 @@ from ue_dist.core.config import SettingsError, resolve_settings
 from ue_dist.core.context import FitContext
 from ue_dist.data import storage
 from ue_dist.data.imageset import ImageSet
+from ue_dist.errors import UserError
 
 STATE_VERSION = 1
 
 
-class StateError(ValueError):
+class StateError(UserError, ValueError):
     """A fitted-state file that cannot be used with this method, data or settings."""
 
 

@@ -1,0 +1,93 @@
+"""Shared fixtures: an S3 endpoint served by moto on 127.0.0.1 (no network, no real AWS).
+
+``moto_s3`` starts one ThreadedMotoServer per test session and points the standard AWS variables
+at it (``AWS_ENDPOINT_URL``, keys, ``AWS_EC2_METADATA_DISABLED``), so s3fs, boto3 and Ray
+workers started afterwards by this process all reach it. The secret key is a random, recognisable
+string: credential tests search outputs for it. ``s3_bucket`` gives each test a fresh bucket; ``s3_server`` is an alias of ``moto_s3``.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+
+import pytest
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def moto_s3():
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    secret = f"uedistPLANTEDsecret{uuid.uuid4().hex}"
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "AKIAUEDISTTEST0001",
+           "AWS_SECRET_ACCESS_KEY": secret, "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_EC2_METADATA_DISABLED": "true"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield {"endpoint": env["AWS_ENDPOINT_URL"], "secret": secret,
+               "key_id": env["AWS_ACCESS_KEY_ID"], "env": dict(env)}
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def s3_server(moto_s3):
+    """The same server under the name the data-layer tests use."""
+    return moto_s3
+
+
+@pytest.fixture
+def s3_bucket(moto_s3):
+    """A fresh, empty bucket; yields its ``s3://name`` URL."""
+    import boto3
+
+    name = f"ue-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=moto_s3["endpoint"]).create_bucket(Bucket=name)
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    yield f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def s3_server(moto_s3):
+    """The endpoint URL of the session's moto server."""
+    return moto_s3["endpoint"]
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the whole session (2 CPUs; actors take fractions). Tests that need Ray
+    in this process use this fixture and never shut Ray down themselves."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+
+
+@pytest.fixture(scope="session")
+def digits_dir(tmp_path_factory):
+    """Digits converted once: ``DIR/train`` (1437 samples) and ``DIR/test`` (360)."""
+    from ue_dist.data.converters import convert_digits
+
+    out = tmp_path_factory.mktemp("digits")
+    convert_digits(str(out), shard_size=500)
+    return out

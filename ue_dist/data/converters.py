@@ -1,0 +1,305 @@
+"""Converters: sources the user has (or that are bundled) into ``OUT/train`` and ``OUT/test`` shards.
+
+Every converter loads and validates its whole input before writing, so bad input leaves nothing
+behind; keys are stable (derived from the source's own order or file names) and unique.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import tarfile
+from typing import Any, Callable, Mapping
+
+import numpy as np
+from PIL import Image
+
+from ue_dist.data import storage
+from ue_dist.data.dataset import DEFAULT_SHARD_SIZE, write_samples
+from ue_dist.data.shards import Sample
+from ue_dist.data.sources import _resize, digits_arrays
+from ue_dist.errors import UserError
+
+
+class ConvertError(UserError, ValueError):
+    pass
+
+
+Splits = dict[str, tuple[np.ndarray, np.ndarray]]
+
+
+def _samples(prefix: str, images: np.ndarray, labels: np.ndarray,
+             keys: list[str] | None = None) -> list[Sample]:
+    keys = keys or [f"{prefix}-{i:06d}" for i in range(len(labels))]
+    return [Sample(k, images[i], int(labels[i]), {"protected": False, "version": 1})
+            for i, k in enumerate(keys)]
+
+
+def write_splits(out: str, splits: Mapping[str, tuple[np.ndarray, np.ndarray]], name: str,
+                 shard_size: int = DEFAULT_SHARD_SIZE, storage_options=None,
+                 overwrite: bool = False, keys: Mapping[str, list[str]] | None = None,
+                 num_classes: int | None = None) -> dict[str, Any]:
+    k = num_classes or int(max(int(y.max()) for _, y in splits.values()) + 1)
+    result: dict[str, Any] = {"out": out, "source": name}
+    for split, (images, labels) in splits.items():
+        url = storage.join(out, split)
+        shards = write_samples(url, _samples(f"{name}-{split}", images, labels,
+                                             (keys or {}).get(split)),
+                               shard_size=shard_size, num_classes=k, storage_options=storage_options,
+                               overwrite=overwrite, extra={"source": name, "split": split})
+        result[split] = {"url": url, "samples": int(len(labels)), "shards": len(shards)}
+    return result
+
+
+def _maybe_resize(splits: Splits, image_size: int | None) -> Splits:
+    if image_size is None:
+        return splits
+    return {s: (_resize(x, image_size), y) for s, (x, y) in splits.items()}
+
+
+# digits ----------------------------------------------------------------------------------------
+def convert_digits(out: str, image_size: int | None = 32, seed: int = 0, **kw: Any) -> dict:
+    return write_splits(out, digits_arrays(image_size, seed=seed), "digits", **kw)
+
+
+# synthetic -------------------------------------------------------------------------------------
+def synthetic_arrays(n: int, image_size: int = 32, num_classes: int = 10, seed: int = 0,
+                     test_fraction: float = 0.2) -> Splits:
+    """A learnable 10-class 32x32x3 dataset of textured shapes on cluttered backgrounds.
+
+    Each class is a shape (a set of oriented strokes) with a class texture; every sample draws its
+    own position, scale, rotation, colours, background clutter and noise, so a small CNN needs
+    several epochs and the classes are not separable by mean colour.
+    """
+    if n < 2 * num_classes:
+        raise ConvertError(f"--n must be at least {2 * num_classes}, got {n}")
+    rng = np.random.default_rng(seed)
+    s = image_size
+    yy, xx = np.mgrid[0:s, 0:s].astype(np.float32) / s - 0.5
+    # class-specific stroke sets: angles and offsets of 2-3 bars, and a texture frequency
+    class_bars = [rng.uniform(0, np.pi, size=rng.integers(2, 4)) for _ in range(num_classes)]
+    class_offsets = [rng.uniform(-0.18, 0.18, size=len(a)) for a in class_bars]
+    class_freq = rng.uniform(6, 16, size=num_classes)
+    labels = np.arange(n) % num_classes
+    rng.shuffle(labels)
+    images = np.empty((n, s, s, 3), dtype=np.uint8)
+    for i, c in enumerate(labels):
+        rot = rng.normal(0, 0.35)
+        scale = rng.uniform(0.75, 1.25)
+        cx, cy = rng.uniform(-0.15, 0.15, size=2)
+        x, y = (xx - cx) / scale, (yy - cy) / scale
+        mask = np.zeros((s, s), np.float32)
+        for angle, off in zip(class_bars[c] + rot, class_offsets[c]):
+            d = x * np.cos(angle) + y * np.sin(angle) - off
+            along = -x * np.sin(angle) + y * np.cos(angle)
+            mask = np.maximum(mask, np.exp(-(d / 0.045) ** 2) * (np.abs(along) < 0.32))
+        texture = 0.5 + 0.5 * np.sin(class_freq[c] * (x * np.cos(rot) + y * np.sin(rot)) * np.pi
+                                     + rng.uniform(0, 2 * np.pi))
+        fg = rng.uniform(0.3, 1.0, size=3)
+        bg = rng.uniform(0.0, 0.7, size=3)
+        clutter = np.zeros((s, s), np.float32)
+        for _ in range(3):  # random distractor strokes from no class in particular
+            a, o = rng.uniform(0, np.pi), rng.uniform(-0.4, 0.4)
+            d = xx * np.cos(a) + yy * np.sin(a) - o
+            clutter = np.maximum(clutter, 0.6 * np.exp(-(d / 0.03) ** 2))
+        img = bg[None, None] * (1 - 0.5 * clutter[..., None])
+        shape_alpha = (mask * (0.6 + 0.4 * texture))[..., None]
+        img = img * (1 - shape_alpha) + fg[None, None] * shape_alpha
+        img += rng.normal(0, 0.06, size=img.shape)
+        images[i] = np.clip(np.rint(img * 255), 0, 255).astype(np.uint8)
+    n_test = max(num_classes, int(round(n * test_fraction)))
+    return {"train": (images[n_test:], labels[n_test:]), "test": (images[:n_test], labels[:n_test])}
+
+
+def convert_synthetic(out: str, n: int = 5000, image_size: int = 32, seed: int = 0, **kw: Any) -> dict:
+    return write_splits(out, synthetic_arrays(n, image_size, seed=seed), "synthetic", **kw)
+
+
+# CIFAR -----------------------------------------------------------------------------------------
+_CIFAR = {"cifar10": ("data_batch_", "test_batch", b"labels"),
+          "cifar100": ("train", "test", b"fine_labels")}
+
+
+def _cifar_batches(path: str, variant: str) -> dict[str, list[dict]]:
+    train_prefix, test_name, _ = _CIFAR[variant]
+    found: dict[str, list[tuple[str, dict]]] = {"train": [], "test": []}
+
+    def take(name: str, blob: bytes) -> None:
+        base = os.path.basename(name)
+        split = "test" if base == test_name else "train" if base.startswith(train_prefix) else None
+        if split is None:
+            return
+        try:
+            found[split].append((base, pickle.loads(blob, encoding="bytes")))
+        except Exception as exc:
+            raise ConvertError(f"{variant}: {name} in {path} is not a CIFAR pickle batch "
+                               f"({type(exc).__name__})") from None
+
+    if not os.path.exists(path):
+        raise ConvertError(f"{variant}: {path!r} does not exist")
+    if os.path.isdir(path):
+        for root, _, files in os.walk(path):
+            for f in files:
+                with open(os.path.join(root, f), "rb") as fh:
+                    if os.path.basename(f) == test_name or f.startswith(train_prefix):
+                        take(f, fh.read())
+    elif tarfile.is_tarfile(path):
+        with tarfile.open(path) as tar:
+            for m in tar:
+                if m.isfile():
+                    base = os.path.basename(m.name)
+                    if base == test_name or base.startswith(train_prefix):
+                        take(m.name, tar.extractfile(m).read())  # type: ignore[union-attr]
+    else:
+        raise ConvertError(f"{variant}: {path!r} is neither the python-pickle archive "
+                           "(cifar-10-python.tar.gz) nor its extracted folder")
+    for split in ("train", "test"):
+        if not found[split]:
+            raise ConvertError(f"{variant}: no {split} batch found in {path!r}")
+    return {s: [b for _, b in sorted(v)] for s, v in found.items()}
+
+
+def cifar_arrays(path: str, variant: str = "cifar10") -> Splits:
+    _, _, label_key = _CIFAR[variant]
+    out: Splits = {}
+    for split, batches in _cifar_batches(path, variant).items():
+        xs, ys = [], []
+        for b in batches:
+            data = np.asarray(b[b"data"], dtype=np.uint8)
+            if data.ndim != 2 or data.shape[1] != 3072:
+                raise ConvertError(f"{variant}: a {split} batch in {path!r} has data of shape "
+                                   f"{data.shape}, expected N x 3072")
+            xs.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+            ys.append(np.asarray(b[label_key], dtype=np.int64))
+        out[split] = (np.concatenate(xs), np.concatenate(ys))
+    return out
+
+
+def convert_cifar(path: str, out: str, variant: str = "cifar10", image_size: int | None = None,
+                  **kw: Any) -> dict:
+    storage.refuse_inside(out, path)
+    k = 10 if variant == "cifar10" else 100
+    return write_splits(out, _maybe_resize(cifar_arrays(path, variant), image_size), variant,
+                        num_classes=k, **kw)
+
+
+# image folder ----------------------------------------------------------------------------------
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
+
+
+def _safe_key(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_\-]+", "_", text)
+
+
+def imagefolder_arrays(path: str, image_size: int | None = None, test_fraction: float = 0.2,
+                       seed: int = 0) -> tuple[Splits, dict[str, list[str]], list[str]]:
+    """``PATH/<class>/<image>`` (or ``PATH/train/<class>`` + ``PATH/test/<class>``)."""
+    if not os.path.isdir(path):
+        raise ConvertError(f"imagefolder: {path!r} is not a folder")
+    has_splits = os.path.isdir(os.path.join(path, "train")) and os.path.isdir(os.path.join(path, "test"))
+    roots = {"train": os.path.join(path, "train"), "test": os.path.join(path, "test")} if has_splits \
+        else {"all": path}
+    classes = sorted({d for r in roots.values() for d in os.listdir(r)
+                      if os.path.isdir(os.path.join(r, d))})
+    if not classes:
+        raise ConvertError(f"imagefolder: no class folders under {path!r}")
+    per_split: dict[str, tuple[list, list, list]] = {}
+    shape = None
+    for split, root in roots.items():
+        images, labels, keys = [], [], []
+        for c, cls in enumerate(classes):
+            folder = os.path.join(root, cls)
+            if not os.path.isdir(folder):
+                continue
+            for f in sorted(os.listdir(folder)):
+                if not f.lower().endswith(IMAGE_SUFFIXES):
+                    continue
+                file = os.path.join(folder, f)
+                try:
+                    with Image.open(file) as pil:
+                        arr = np.asarray(pil.convert("RGB"), dtype=np.uint8)
+                except Exception as exc:
+                    raise ConvertError(f"imagefolder: {file} is not a decodable image "
+                                       f"({type(exc).__name__})") from None
+                if image_size is not None:
+                    arr = _resize(arr[None], image_size)[0]
+                if shape is None:
+                    shape = arr.shape
+                elif arr.shape != shape:
+                    raise ConvertError(f"imagefolder: {file} has shape {arr.shape}, others "
+                                       f"{shape}; pass --image-size to resize all images")
+                images.append(arr)
+                labels.append(c)
+                keys.append(_safe_key(f"{cls}/{os.path.splitext(f)[0]}").replace("/", "_"))
+        per_split[split] = (images, labels, keys)
+    if has_splits:
+        splits = {s: (np.stack(v[0]), np.array(v[1])) for s, v in per_split.items() if v[0]}
+        keys = {s: v[2] for s, v in per_split.items()}
+    else:
+        images, labels, all_keys = per_split["all"]
+        if not images:
+            raise ConvertError(f"imagefolder: no images under {path!r}")
+        from sklearn.model_selection import train_test_split
+        y = np.array(labels)
+        strat = y if np.bincount(y).min() >= 2 else None
+        tr, te = train_test_split(np.arange(len(y)), test_size=test_fraction, random_state=seed,
+                                  stratify=strat)
+        x = np.stack(images)
+        splits = {"train": (x[tr], y[tr]), "test": (x[te], y[te])}
+        keys = {"train": [all_keys[i] for i in tr], "test": [all_keys[i] for i in te]}
+    return splits, keys, classes
+
+
+def convert_imagefolder(path: str, out: str, image_size: int | None = None, seed: int = 0,
+                        **kw: Any) -> dict:
+    storage.refuse_inside(out, path)
+    splits, keys, classes = imagefolder_arrays(path, image_size, seed=seed)
+    result = write_splits(out, splits, "imagefolder", keys=keys, num_classes=len(classes), **kw)
+    result["classes"] = classes
+    return result
+
+
+# numpy -----------------------------------------------------------------------------------------
+def numpy_arrays(x_path: str, y_path: str, test_fraction: float = 0.2, seed: int = 0,
+                 image_size: int | None = None) -> Splits:
+    try:
+        x = np.load(x_path, allow_pickle=False)
+        y = np.load(y_path, allow_pickle=False)
+    except Exception as exc:
+        raise ConvertError(f"numpy: cannot load {x_path!r} / {y_path!r}: {exc}") from None
+    if x.ndim == 3:
+        x = x[..., None]
+    if x.ndim != 4 or x.shape[3] not in (1, 3, 4):
+        raise ConvertError(f"numpy: {x_path} has shape {x.shape}; expected N x H x W [x C] "
+                           "with C in 1/3/4 (channels last)")
+    if x.dtype != np.uint8:
+        if np.issubdtype(x.dtype, np.floating) and np.nanmax(x) <= 1.0 and np.nanmin(x) >= 0.0:
+            x = np.rint(x * 255).astype(np.uint8)
+        else:
+            raise ConvertError(f"numpy: {x_path} has dtype {x.dtype}; expected uint8 or floats in [0, 1]")
+    if y.ndim != 1 or len(y) != len(x):
+        raise ConvertError(f"numpy: {y_path} has shape {y.shape}; expected ({len(x)},) labels")
+    if not np.issubdtype(y.dtype, np.integer):
+        if np.all(np.mod(y, 1) == 0):
+            y = y.astype(np.int64)
+        else:
+            raise ConvertError(f"numpy: {y_path} holds non-integer labels")
+    if (y < 0).any():
+        raise ConvertError(f"numpy: {y_path} holds negative labels")
+    from sklearn.model_selection import train_test_split
+    strat = y if np.bincount(y).min() >= 2 else None
+    tr, te = train_test_split(np.arange(len(y)), test_size=test_fraction, random_state=seed,
+                              stratify=strat)
+    return _maybe_resize({"train": (x[tr], y[tr]), "test": (x[te], y[te])}, image_size)
+
+
+def convert_numpy(x_path: str, y_path: str, out: str, seed: int = 0, image_size: int | None = None,
+                  **kw: Any) -> dict:
+    return write_splits(out, numpy_arrays(x_path, y_path, seed=seed, image_size=image_size),
+                        "numpy", **kw)
+
+
+CONVERTERS: dict[str, Callable[..., dict]] = {
+    "digits": convert_digits, "synthetic": convert_synthetic, "cifar10": convert_cifar,
+    "cifar100": convert_cifar, "imagefolder": convert_imagefolder, "numpy": convert_numpy,
+}

@@ -1,0 +1,156 @@
+"""Whole datasets as folders of shards: load into an ``ImageSet``, write one, describe one."""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Mapping
+
+import numpy as np
+
+from ue_dist.data import storage
+from ue_dist.data.imageset import ImageSet
+from ue_dist.data.shards import (Sample, ShardError, list_shards, read_shard, shard_name,
+                                 validate_key, write_shard)
+
+DEFAULT_SHARD_SIZE = 1000
+MANIFEST = "_dataset.json"
+
+
+def read_all_shards(url: str, storage_options: Mapping[str, Any] | None = None
+                    ) -> list[tuple[str, list]]:
+    shards = list_shards(url, storage_options)
+    if not shards:
+        raise storage.StorageError(f"no shards (*.tar) found under {url!r}")
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        contents = list(pool.map(lambda u: read_shard(u, storage_options), shards))
+    return list(zip(shards, contents))
+
+
+def _check_consistent(shard_samples: list[tuple[str, list]]) -> tuple[int, ...]:
+    shape = None
+    first = None
+    seen: dict[str, str] = {}
+    for shard, samples in shard_samples:
+        for s in samples:
+            if shape is None:
+                shape, first = s.image.shape, (shard, s.key)
+            elif s.image.shape != shape:
+                raise ShardError(f"shard {shard}, sample {s.key!r}: image shape {s.image.shape} "
+                                 f"differs from {shape} (shard {first[0]}, sample {first[1]!r}): "
+                                 "mixed image shapes in one dataset")
+            if s.key in seen:
+                raise ShardError(f"shard {shard}, sample {s.key!r}: key also appears in shard "
+                                 f"{seen[s.key]} (keys must be unique)")
+            seen[s.key] = shard
+    if shape is None:
+        raise ShardError("the dataset has no samples")
+    return shape
+
+
+def load_imageset(url: str, storage_options: Mapping[str, Any] | None = None) -> ImageSet:
+    """Every shard under ``url`` (one split, e.g. ``OUT/train``) as one ``ImageSet``."""
+    shard_samples = read_all_shards(url, storage_options)
+    _check_consistent(shard_samples)
+    samples = [(shard, s) for shard, ss in shard_samples for s in ss]
+    images = np.stack([s.image for _, s in samples])
+    labels = np.array([s.label for _, s in samples], dtype=np.int64)
+    meta = [dict(s.meta, source_shard=s.meta.get("source_shard") or shard) for shard, s in samples]
+    manifest = _read_manifest(url, storage_options)
+    num_classes = manifest.get("num_classes") if manifest else None
+    num_classes = max(int(num_classes or 0), int(labels.max()) + 1)
+    return ImageSet.from_numpy_hwc(images, labels, [s.key for _, s in samples], meta, num_classes)
+
+
+def _read_manifest(url: str, storage_options: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    try:
+        return json.loads(storage.read_bytes(storage.join(url, MANIFEST), storage_options))
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def imageset_samples(imageset: ImageSet) -> list[Sample]:
+    hwc = imageset.numpy_hwc()
+    return [Sample(k, hwc[i], int(imageset.labels[i]), dict(imageset.meta[i]))
+            for i, k in enumerate(imageset.keys)]
+
+
+def write_samples(url: str, samples: list[Sample], *, shard_size: int = DEFAULT_SHARD_SIZE,
+                  num_classes: int | None = None, extra: Mapping[str, Any] | None = None,
+                  storage_options: Mapping[str, Any] | None = None,
+                  overwrite: bool = False) -> list[str]:
+    """Write ``samples`` as ``shard-000000.tar ...`` under ``url`` plus a manifest written last.
+
+    Everything is validated before the first byte is written; if a write fails, the shards this
+    call wrote are removed again, so a dataset appears whole or not at all.
+    """
+    if shard_size < 1:
+        raise ValueError(f"--shard-size must be >= 1, got {shard_size}")
+    if not samples:
+        raise ShardError(f"nothing to write to {url!r}: no samples")
+    seen: set[str] = set()
+    shape = samples[0].image.shape
+    for s in samples:
+        validate_key(s.key)
+        if s.key in seen:
+            raise ShardError(f"duplicate sample key {s.key!r}")
+        seen.add(s.key)
+        if s.image.shape != shape:
+            raise ShardError(f"sample {s.key!r}: image shape {s.image.shape} differs from {shape} "
+                             "(mixed image shapes)")
+    storage.check_writable_root(url, storage_options)
+    fs, path = storage.get_fs(url, storage_options)
+    if fs.exists(path) and not overwrite:
+        existing = [e for e in fs.ls(path, detail=False) if str(e).endswith(".tar")]
+        if existing:
+            raise storage.StorageError(f"{url!r} already holds {len(existing)} shard(s); "
+                                       "choose an empty output or pass --overwrite")
+    written: list[str] = []
+    try:
+        for index, start in enumerate(range(0, len(samples), shard_size)):
+            target = storage.join(url, shard_name(index))
+            write_shard(target, samples[start:start + shard_size], storage_options)
+            written.append(target)
+        labels = Counter(int(s.label) for s in samples)
+        manifest = {"samples": len(samples), "shards": len(written), "image_shape": list(shape),
+                    "num_classes": int(num_classes or max(labels) + 1),
+                    "label_histogram": {str(k): v for k, v in sorted(labels.items())},
+                    **dict(extra or {})}
+        storage.write_bytes(storage.join(url, MANIFEST), json.dumps(manifest, indent=1).encode(),
+                            storage_options)
+    except BaseException:
+        for target in written:
+            try:
+                fs.rm(storage.get_fs(target, storage_options)[1])
+            except Exception:
+                pass
+        raise
+    return written
+
+
+def write_imageset(url: str, imageset: ImageSet, shard_size: int = DEFAULT_SHARD_SIZE,
+                   storage_options: Mapping[str, Any] | None = None,
+                   overwrite: bool = False, extra: Mapping[str, Any] | None = None) -> list[str]:
+    return write_samples(url, imageset_samples(imageset), shard_size=shard_size,
+                         num_classes=imageset.num_classes, storage_options=storage_options,
+                         overwrite=overwrite, extra=extra)
+
+
+def dataset_info(url: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Shards, samples, image shape (H, W, C), label histogram, how many samples are protected."""
+    shard_samples = read_all_shards(url, storage_options)
+    shape = _check_consistent(shard_samples)
+    labels: Counter = Counter()
+    protected = 0
+    methods: Counter = Counter()
+    for _, samples in shard_samples:
+        for s in samples:
+            labels[int(s.label)] += 1
+            if s.meta.get("protected"):
+                protected += 1
+                methods[str(s.meta.get("method"))] += 1
+    total = sum(labels.values())
+    return {"url": url, "shards": len(shard_samples), "samples": total,
+            "image_shape": list(shape), "num_classes": max(labels) + 1,
+            "label_histogram": {str(k): v for k, v in sorted(labels.items())},
+            "protected": protected, "protected_by_method": dict(methods)}

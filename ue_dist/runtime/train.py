@@ -1,0 +1,165 @@
+"""Fitting a method's model (REM/EM/TAP source model, GUE generator, Bayes embedding) on Ray Train.
+
+``fit_method`` validates everything in the driver, then runs ``Method.fit`` in a TorchTrainer
+worker group (DDP: gloo on CPU, NCCL on GPU). The method sees a ``RayTrainContext``: its
+``report(metrics, state)`` writes a checkpoint into ``storage_path/run_name``; its ``resume()``
+returns the last checkpoint, so a killed run started again with the same run name continues, and
+``FailureConfig(max_failures)`` restarts lost workers from it.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tempfile
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+from ue_dist.core.context import FitContext
+from ue_dist.data import storage
+from ue_dist.methods.base import StateError, build_method, save_state
+
+CHECKPOINT_FILE = "state.pt"
+
+
+class RayTrainContext(FitContext):
+    """FitContext inside a Ray Train worker."""
+
+    def __init__(self, device: torch.device, seed: int) -> None:
+        super().__init__(device=device, seed=seed)
+        self._reports = 0
+
+    def report(self, metrics: dict[str, Any], state: dict[str, Any] | None = None) -> None:
+        import ray.train
+
+        metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))}
+        self._reports += 1
+        if state is None:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            if self.is_main:
+                torch.save(state, os.path.join(tmp, CHECKPOINT_FILE))
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            else:
+                ray.train.report(metrics)
+
+    def resume(self) -> dict[str, Any] | None:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return None
+        with checkpoint.as_directory() as directory:
+            return torch.load(os.path.join(directory, CHECKPOINT_FILE), map_location="cpu",
+                              weights_only=True)
+
+
+def _fit_worker(config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+
+    from ue_dist.data.dataset import load_imageset
+
+    method = build_method(config["method"], config["preset"], config["overrides"])
+    train = load_imageset(config["train_url"], config["storage_options"])
+    if config.get("train_fraction", 1.0) < 1.0:
+        train = subset_for_fit(train, config["train_fraction"], config["seed"])
+    device = ray.train.torch.get_device() if config["use_gpu"] else torch.device("cpu")
+    torch.manual_seed(config["seed"])
+    ctx = RayTrainContext(device, config["seed"])
+    hook = os.environ.get("UE_DIST_WORKER_PID_FILE")
+    if hook:  # lets operators (and the fault-tolerance test) find worker processes
+        with open(f"{hook}.{ctx.rank}", "w") as f:
+            f.write(str(os.getpid()))
+    state = method.fit(train, ctx)
+    state = dict(state, fit_run=config["run_name"])
+    ctx.report({"done": True, "seconds": time.time() - config["started"]}, state)
+
+
+def subset_for_fit(train, fraction: float, seed: int):
+    """A seeded ``fraction`` of the training set (e.g. GUE's generalisation experiment)."""
+    from ue_dist.methods.protect import selected_for_protection
+
+    mask = selected_for_protection(train.keys, fraction, seed + 7919)
+    return train.subset(mask.nonzero()[0])
+
+
+def default_run_name(method: str, train_url: str, state_url: str, settings: Mapping[str, Any]) -> str:
+    blob = json.dumps([method, storage.normalise(train_url), storage.normalise(state_url),
+                       dict(settings)], sort_keys=True, default=str)
+    return f"fit-{method}-{hashlib.sha1(blob.encode()).hexdigest()[:10]}"
+
+
+def fit_method(method_name: str, train_url: str, state_url: str, *, preset: str = "paper",
+               overrides: Sequence[str] | Mapping[str, Any] = (), num_workers: int = 1,
+               use_gpu: bool = False, cpus_per_worker: float = 1.0, storage_path: str | None = None,
+               run_name: str | None = None, storage_options: Mapping[str, Any] | None = None,
+               max_failures: int = 0, train_fraction: float = 1.0, overwrite: bool = False,
+               progress: Callable[[str], None] = print) -> dict[str, Any]:
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from ue_dist.runtime.ray_env import default_storage, ensure_ray, pyarrow_filesystem
+
+    method = build_method(method_name, preset, overrides)  # bad settings fail here, nothing runs
+    if not 0.0 < train_fraction <= 1.0:
+        raise StateError(f"--train-fraction must lie in (0, 1], got {train_fraction}")
+    storage.refuse_inside(state_url, train_url, what="state")
+    storage.check_writable_root(state_url, storage_options)
+    if storage.exists(state_url, storage_options) and not overwrite:
+        raise StateError(f"state {state_url!r} already exists; pass --overwrite to refit")
+    from ue_dist.data.shards import list_shards
+    if not list_shards(train_url, storage_options):
+        raise StateError(f"no shards under {train_url!r}")
+    run_name = run_name or default_run_name(method_name, train_url, state_url,
+                                            dict(method.settings, train_fraction=train_fraction))
+    storage_path = storage_path or default_storage()
+    fs, path = pyarrow_filesystem(storage_path, storage_options)
+    ensure_ray()
+    progress(f"[ue-dist] fit {method_name}: run {run_name} in {storage_path} "
+             f"({num_workers} worker(s), {'GPU' if use_gpu else 'CPU'})")
+    config = {"method": method_name, "preset": preset, "overrides": dict(method.settings),
+              "train_url": train_url, "storage_options": dict(storage_options or {}),
+              "use_gpu": use_gpu, "seed": int(method.settings.get("seed", 0)),
+              "train_fraction": train_fraction, "run_name": run_name, "started": time.time()}
+    trainer = TorchTrainer(
+        _fit_worker, train_loop_config=config,
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": cpus_per_worker}),
+        run_config=RunConfig(name=run_name, storage_path=path, storage_filesystem=fs,
+                             failure_config=FailureConfig(max_failures=max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)))
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    if result.checkpoint is None:
+        raise RuntimeError(f"fit {method_name}: the run {run_name} ended without a checkpoint")
+    with result.checkpoint.as_directory() as directory:
+        state = torch.load(os.path.join(directory, CHECKPOINT_FILE), map_location="cpu",
+                           weights_only=True)
+    save_state(state, state_url, storage_options)
+    progress(f"[ue-dist] fit {method_name}: state written to {state_url}")
+    return {"state": state_url, "run_name": run_name, "storage_path": storage_path,
+            "metrics": dict(result.metrics or {}), "method": method_name}
+
+
+def fit_local(method_name: str, train, *, preset: str = "paper",
+              overrides: Sequence[str] | Mapping[str, Any] = (), device: str | None = None):
+    """Fit in this process (no Ray): notebooks, tests and the sweep's per-trial fits."""
+    from ue_dist.core.context import LocalContext
+
+    method = build_method(method_name, preset, overrides)
+    torch.manual_seed(int(method.settings.get("seed", 0)))
+    state = method.fit(train, LocalContext(device=device, seed=int(method.settings.get("seed", 0))))
+    return method, state
+
+
+def state_bytes(state: Mapping[str, Any]) -> bytes:
+    buf = io.BytesIO()
+    torch.save(dict(state), buf)
+    return buf.getvalue()
