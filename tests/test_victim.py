@@ -1,0 +1,196 @@
+import math
+
+import pytest
+import torch
+
+from ue_dist.core.config import SettingsError
+from ue_dist.core.context import LocalContext
+from ue_dist.core.victim import (VICTIM_PRESETS, check_compatible, resolve_victim_settings,
+                                 select_subset, train_victim)
+from ue_dist.data.imageset import ImageSet
+from ue_dist.data.sources import digits_imageset
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return digits_imageset("train"), digits_imageset("test")
+
+
+def _small(ds, n, step=1):
+    return ds.subset(list(range(0, n * step, step)))
+
+
+def quiet():
+    return LocalContext(device="cpu", log=lambda m: None)
+
+
+def test_presets_have_the_documented_keys():
+    need = {"arch", "epochs", "batch_size", "lr", "momentum", "weight_decay", "schedule", "augment",
+            "adv_eps", "adv_method", "adv_steps", "adv_step_size", "trades_beta", "defense", "seed",
+            "eval_robust"}
+    for preset in VICTIM_PRESETS.values():
+        assert need <= set(preset)
+    paper = VICTIM_PRESETS["paper"]
+    assert (paper["arch"], paper["lr"], paper["momentum"], paper["weight_decay"], paper["schedule"],
+            paper["batch_size"], paper["epochs"]) == ("resnet18", 0.1, 0.9, 5e-4, "cosine", 128, 100)
+
+
+def test_clean_digits_victim_learns(digits):
+    train, test = _small(digits[0], 718, step=2), digits[1]
+    s = resolve_victim_settings("quick", {"epochs": 3, "augment": False, "batch_size": 32})
+    out = train_victim(train, test, s, quiet())
+    assert len(out["per_epoch"]) == 3
+    assert {"epoch", "test_acc", "train_loss", "train_acc"} <= set(out["per_epoch"][0])
+    assert out["per_epoch"][-1]["train_loss"] < out["per_epoch"][0]["train_loss"]
+    assert out["test_acc"] > 0.85, out["per_epoch"]
+    assert out["robust_acc"] is None  # standard training, no eval_eps
+    assert out["images_per_s"] > 0
+
+
+def test_deterministic_for_a_seed_and_resumes_exactly(digits):
+    train, test = _small(digits[0], 256), _small(digits[1], 100)
+    s = resolve_victim_settings("quick", {"epochs": 2, "batch_size": 32, "defense": "cutout"})
+
+    class Keep(LocalContext):
+        def __init__(self):
+            super().__init__(device="cpu", log=lambda m: None)
+            self.states = []
+
+        def report(self, metrics, state=None):
+            super().report(metrics, state)
+            self.states.append(state)
+
+    ctx = Keep()
+    a = train_victim(train, test, s, ctx)
+    b = train_victim(train, test, s, quiet())
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "seconds"} for r in rs]  # noqa: E731
+    assert strip(a["per_epoch"]) == strip(b["per_epoch"])
+    # resume from the epoch-1 checkpoint: the second epoch comes out identical
+    resumed = quiet()
+    resumed.last_state = ctx.states[0]
+    seen = []
+    c = train_victim(train, test, s, resumed, on_epoch=seen.append)
+    assert [r["epoch"] for r in seen] == [2]
+    assert strip(c["per_epoch"]) == strip(a["per_epoch"])
+    # another victim on the same context does not pick up the first one's checkpoint
+    fresh = []
+    other = train_victim(train, test, {**s, "seed": 1}, ctx, on_epoch=fresh.append)
+    assert [r["epoch"] for r in fresh] == [1, 2]
+    assert strip(other["per_epoch"]) != strip(a["per_epoch"])
+
+
+@pytest.mark.parametrize("method", ["pgd", "trades"])
+def test_adversarial_training_runs_and_reports_robust_accuracy(digits, method):
+    train, test = _small(digits[0], 128), _small(digits[1], 60)
+    s = resolve_victim_settings("quick", {"epochs": 1, "adv_eps": "8/255", "adv_method": method,
+                                          "adv_steps": 2, "eval_steps": 3})
+    out = train_victim(train, test, s, quiet())
+    assert out["robust_eps"] == pytest.approx(8 / 255)
+    assert 0.0 <= out["robust_acc"] <= 1.0
+    assert math.isfinite(out["per_epoch"][0]["train_loss"])
+
+
+@pytest.mark.parametrize("defense", ["mixup", "cutmix", "median", "jpeg:quality=50", "grayscale"])
+def test_training_with_each_defense_runs(digits, defense):
+    train, test = _small(digits[0], 96), _small(digits[1], 40)
+    s = resolve_victim_settings("quick", {"epochs": 1, "defense": defense})
+    out = train_victim(train, test, s, quiet())
+    assert math.isfinite(out["per_epoch"][0]["train_loss"])
+
+
+def test_select_subset():
+    images = torch.zeros(5, 3, 4, 4, dtype=torch.uint8)
+    meta = [{"protected": p} for p in (True, False, True, False, False)]
+    ds = ImageSet(images, torch.arange(5) % 2, meta=meta)
+    assert len(select_subset(ds, "all")) == 5
+    assert select_subset(ds, "clean").keys == [ds.keys[i] for i in (1, 3, 4)]
+    assert select_subset(ds, "protected").keys == [ds.keys[i] for i in (0, 2)]
+    plain = ImageSet(images, torch.arange(5) % 2)  # no flags: everything counts as clean
+    assert len(select_subset(plain, "clean")) == 5 and len(select_subset(plain, "protected")) == 0
+    with pytest.raises(SettingsError, match="valid: all, clean, protected"):
+        select_subset(ds, "dirty")
+
+
+def test_bad_input_is_a_clear_error(digits):
+    train, test = _small(digits[0], 50), _small(digits[1], 20)
+    with pytest.raises(SettingsError, match="unknown architecture 'resnet19'.*valid: .*small-cnn"):
+        resolve_victim_settings("quick", {"arch": "resnet19"})
+    with pytest.raises(SettingsError, match="unknown defense 'blur'.*valid: .*median"):
+        resolve_victim_settings("quick", {"defense": "blur"})
+    with pytest.raises(SettingsError, match="unknown setting 'epoch'.*valid: .*epochs"):
+        resolve_victim_settings("quick", ["epoch=3"])
+    with pytest.raises(SettingsError, match="adv_method.*valid: pgd, trades"):
+        resolve_victim_settings("quick", {"adv_method": "fgsm"})
+    with pytest.raises(SettingsError, match="unknown preset"):
+        resolve_victim_settings("fast")
+    s = resolve_victim_settings("quick", {"epochs": 1})
+    only_small = train.subset([i for i in range(len(train)) if train.labels[i] < 5])
+    with pytest.raises(SettingsError, match=r"label\(s\) \[5, 6, 7, 8, 9\] that the training set lacks"):
+        check_compatible(only_small, test)
+    tiny = digits_imageset("test", image_size=16)
+    with pytest.raises(SettingsError, match=r"shape \[3, 16, 16\].*\[3, 32, 32\]"):
+        train_victim(train, tiny, s, quiet())
+    with pytest.raises(SettingsError, match="empty"):
+        train_victim(train.subset([]), test, s, quiet())
+
+
+@pytest.mark.slow
+def test_adversarial_training_trades_clean_for_robust_accuracy(digits):
+    """PGD-AT and TRADES at 8/255 vs standard training: robust accuracy under PGD-20 rises."""
+    train, test = digits
+    results = {}
+    for name, over in {"standard": {}, "pgd": {"adv_eps": "8/255"},
+                       "trades": {"adv_eps": "8/255", "adv_method": "trades"}}.items():
+        s = resolve_victim_settings("quick", {"epochs": 10, "eval_eps": "8/255", "eval_steps": 20,
+                                              **over})
+        results[name] = train_victim(train, test, s, quiet())
+        print(name, results[name]["test_acc"], results[name]["robust_acc"])
+    std = results["standard"]
+    for name in ("pgd", "trades"):
+        assert results[name]["robust_acc"] > std["robust_acc"] + 0.15
+        assert results[name]["test_acc"] > 0.6
+
+
+def _ddp_worker(rank, world, port, out_dir):
+    import json
+    import os
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)
+    try:
+        train = digits_imageset("train").subset(range(101))  # odd size: uneven shards
+        test = digits_imageset("test").subset(range(40))
+        s = resolve_victim_settings("quick", {"epochs": 2, "batch_size": 32, "adv_eps": "4/255",
+                                              "adv_steps": 1, "eval_steps": 1})
+        out = train_victim(train, test, s, LocalContext(device="cpu", log=lambda m: None))
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump({"per_epoch": [{k: v for k, v in r.items() if k != "seconds"}
+                                     for r in out["per_epoch"]],
+                       "robust_acc": out["robust_acc"]}, f)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow  # two spawned processes: ~20 s idle, minutes on a loaded machine
+def test_two_worker_ddp_training_agrees_across_ranks(tmp_path):
+    """Two gloo workers (uneven shards) train one victim: every rank reports the same figures."""
+    import json
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    r0 = json.loads((tmp_path / "rank0.json").read_text())
+    r1 = json.loads((tmp_path / "rank1.json").read_text())
+    assert len(r0["per_epoch"]) == 2
+    assert [e["test_acc"] for e in r0["per_epoch"]] == [e["test_acc"] for e in r1["per_epoch"]]
+    assert r0["robust_acc"] == r1["robust_acc"]
+    assert r0["per_epoch"][-1]["train_loss"] == pytest.approx(r1["per_epoch"][-1]["train_loss"])

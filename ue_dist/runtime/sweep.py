@@ -1,0 +1,542 @@
+"""Victim sweeps and protection searches on Ray Tune.
+
+``run_sweep(spec, storage_path)`` runs one of two experiments, both stored under
+``storage_path/NAME`` (Tune's experiment folder, plus ``_cache/``, ``results/`` and ``report/``):
+
+* grid (default): method x protected fraction x architecture x adversarial radius x defence x
+  seed x training subset (``all`` = the mixed set, ``clean`` = its unprotected part alone).
+  Before any trial starts, every (method, seed) is fitted once and the whole training set
+  protected once, both cached in ``_cache/`` (a rerun or a restored sweep reuses them); a trial
+  then picks its ``fraction`` of samples with ``selected_for_protection(keys, fraction, seed)``,
+  swaps in their protected images, selects its subset and trains one victim.
+* search (``search:`` in the spec): random search (``BasicVariantGenerator``) over a method's own
+  settings at fixed eps, ``num_samples`` trials, each fitting, protecting and training a victim;
+  ``mode=min`` on the victim's test accuracy -- the strongest protection.
+
+Every trial is a Tune function trainable with its own resources (``tune.with_resources``,
+fractional CPUs allowed), FIFO scheduling (no early stopping), reporting test accuracy after
+every epoch, and writing its full result to ``results/KEY.json``. An interrupted sweep started
+again with the same storage and name resumes (``Tuner.can_restore`` / ``Tuner.restore``):
+finished trials are kept, unfinished and errored ones run again.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+import time
+from typing import Any, Callable, Mapping
+
+import torch
+
+from ue_dist.core.config import SettingsError, parse_radius
+from ue_dist.core.context import LocalContext
+from ue_dist.core.defenses import parse_defense
+from ue_dist.core.models import check_arch
+from ue_dist.core.victim import (check_compatible, resolve_victim_settings,
+                                 select_subset, train_victim)
+from ue_dist.data import storage
+from ue_dist.data.imageset import ImageSet
+from ue_dist.methods.base import get_method, method_names, save_state
+
+SPEC_KEYS = {
+    "name": "run name (folder under the storage path)",
+    "data": "{train: URL, test: URL}",
+    "methods": "method names (grid)",
+    "method_preset": "paper | quick",
+    "method_overrides": "{METHOD: {key: value}} per-method settings",
+    "fractions": "protected fractions in [0, 1]",
+    "subsets": "all (mixed) and/or clean (clean part only); default [all, clean]",
+    "archs": "victim architectures",
+    "adv_eps": "adversarial-training radii (0 = standard training)",
+    "defenses": "victim defences (none, mixup, median, jpeg:quality=10, ...)",
+    "seeds": "seeds (protection choice, method fit and victim)",
+    "victim_preset": "paper | quick",
+    "victim_overrides": "{key: value} victim settings",
+    "resources_per_trial": "{cpu: float, gpu: float}",
+    "max_concurrent_trials": "int (default: as many as resources allow)",
+    "storage_options": "fsspec options for data and storage URLs",
+    "search": "{method, space, num_samples, fraction, seed}: search a method's settings",
+}
+DATA_KEYS = ("train", "test")
+RESOURCE_KEYS = ("cpu", "gpu")
+SEARCH_KEYS = ("method", "space", "num_samples", "fraction", "seed")
+SPACE_KINDS = ("uniform", "loguniform", "randint", "choice")
+FAIL_ONCE_ENV = "UE_DIST_SWEEP_FAIL_ONCE"  # comma-separated trial keys: fault injection for tests
+
+
+class SweepError(SettingsError):
+    """A sweep spec that cannot be run; the message names the key and the valid choices."""
+
+
+# spec -------------------------------------------------------------------------------------------
+def _check_keys(got: Mapping[str, Any], valid, where: str) -> None:
+    if not isinstance(got, Mapping):
+        raise SweepError(f"{where} must be a mapping, got {type(got).__name__}")
+    unknown = sorted(set(got) - set(valid))
+    if unknown:
+        raise SweepError(f"unknown key(s) {', '.join(map(repr, unknown))} in {where}; "
+                         f"valid: {', '.join(sorted(valid))}")
+
+
+def _as_list(spec: Mapping[str, Any], key: str, default: list) -> list:
+    value = spec.get(key, default)
+    if not isinstance(value, (list, tuple)):
+        value = [value]
+    if not value:
+        raise SweepError(f"sweep spec: {key} must not be empty")
+    return list(value)
+
+
+def _method_seed_key(settings: Mapping[str, Any]) -> str | None:
+    return next((k for k in ("seed", "noise_seed") if k in settings), None)
+
+
+def validate_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """Check every key and value; return the normalised spec (lists, parsed radii)."""
+    _check_keys(spec, SPEC_KEYS, "sweep spec")
+    if "data" not in spec:
+        raise SweepError("sweep spec needs data: {train: URL, test: URL}")
+    _check_keys(spec["data"], DATA_KEYS, "sweep spec data")
+    for k in DATA_KEYS:
+        if not spec["data"].get(k):
+            raise SweepError(f"sweep spec data needs {k}: URL")
+    out: dict[str, Any] = {"name": str(spec.get("name") or "sweep"), "data": dict(spec["data"])}
+    if "/" in out["name"] or out["name"].startswith("."):
+        raise SweepError(f"sweep name {out['name']!r} must be a plain folder name")
+    out["storage_options"] = dict(spec.get("storage_options") or {})
+    out["method_preset"] = spec.get("method_preset", "paper")
+    out["victim_preset"] = spec.get("victim_preset", "paper")
+    search = spec.get("search")
+    valid_methods = method_names()
+    out["methods"] = [str(m) for m in _as_list(spec, "methods", [search["method"]] if isinstance(
+        search, Mapping) and "method" in search else [])] if (spec.get("methods") or search) else []
+    if not out["methods"] and not search:
+        raise SweepError(f"sweep spec needs methods: [...]; valid: {', '.join(valid_methods)}")
+    for m in out["methods"]:
+        if m not in valid_methods:
+            raise SweepError(f"unknown method {m!r} in sweep spec methods; valid: {', '.join(valid_methods)}")
+    overrides = spec.get("method_overrides") or {}
+    if not isinstance(overrides, Mapping):
+        raise SweepError("method_overrides must map method names to {key: value}")
+    for m, over in overrides.items():
+        if m not in valid_methods:
+            raise SweepError(f"method_overrides names unknown method {m!r}; valid: {', '.join(valid_methods)}")
+        get_method(m).resolve(out["method_preset"], dict(over or {}))  # bad keys fail here
+    out["method_overrides"] = {m: dict(v or {}) for m, v in overrides.items()}
+    out["fractions"] = []
+    for f in _as_list(spec, "fractions", [1.0]):
+        try:
+            f = float(f)
+        except (TypeError, ValueError):
+            raise SweepError(f"fractions: {f!r} is not a number") from None
+        if not 0.0 <= f <= 1.0:
+            raise SweepError(f"fractions must lie in [0, 1], got {f}")
+        out["fractions"].append(f)
+    out["subsets"] = [str(s) for s in _as_list(spec, "subsets", ["all", "clean"])]
+    for s in out["subsets"]:
+        if s not in ("all", "clean"):
+            raise SweepError(f"unknown subset {s!r} in sweep spec; valid: all, clean")
+    out["archs"] = [str(a) for a in _as_list(spec, "archs", ["resnet18"])]
+    for a in out["archs"]:
+        check_arch(a)
+    out["adv_eps"] = [parse_radius(e, "adv_eps") for e in _as_list(spec, "adv_eps", [0.0])]
+    out["defenses"] = [parse_defense(d).spec for d in _as_list(spec, "defenses", ["none"])]
+    out["seeds"] = []
+    for s in _as_list(spec, "seeds", [0]):
+        if not isinstance(s, int) or isinstance(s, bool):
+            raise SweepError(f"seeds must be integers, got {s!r}")
+        out["seeds"].append(s)
+    victim_over = dict(spec.get("victim_overrides") or {})
+    for k in ("arch", "adv_eps", "defense", "seed"):
+        if k in victim_over:
+            raise SweepError(f"victim_overrides may not set {k!r}; use the sweep key "
+                             f"{ {'arch': 'archs', 'adv_eps': 'adv_eps', 'defense': 'defenses', 'seed': 'seeds'}[k]!r}")
+    out["victim_settings"] = resolve_victim_settings(out["victim_preset"], victim_over)
+    res = dict(spec.get("resources_per_trial") or {"cpu": 1})
+    _check_keys(res, RESOURCE_KEYS, "resources_per_trial")
+    out["resources"] = {"cpu": float(res.get("cpu", 1)), "gpu": float(res.get("gpu", 0))}
+    if out["resources"]["cpu"] <= 0 and out["resources"]["gpu"] <= 0:
+        raise SweepError("resources_per_trial needs cpu > 0 or gpu > 0")
+    mct = spec.get("max_concurrent_trials")
+    if mct is not None and (not isinstance(mct, int) or mct < 1):
+        raise SweepError(f"max_concurrent_trials must be a positive integer, got {mct!r}")
+    out["max_concurrent_trials"] = mct
+    out["search"] = _validate_search(search, out) if search is not None else None
+    return out
+
+
+def _validate_search(search: Any, out: dict[str, Any]) -> dict[str, Any]:
+    _check_keys(search, SEARCH_KEYS, "sweep spec search")
+    method = search.get("method")
+    if method not in method_names():
+        raise SweepError(f"search.method {method!r} unknown; valid: {', '.join(method_names())}")
+    defaults = get_method(method).resolve(out["method_preset"], out["method_overrides"].get(method, {}))
+    space = search.get("space")
+    if not isinstance(space, Mapping) or not space:
+        raise SweepError("search.space must map method settings to {uniform|loguniform|randint|"
+                         "choice: ...} or a list of choices")
+    parsed: dict[str, tuple[str, list]] = {}
+    for key, dom in space.items():
+        if key not in defaults:
+            raise SweepError(f"search.space: unknown setting {key!r} of method {method!r}; "
+                             f"valid: {', '.join(sorted(defaults))}")
+        if isinstance(dom, (list, tuple)):
+            kind, args = "choice", list(dom)
+        else:
+            _check_keys(dom, SPACE_KINDS, f"search.space.{key}")
+            if len(dom) != 1:
+                raise SweepError(f"search.space.{key}: give exactly one of {', '.join(SPACE_KINDS)}")
+            kind, args = next(iter(dom.items()))
+            args = list(args)
+        if kind in ("uniform", "loguniform", "randint"):
+            if len(args) != 2:
+                raise SweepError(f"search.space.{key}: {kind} needs [low, high]")
+            args = [parse_radius(a, f"search.space.{key}") for a in args]
+            if kind == "randint":
+                args = [int(a) for a in args]
+            if not args[0] < args[1] or (kind == "loguniform" and args[0] <= 0):
+                raise SweepError(f"search.space.{key}: need 0 <= low < high (low > 0 for loguniform)")
+        elif not args:
+            raise SweepError(f"search.space.{key}: choice needs at least one value")
+        parsed[key] = (kind, args)
+    n = search.get("num_samples", 8)
+    if not isinstance(n, int) or n < 1:
+        raise SweepError(f"search.num_samples must be a positive integer, got {n!r}")
+    fraction = float(search.get("fraction", 1.0))
+    if not 0.0 < fraction <= 1.0:
+        raise SweepError(f"search.fraction must lie in (0, 1], got {fraction}")
+    return {"method": method, "space": parsed, "num_samples": n, "fraction": fraction,
+            "seed": int(search.get("seed", 0))}
+
+
+def load_spec(path: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    import yaml
+
+    try:
+        raw = storage.read_bytes(path, storage_options)
+    except FileNotFoundError:
+        raise SweepError(f"sweep spec {path!r} does not exist") from None
+    try:
+        spec = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise SweepError(f"sweep spec {path!r} is not valid YAML: {exc}") from None
+    if not isinstance(spec, Mapping):
+        raise SweepError(f"sweep spec {path!r} must be a mapping of keys; valid: {', '.join(sorted(SPEC_KEYS))}")
+    return dict(spec)
+
+
+# caching fitted states and protected images ------------------------------------------------------
+def _digest(payload: Any) -> str:
+    return hashlib.sha1(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def method_settings(spec: Mapping[str, Any], method: str, seed: int,
+                    extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    over = dict(spec["method_overrides"].get(method, {}))
+    over.update(extra or {})
+    settings = get_method(method).resolve(spec["method_preset"], over)
+    key = _method_seed_key(settings)
+    if key is not None and key not in over:
+        settings[key] = int(seed)  # each sweep seed gets its own fit
+    return settings
+
+
+def fit_and_protect(method: str, settings: Mapping[str, Any], train: ImageSet,
+                    device: str | torch.device = "cpu") -> tuple[dict[str, Any], torch.Tensor]:
+    """Fit ``method`` on ``train`` and protect every training image (uint8, same order)."""
+    from ue_dist.methods.protect import protect_uint8
+
+    m = get_method(method)(dict(settings))
+    seed = int(settings.get(_method_seed_key(settings) or "seed", 0))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        state = m.fit(train, LocalContext(device=device, seed=seed, log=lambda msg: None))
+    loaded = m.load(state, device)
+    protected = protect_uint8(m, loaded, train.images, train.labels, device=device)
+    return state, protected
+
+
+def _cache_urls(root: str, method: str, digest: str) -> tuple[str, str]:
+    base = storage.join(root, "_cache", f"{method}-{digest}")
+    return base + ".state.pt", base + ".protected.pt"
+
+
+def _save_tensor(url: str, tensor: torch.Tensor, storage_options) -> None:
+    buf = io.BytesIO()
+    torch.save({"images": tensor}, buf)
+    storage.write_bytes(url, buf.getvalue(), storage_options)
+
+
+def _load_tensor(url: str, storage_options) -> torch.Tensor:
+    return torch.load(io.BytesIO(storage.read_bytes(url, storage_options)), weights_only=True)["images"]
+
+
+def prepare(method: str, settings: Mapping[str, Any], train: ImageSet, root: str,
+            storage_options=None, device: str = "cpu") -> tuple[str, str]:
+    """Fit + protect once, cached by (method, settings); returns the two cache URLs."""
+    digest = _digest([method, dict(settings), train.image_shape, len(train), train.keys[:3]])
+    state_url, images_url = _cache_urls(root, method, digest)
+    if storage.exists(state_url, storage_options) and storage.exists(images_url, storage_options):
+        return state_url, images_url
+    state, protected = fit_and_protect(method, settings, train, device)
+    _save_tensor(images_url, protected, storage_options)
+    save_state(state, state_url, storage_options)  # written last: its presence marks the pair done
+    return state_url, images_url
+
+
+def mix(train: ImageSet, protected: torch.Tensor, fraction: float, seed: int,
+        method: str | None, eps: float | None) -> ImageSet:
+    """``train`` with the seeded ``fraction`` of samples swapped for their protected images."""
+    from ue_dist.methods.protect import sample_meta, selected_for_protection
+
+    mask = selected_for_protection(train.keys, fraction, seed)
+    images = train.images.clone()
+    idx = torch.from_numpy(mask.nonzero()[0])
+    images[idx] = protected[idx]
+    meta = [dict(train.meta[i] or {}, **sample_meta(bool(mask[i]), method, eps, None))
+            for i in range(len(train))]
+    return ImageSet(images, train.labels, list(train.keys), meta, train.num_classes)
+
+
+# the trial -------------------------------------------------------------------------------------
+def trial_key(config: Mapping[str, Any]) -> str:
+    if config.get("mode") == "search":
+        return "search-" + _digest(sorted(config.items()))
+    eps = config["adv_eps"]
+    return (f"{config['method']}-f{config['fraction']:g}-{config['subset']}-{config['arch']}-"
+            f"at{eps * 255:.3g}-{config['defense'].replace(':', '_').replace('=', '')}-s{config['seed']}")
+
+
+def _result_url(root: str, key: str) -> str:
+    return storage.join(root, "results", key + ".json")
+
+
+def _trial(config: dict[str, Any], *, train: ImageSet, test: ImageSet, job: dict[str, Any]) -> None:
+    from ray import tune
+
+    torch.set_num_threads(max(1, int(job["resources"]["cpu"])))
+    so = job["storage_options"]
+    key = trial_key(config)
+    out_url = _result_url(job["root"], key)
+    if storage.exists(out_url, so):  # finished before an interruption: report, do not retrain
+        done = json.loads(storage.read_bytes(out_url, so))
+        tune.report({"test_acc": done["test_acc"], "epoch": done.get("epochs", 0), "cached": True})
+        return
+    if key in job.get("fail_once", ()):
+        marker = storage.join(job["root"], "_cache", f"failed-once-{key}")
+        if not storage.exists(marker, so):
+            storage.write_bytes(marker, b"1", so)
+            raise RuntimeError(f"injected failure for trial {key} ({FAIL_ONCE_ENV})")
+    started = time.time()
+    search = job.get("search")
+    method = search["method"] if search else config["method"]
+    fraction = search["fraction"] if search else float(config["fraction"])
+    seed = int(config["seed"])
+    subset = config.get("subset", "all")
+    row: dict[str, Any] = {"key": key, "method": method, "fraction": fraction, "subset": subset,
+                           "arch": config["arch"], "adv_eps": float(config["adv_eps"]),
+                           "defense": config["defense"], "seed": seed}
+    device = "cuda" if job["resources"]["gpu"] > 0 and torch.cuda.is_available() else "cpu"
+    if search:
+        params = {k: config[k] for k in search["space"]}
+        row["params"] = json.dumps(params, sort_keys=True)
+        settings = method_settings(job["spec"], method, seed, params)
+        _, protected = fit_and_protect(method, settings, train, device)
+    elif fraction > 0:
+        protected = _load_tensor(job["cache"][f"{method}:{seed}"]["images"], so)
+        settings = job["cache"][f"{method}:{seed}"]["settings"]
+    else:
+        protected, settings = train.images, {"eps": None}
+    mixed = mix(train, protected, fraction, seed, method, settings.get("eps"))
+    data = select_subset(mixed, subset)
+    row["protected"] = int(sum(bool(m.get("protected")) for m in data.meta))
+    row["train_size"] = len(data)
+    victim = dict(job["victim_settings"], arch=config["arch"], adv_eps=float(config["adv_eps"]),
+                  defense=config["defense"], seed=seed)
+    row["epochs"] = int(victim["epochs"])
+    if len(data) == 0:  # e.g. the clean part of a fully protected set: nothing to train on
+        row.update(test_acc=math.nan, robust_acc=None, per_epoch=[], seconds=0.0, skipped=True)
+    else:
+        def report(record: dict[str, Any]) -> None:
+            tune.report({k: v for k, v in record.items() if isinstance(v, (int, float))})
+
+        ctx = LocalContext(device=device, seed=seed, log=lambda msg: None)
+        result = train_victim(data, test, victim, ctx, on_epoch=report)
+        row.update(test_acc=result["test_acc"], robust_acc=result["robust_acc"],
+                   robust_eps=result["robust_eps"], per_epoch=result["per_epoch"],
+                   images_per_s=result["images_per_s"])
+    row["seconds"] = time.time() - started
+    row["finished_at"] = time.time()
+    storage.write_bytes(out_url, json.dumps(row, default=str).encode(), so)
+    tune.report({"test_acc": row["test_acc"], "done": True, "epoch": row["epochs"]})
+
+
+# the sweep -------------------------------------------------------------------------------------
+def _param_space(spec: Mapping[str, Any]) -> dict[str, Any]:
+    from ray import tune
+
+    space: dict[str, Any] = {
+        "arch": tune.grid_search(spec["archs"]), "adv_eps": tune.grid_search(spec["adv_eps"]),
+        "defense": tune.grid_search(spec["defenses"]), "seed": tune.grid_search(spec["seeds"])}
+    search = spec["search"]
+    if search is None:
+        space.update(method=tune.grid_search(spec["methods"]),
+                     fraction=tune.grid_search(spec["fractions"]),
+                     subset=tune.grid_search(spec["subsets"]))
+        return space
+    space["mode"] = "search"
+    for key, (kind, args) in search["space"].items():
+        space[key] = {"uniform": tune.uniform, "loguniform": tune.loguniform,
+                      "randint": tune.randint}[kind](*args) if kind != "choice" else tune.choice(args)
+    return space
+
+
+def _examples(train: ImageSet, cache: Mapping[str, Any], so, n: int = 6) -> dict[str, Any]:
+    out = {}
+    for key, entry in cache.items():
+        method, seed = key.split(":")
+        if method in out:
+            continue
+        protected = _load_tensor(entry["images"], so)
+        idx = _spread(train, n)
+        out[method] = {"clean": train.images[idx].numpy(), "protected": protected[idx].numpy(),
+                       "eps": entry["settings"].get("eps")}
+    return out
+
+
+def _spread(train: ImageSet, n: int) -> list[int]:
+    """One sample per class first (so a grid shows different classes), then the rest in order."""
+    seen, idx = set(), []
+    for i, y in enumerate(train.labels.tolist()):
+        if y not in seen:
+            seen.add(y)
+            idx.append(i)
+        if len(idx) == n:
+            break
+    return idx
+
+
+def _error_line(result) -> str:
+    """``KEY: last line of the error`` (Ray's first line only names the actor)."""
+    lines = [ln for ln in str(result.error).strip().splitlines() if ln.strip()]
+    key = trial_key(result.config) if result.config else "?"
+    return f"{key}: {(lines[-1] if lines else type(result.error).__name__)[:300]}"
+
+
+_SPEC_IDENTITY = ("data", "methods", "method_preset", "method_overrides", "fractions", "subsets",
+                  "archs", "adv_eps", "defenses", "seeds", "victim_settings", "search")
+
+
+def _check_same_spec(spec: Mapping[str, Any], root: str, so, resumed: bool) -> None:
+    """A sweep resumes only with the spec it started with (Tune would keep the old grid)."""
+    url = storage.join(root, "_cache", "spec.json")
+    mine = json.dumps({k: spec[k] for k in _SPEC_IDENTITY}, sort_keys=True, default=str)
+    if resumed and storage.exists(url, so):
+        before = storage.read_bytes(url, so).decode()
+        if before != mine:
+            old, new = json.loads(before), json.loads(mine)
+            changed = sorted(k for k in new if old.get(k) != new.get(k))
+            raise SweepError(f"sweep {spec['name']!r} in {root} was started with a different spec "
+                             f"(changed: {', '.join(changed)}); use another name or storage path "
+                             "to run the new one, or the original spec to resume")
+    storage.write_bytes(url, mine.encode(), so)
+
+
+def run_sweep(spec: Mapping[str, Any], storage_path: str | None = None,
+              progress: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run (or resume) the sweep described by ``spec``; returns the rows and the report files."""
+    from ray import tune
+    from ray.tune.schedulers import FIFOScheduler
+    from ray.tune.search import BasicVariantGenerator
+
+    from ue_dist.data.dataset import load_imageset
+    from ue_dist.runtime.ray_env import default_storage, ensure_ray, pyarrow_filesystem
+    from ue_dist.runtime.report import write_report
+
+    spec = validate_spec(spec)
+    so = spec["storage_options"]
+    storage_path = storage_path or default_storage()
+    storage.check_writable_root(storage_path, so)
+    for k in DATA_KEYS:
+        storage.refuse_inside(storage_path, spec["data"][k], what="sweep storage")
+    root = storage.join(storage_path, spec["name"])
+    train = load_imageset(spec["data"]["train"], so)
+    test = load_imageset(spec["data"]["test"], so)
+    check_compatible(train, test)
+    ensure_ray()
+    fs, path = pyarrow_filesystem(storage_path, so)
+    exp_path = storage.join(path, spec["name"]) if fs is not None else os.path.join(path, spec["name"])
+    resumed = bool(tune.Tuner.can_restore(exp_path, storage_filesystem=fs))
+    _check_same_spec(spec, root, so, resumed)
+
+    # fit every (method, seed) once, in parallel Ray tasks, before any trial starts
+    cache: dict[str, Any] = {}
+    if spec["search"] is None:
+        import ray
+
+        @ray.remote(num_cpus=spec["resources"]["cpu"], num_gpus=spec["resources"]["gpu"])
+        def _prep(method, settings, train_ref, device):
+            torch.set_num_threads(max(1, int(spec["resources"]["cpu"])))
+            return prepare(method, settings, train_ref, root, so, device)
+
+        device = "cuda" if spec["resources"]["gpu"] > 0 else "cpu"
+        todo = {}
+        train_ref = ray.put(train)
+        for method in spec["methods"]:
+            for seed in spec["seeds"]:
+                if max(spec["fractions"]) > 0:
+                    settings = method_settings(spec, method, seed)
+                    todo[f"{method}:{seed}"] = (settings, _prep.remote(method, settings, train_ref, device))
+        progress(f"[ue-dist] sweep {spec['name']}: fitting/protecting {len(todo)} (method, seed) "
+                 f"pair(s) (cached in {storage.join(root, '_cache')})")
+        for key, (settings, ref) in todo.items():
+            state_url, images_url = ray.get(ref)
+            cache[key] = {"state": state_url, "images": images_url, "settings": settings}
+
+    fail_once = [k for k in os.environ.get(FAIL_ONCE_ENV, "").split(",") if k]
+    job = {"root": root, "storage_options": so, "resources": spec["resources"], "cache": cache,
+           "victim_settings": spec["victim_settings"], "search": spec["search"], "spec": spec,
+           "fail_once": fail_once}
+    trainable = tune.with_resources(tune.with_parameters(_trial, train=train, test=test, job=job),
+                                    {"cpu": spec["resources"]["cpu"], "gpu": spec["resources"]["gpu"]})
+    if resumed:
+        progress(f"[ue-dist] sweep {spec['name']}: resuming the interrupted sweep in {root}")
+        tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True,
+                                   resume_errored=True, storage_filesystem=fs)
+    else:
+        search = spec["search"]
+        tune_config = tune.TuneConfig(
+            metric="test_acc" if search else None, mode="min" if search else None,
+            scheduler=FIFOScheduler(),
+            num_samples=search["num_samples"] if search else 1,
+            search_alg=BasicVariantGenerator(random_state=search["seed"]) if search else None,
+            max_concurrent_trials=spec["max_concurrent_trials"])
+        tuner = tune.Tuner(trainable, param_space=_param_space(spec), tune_config=tune_config,
+                           run_config=tune.RunConfig(name=spec["name"], storage_path=path,
+                                                     storage_filesystem=fs, verbose=0))
+    grid = tuner.fit()
+    errors = [_error_line(r) for r in grid if r.error is not None]
+
+    rows = []
+    for r in grid:
+        if r.error is not None or not r.config:
+            continue
+        url = _result_url(root, trial_key(r.config))
+        if storage.exists(url, so):
+            rows.append(json.loads(storage.read_bytes(url, so)))
+    examples = _examples(train, cache, so) if cache else None
+    files = write_report(storage.join(root, "report"), rows, examples, so)
+    summary: dict[str, Any] = {"name": spec["name"], "storage": root, "trials": len(grid),
+                               "completed": len(rows), "errors": errors, "resumed": resumed,
+                               "report": files,
+                               "rows": [{k: v for k, v in r.items() if k != "per_epoch"} for r in rows]}
+    if spec["search"] is not None and rows:
+        best = min((r for r in rows if not math.isnan(r["test_acc"])), key=lambda r: r["test_acc"],
+                   default=None)
+        summary["best"] = best and {"params": json.loads(best["params"]), "test_acc": best["test_acc"]}
+    progress(f"[ue-dist] sweep {spec['name']}: {len(rows)}/{len(grid)} trial(s) done"
+             + (f", {len(errors)} failed" if errors else "") + f"; report in {storage.join(root, 'report')}")
+    return summary
