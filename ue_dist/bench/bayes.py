@@ -1,0 +1,112 @@
+"""Benchmark of the Bayes-error estimator: one objective-and-gradient evaluation.
+
+* n = 4096, d = 512, fp32: the blocked estimator against a plain dense n x n autograd reference,
+  in the same process (times, ratio, max |difference| of value and gradient);
+* n = 50,000, d = 512: the blocked estimator alone, in a fresh subprocess whose peak resident
+  memory above its baseline (after the inputs exist) is read from ``getrusage`` — the dense form
+  would need 50,000^2 x 4 B = 10 GB per n x n matrix.
+
+``python -m ue_dist.bench.bayes [cpu|cifar|small]``.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from typing import Any
+
+import torch
+
+from ue_dist.core.bayes_error import bayes_error, dense_bayes_error, median_sigma
+
+
+def _inputs(n: int, d: int, classes: int = 10, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, classes, (n,), generator=gen)
+    centres = torch.randn(classes, d, generator=gen)
+    e = centres[y] * 0.5 + torch.randn(n, d, generator=gen)
+    return e, y
+
+
+def _timed(fn, e: torch.Tensor, repeats: int) -> tuple[float, float, torch.Tensor]:
+    best, value, grad = float("inf"), 0.0, None
+    for _ in range(repeats):
+        x = e.clone().requires_grad_(True)
+        t = time.perf_counter()
+        out = fn(x)
+        (g,) = torch.autograd.grad(out, x)
+        best = min(best, time.perf_counter() - t)
+        value, grad = float(out.detach()), g
+    return best, value, grad
+
+
+def compare(n: int = 4096, d: int = 512, repeats: int = 3) -> dict[str, Any]:
+    e, y = _inputs(n, d)
+    sigma = median_sigma(e, nearest=64)
+    t_dense, v_dense, g_dense = _timed(lambda x: dense_bayes_error(x, y, sigma), e, repeats)
+    t_block, v_block, g_block = _timed(lambda x: bayes_error(x, y, sigma), e, repeats)
+    return {"n": n, "d": d, "sigma": sigma, "dense_s": t_dense, "blocked_s": t_block,
+            "ratio_blocked_over_dense": t_block / t_dense, "value_dense": v_dense,
+            "value_blocked": v_block, "max_abs_value_diff": abs(v_dense - v_block),
+            "max_abs_grad_diff": float((g_dense - g_block).abs().max()),
+            "max_abs_grad": float(g_dense.abs().max())}
+
+
+_CHILD = r"""
+import json, resource, sys, time, torch
+from ue_dist.bench.bayes import _inputs
+from ue_dist.core.bayes_error import bayes_error, median_sigma
+n, d = int(sys.argv[1]), int(sys.argv[2])
+e, y = _inputs(n, d)
+sigma = median_sigma(e, nearest=64)
+x = e.clone().requires_grad_(True)
+# warm the allocator / BLAS with a small call, then take the baseline
+bayes_error(x[:512].detach().clone().requires_grad_(True), y[:512], sigma).backward()
+def rss_kb():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+base = rss_kb()
+t = time.perf_counter()
+out = bayes_error(x, y, sigma)
+(g,) = torch.autograd.grad(out, x)
+seconds = time.perf_counter() - t
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"n": n, "d": d, "seconds": seconds, "value": float(out),
+                  "peak_rss_delta_gb": (peak - base) / 2**20, "peak_rss_gb": peak / 2**20,
+                  "baseline_rss_gb": base / 2**20, "grad_finite": bool(torch.isfinite(g).all()),
+                  "threads": torch.get_num_threads()}))
+"""
+
+
+def large(n: int = 50_000, d: int = 512) -> dict[str, Any]:
+    proc = subprocess.run([sys.executable, "-c", _CHILD, str(n), str(d)], capture_output=True,
+                          text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmark subprocess failed: {proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run(scale: str = "cpu") -> dict[str, Any]:
+    """``cpu`` / ``cifar``: n = 4096 comparison and n = 50,000 (CIFAR-10's training set) blocked;
+    ``small``: n = 1024 and 8192 (a smoke run)."""
+    if scale not in ("cpu", "cifar", "small"):
+        raise ValueError(f"scale must be 'cpu', 'cifar' or 'small', got {scale!r}")
+    small = scale == "small"
+    cmp_ = compare(1024 if small else 4096)
+    print(f"[bench bayes] n={cmp_['n']} d={cmp_['d']} objective+gradient: dense "
+          f"{cmp_['dense_s']:.3f} s, blocked {cmp_['blocked_s']:.3f} s, ratio "
+          f"{cmp_['ratio_blocked_over_dense']:.2f}x; |value diff| {cmp_['max_abs_value_diff']:.2e}, "
+          f"max |grad diff| {cmp_['max_abs_grad_diff']:.2e} (max |grad| {cmp_['max_abs_grad']:.2e})",
+          flush=True)
+    big = large(8192 if small else 50_000)
+    print(f"[bench bayes] n={big['n']} d={big['d']} blocked objective+gradient: "
+          f"{big['seconds']:.1f} s, peak memory +{big['peak_rss_delta_gb']:.2f} GB above baseline "
+          f"(peak RSS {big['peak_rss_gb']:.2f} GB, {big['threads']} threads)", flush=True)
+    return {"compare": cmp_, "large": big}
+
+
+if __name__ == "__main__":
+    run(sys.argv[1] if len(sys.argv) > 1 else "cpu")
