@@ -4,15 +4,32 @@ Used as the EOT distribution of REM (every sample gets its own crop offset and f
 flow back to the input) and as the standard augmentation of victim training. Implemented with
 integer index gathers, so a crop is an exact pixel shift (no interpolation) and a batch of
 ``J x B`` views costs one gather.
+
+Two levels of API:
+
+* ``augment(x, kind)`` / ``random_crop_flip(x)``: sample and apply in one call.
+* ``sample_params(kind, n)`` + ``apply_params(x, params)``: the parameters as plain tensors, so a
+  caller can draw them once and apply them to a batch of ``J x B`` views in one go, or view by
+  view (tests compare the two), or replay them.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+AUGMENTATIONS = ("crop-flip", "flip", "none")
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in AUGMENTATIONS:
+        raise ValueError(f"unknown augmentation {kind!r}; valid: {', '.join(AUGMENTATIONS)}")
+
 
 def crop_flip_params(batch: int, pad: int, generator: torch.Generator | None = None,
                      device: torch.device | str = "cpu", flip: bool = True):
+    # drawn on the CPU (where a CPU generator lives), then moved: same numbers on any device
     offsets = torch.randint(0, 2 * pad + 1, (batch, 2), generator=generator, device="cpu").to(device)
     flips = (torch.rand(batch, generator=generator, device="cpu") < 0.5).to(device) if flip else \
         torch.zeros(batch, dtype=torch.bool, device=device)
@@ -27,7 +44,7 @@ def apply_crop_flip(x: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor,
         xp = F.pad(x, (pad, pad, pad, pad))
         rows = (offsets[:, 0:1] + torch.arange(h, device=x.device)).view(b, 1, h, 1)
         cols = (offsets[:, 1:2] + torch.arange(w, device=x.device)).view(b, 1, 1, w)
-        # gather rows then columns: two cheap index_selects per sample, fully differentiable
+        # gather rows then columns: two cheap gathers for the whole batch, fully differentiable
         xp = torch.gather(xp, 2, rows.expand(b, c, h, w + 2 * pad))
         x = torch.gather(xp, 3, cols.expand(b, c, h, w))
     return torch.where(flips.view(b, 1, 1, 1), x.flip(-1), x)
@@ -39,20 +56,59 @@ def random_crop_flip(x: torch.Tensor, pad: int = 4, flip: bool = True,
     return apply_crop_flip(x, offsets, flips, pad)
 
 
-AUGMENTATIONS = ("crop-flip", "flip", "none")
+@dataclass
+class AugParams:
+    """Per-sample parameters of one augmentation draw (``offsets`` N x 2, ``flips`` N)."""
+
+    kind: str
+    pad: int
+    offsets: torch.Tensor | None = None
+    flips: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return 0 if self.flips is None else int(self.flips.shape[0])
+
+    def slice(self, start: int, stop: int) -> "AugParams":
+        if self.kind == "none":
+            return self
+        return AugParams(self.kind, self.pad, self.offsets[start:stop], self.flips[start:stop])
+
+
+def sample_params(kind: str, n: int, generator: torch.Generator | None = None,
+                  device: torch.device | str = "cpu", pad: int = 4) -> AugParams:
+    """Independent parameters for ``n`` samples of augmentation ``kind``."""
+    _check_kind(kind)
+    if kind == "none":
+        return AugParams(kind, 0)
+    crop_pad = pad if kind == "crop-flip" else 0
+    offsets, flips = crop_flip_params(n, crop_pad, generator, device, True)
+    return AugParams(kind, crop_pad, offsets, flips)
+
+
+def apply_params(x: torch.Tensor, params: AugParams) -> torch.Tensor:
+    if params.kind == "none":
+        return x
+    if len(params) != x.shape[0]:
+        raise ValueError(f"augmentation parameters for {len(params)} samples, batch has {x.shape[0]}")
+    return apply_crop_flip(x, params.offsets, params.flips, params.pad)
 
 
 def augment(x: torch.Tensor, kind: str = "crop-flip", generator: torch.Generator | None = None,
             pad: int = 4) -> torch.Tensor:
-    if kind == "crop-flip":
-        return random_crop_flip(x, pad, True, generator)
-    if kind == "flip":
-        return random_crop_flip(x, 0, True, generator)
+    _check_kind(kind)
     if kind == "none":
         return x
-    raise ValueError(f"unknown augmentation {kind!r}; valid: {', '.join(AUGMENTATIONS)}")
+    return apply_params(x, sample_params(kind, x.shape[0], generator, x.device, pad))
 
 
 def default_augmentation(image_size: int) -> str:
     """The dataset's training augmentation: crop(pad 4)+flip for 32x32-like images."""
     return "crop-flip" if image_size >= 16 else "flip"
+
+
+def resolve_augmentation(kind: str, image_size: int) -> str:
+    """``auto`` -> the dataset's training augmentation; anything else must be a known kind."""
+    if kind == "auto":
+        return default_augmentation(image_size)
+    _check_kind(kind)
+    return kind

@@ -23,13 +23,16 @@ def project(delta: torch.Tensor, eps: float, norm: str = "linf") -> torch.Tensor
 
 def random_init(x: torch.Tensor, eps: float, norm: str = "linf",
                 generator: torch.Generator | None = None) -> torch.Tensor:
+    # draw where the generator lives (a CPU generator also serves CUDA batches), then move
+    gen_device = generator.device if generator is not None else x.device
     if norm == "linf":
-        delta = (torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) * 2 - 1) * eps
+        delta = (torch.rand(x.shape, generator=generator, device=gen_device, dtype=x.dtype) * 2 - 1) * eps
     else:
-        direction = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        direction = torch.randn(x.shape, generator=generator, device=gen_device, dtype=x.dtype)
         radius = torch.rand((x.shape[0],) + (1,) * (x.ndim - 1), generator=generator,
-                            device=x.device, dtype=x.dtype) * eps
+                            device=gen_device, dtype=x.dtype) * eps
         delta = direction / _per_sample_norm(direction) * radius
+    delta = delta.to(x.device)
     return (x + delta).clamp(0, 1) - x
 
 
@@ -40,7 +43,8 @@ def pgd(loss_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, *, eps
     """Return ``delta`` (detached) that maximises (or minimises) ``loss_fn(x + delta)``.
 
     ``loss_fn`` maps a perturbed batch to a scalar (sum or mean over the batch; per-sample
-    gradients are independent either way). L-inf steps are signed; L2 steps are normalised per
+    gradients are independent either way; a non-scalar result is summed). ``loss_fn`` may itself
+    run an inner ``pgd`` (REM's min-max): the inner call works on a detached copy. L-inf steps are signed; L2 steps are normalised per
     sample. ``x + delta`` stays in [0, 1] and ``delta`` in the ball.
     """
     if norm not in NORMS:
@@ -59,6 +63,8 @@ def pgd(loss_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, *, eps
     for _ in range(steps):
         delta.requires_grad_(True)
         loss = loss_fn(x + delta)
+        if loss.ndim:
+            loss = loss.sum()
         (grad,) = torch.autograd.grad(loss, delta)
         with torch.no_grad():
             if norm == "linf":
