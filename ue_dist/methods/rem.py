@@ -1,0 +1,481 @@
+"""Error-minimising noise: REM (robust, min-min-max with EOT) and EM (its rho_a = 0 case).
+
+REM -- Fu, He, Liu, Shen, Tao. "Robust Unlearnable Examples: Protecting Data Against Adversarial
+Learning", ICLR 2022 (Eq. 5, Algorithm 1, Appendix A.3).
+EM -- Huang, Ma, Erfani, Bailey, Wang. "Unlearnable Examples: Making Personal Data
+Unexploitable", ICLR 2021 (Eq. 3 of the REM paper).
+
+Threat model: the data owner adds ``delta_u`` with ``|delta_u|_inf <= rho_u`` (= ``eps``) to every
+image; the learner trains on the protected set, possibly with standard augmentation and with
+PGD adversarial training of radius ``rho_a'``. REM fits a source model ``f'`` by
+
+    min_theta  mean_i  min_{|du_i| <= rho_u}  E_{t ~ T}  max_{|da_i| <= rho_a}
+               CE(f'(t(x_i + du_i) + da_i), y_i)                                    (Eq. 5)
+
+alternating, per minibatch (Algorithm 1): ``K_u`` signed PGD-descent steps on ``du`` whose
+gradient averages ``J`` EOT views, each view with its own inner PGD ascent (``K_a`` steps on
+``da``); then one SGD step on ``t(x + du) + da``. ``perturb`` regenerates ``du`` with the final
+model for any batch (argmin of the same objective). The J views run as one ``J x B`` batch.
+
+EM is the same with ``rho_a = 0``, no EOT and no augmentation (noise computed on the images as
+they will be stored), optionally stopping once the training accuracy on ``x + du`` passes
+``stop_acc`` (Huang et al.'s rule).
+
+Shapes: images ``B x C x H x W`` float in [0, 1], labels ``B`` int64 in ``[0, num_classes)``.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ue_dist.core.augment import (AugParams, apply_params, augment, resolve_augmentation,
+                                  sample_params)
+from ue_dist.core.config import SettingsError
+from ue_dist.core.context import FitContext
+from ue_dist.core.models import ARCHITECTURES, build_model
+from ue_dist.core.pgd import pgd
+from ue_dist.data.imageset import ImageSet
+from ue_dist.methods.base import Method, StateError, register
+
+# -------------------------------------------------------------------------------------------------
+# the objective of Eq. (5), for one draw of the J transformations
+# -------------------------------------------------------------------------------------------------
+
+
+def _ce_sum(model: nn.Module, y: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda z: F.cross_entropy(model(z), y, reduction="sum")
+
+
+def adversarial_loss(model: nn.Module, views: torch.Tensor, y: torch.Tensor, *, rho_a: float,
+                     step_a: float, steps_a: int, random_start: bool = True,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """``sum_i CE(f(v_i + da_i*), y_i)`` with ``da*`` from PGD ascent (gradient flows to ``views``).
+
+    The inner maximum is approximated as in the paper: ``da*`` is found with PGD on a detached
+    copy and then held fixed, so d/d(views) is the gradient at ``views + da*``.
+    """
+    if rho_a > 0 and steps_a > 0:
+        da = pgd(_ce_sum(model, y), views, eps=rho_a, step_size=step_a, steps=steps_a,
+                 maximize=True, random_start=random_start, generator=generator)
+        views = views + da
+    return F.cross_entropy(model(views), y, reduction="sum")
+
+
+def eot_loss(model: nn.Module, xu: torch.Tensor, y: torch.Tensor, params: AugParams,
+             eot_samples: int, *, rho_a: float, step_a: float, steps_a: int,
+             random_start: bool = True, generator: torch.Generator | None = None,
+             batched: bool = True) -> torch.Tensor:
+    """``(1/J) sum_j sum_i max_da CE(f(t_j(xu_i) + da), y_i)`` for given transformation parameters.
+
+    ``params`` holds ``J x B`` per-sample draws, view-major (rows ``j*B:(j+1)*B`` are view ``j``).
+    ``batched=True`` evaluates all views (and their inner PGD) as one ``J*B`` batch;
+    ``batched=False`` loops over ``j`` (the reference form; same value and gradient).
+    """
+    batch = xu.shape[0]
+    if batched:
+        views = apply_params(xu.repeat(eot_samples, 1, 1, 1), params)
+        return adversarial_loss(model, views, y.repeat(eot_samples), rho_a=rho_a, step_a=step_a,
+                                steps_a=steps_a, random_start=random_start,
+                                generator=generator) / eot_samples
+    total = xu.new_zeros(())
+    for j in range(eot_samples):
+        views = apply_params(xu, params.slice(j * batch, (j + 1) * batch))
+        total = total + adversarial_loss(model, views, y, rho_a=rho_a, step_a=step_a,
+                                         steps_a=steps_a, random_start=random_start,
+                                         generator=generator)
+    return total / eot_samples
+
+
+def robust_error_minimizing_noise(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
+                                  eps: float, step_u: float, steps_u: int, rho_a: float = 0.0,
+                                  step_a: float = 0.0, steps_a: int = 0, eot_samples: int = 1,
+                                  augmentation: str = "none", pad: int = 4,
+                                  generator: torch.Generator | None = None,
+                                  batched: bool = True) -> torch.Tensor:
+    """``argmin_{|du| <= eps} E_t max_{|da| <= rho_a} CE(f(t(x + du) + da), y)`` by signed PGD.
+
+    Fresh transformations are drawn at every descent step (Algorithm 1, line 11). With
+    ``rho_a = 0``, ``eot_samples = 1`` and ``augmentation = "none"`` this is EM's noise.
+    ``model`` should be in eval mode (batch statistics would couple the samples).
+    """
+    batch = x.shape[0]
+
+    def objective(xu: torch.Tensor) -> torch.Tensor:
+        params = sample_params(augmentation, eot_samples * batch, generator, x.device, pad)
+        return eot_loss(model, xu, y, params, eot_samples, rho_a=rho_a, step_a=step_a,
+                        steps_a=steps_a, generator=generator, batched=batched)
+
+    with torch.enable_grad():
+        return pgd(objective, x, eps=eps, step_size=step_u, steps=steps_u, maximize=False,
+                   random_start=True, generator=generator)
+
+
+# -------------------------------------------------------------------------------------------------
+# source-model training shared by REM, EM and TAP
+# -------------------------------------------------------------------------------------------------
+
+def _step_generator(seed: int, rank: int, step: int) -> torch.Generator:
+    # one generator per (seed, worker, step): a resumed run draws exactly what the original would
+    return torch.Generator().manual_seed((seed * 1_000_003 + rank * 10_007 + step) % (2**63))
+
+
+def batch_generator(seed: int, images: torch.Tensor, labels: torch.Tensor) -> torch.Generator:
+    """A generator seeded by the batch's content: the same batch gives the same noise wherever
+    and in whatever order it is processed (Ray actors, retries)."""
+    h = hashlib.blake2b(digest_size=8)
+    h.update(str(int(seed)).encode())
+    h.update(images.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    h.update(labels.detach().to("cpu", torch.int64).contiguous().numpy().tobytes())
+    return torch.Generator().manual_seed(int.from_bytes(h.digest(), "big") % (2**63))
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def _cpu_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu").clone() for k, v in _unwrap(model).state_dict().items()}
+
+
+def _cpu_copy(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu").clone()
+    if isinstance(obj, dict):
+        return {k: _cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu_copy(v) for v in obj)
+    return obj
+
+
+NoiseFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor]
+
+
+def train_source_model(method: Method, train: ImageSet, ctx: FitContext,
+                       noise_fn: NoiseFn | None, *, rho_a: float = 0.0, step_a: float = 0.0,
+                       steps_a: int = 0, augmentation: str = "none",
+                       stop_acc: float = 0.0, extra_state: Mapping[str, Any] | None = None
+                       ) -> dict[str, Any]:
+    """SGD on ``t(x + noise_fn(x)) + da`` (Algorithm 1, lines 6-20); returns the method's state.
+
+    ``noise_fn(model, x, y, generator)`` gives ``du`` (None: clean training, TAP); ``rho_a > 0``
+    adds PGD adversarial examples; ``stop_acc > 0`` stops once the mean training accuracy of the
+    last ``log_every`` steps reaches it. Data are sharded over workers, the model is wrapped by
+    ``ctx.prepare_model``; every ``checkpoint_every`` steps a resumable state goes to
+    ``ctx.report``, and ``ctx.resume()`` continues from the last one.
+    """
+    s = method.settings
+    if len(train) == 0:
+        raise SettingsError(f"method {method.name!r}: the training set is empty")
+    channels, height, _ = train.image_shape
+    num_classes = int(train.num_classes)
+    device = ctx.device
+    seed = int(s.get("seed", 0)) + int(ctx.seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # identical initial weights on every worker
+        model = build_model(s["arch"], num_classes, channels, height).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=s["lr"], momentum=s["momentum"],
+                          weight_decay=s["weight_decay"])
+    start = 0
+    ckpt = ctx.resume()
+    if ckpt is not None:
+        method.check_state(ckpt, train.image_shape, source="checkpoint")
+        if ckpt.get("fit_done"):  # the run had already finished (or stopped early)
+            return dict(ckpt)
+        model.load_state_dict(ckpt["model"])
+        if "optimizer" in ckpt:
+            opt.load_state_dict(ckpt["optimizer"])
+        start = int(ckpt.get("fit_step", 0))
+        ctx.log(f"{method.name}: resuming source-model training at step {start}")
+    net = ctx.prepare_model(model)
+
+    idx = ctx.shard_indices(len(train))
+    if len(idx) == 0:
+        raise SettingsError(f"method {method.name!r}: worker {ctx.rank} got no training samples "
+                            f"({len(train)} samples for {ctx.world_size} workers)")
+    images, labels = train.images[idx], train.labels[idx]
+    n = len(idx)
+    per_worker = max(1, min(n, math.ceil(int(s["batch_size"]) / ctx.world_size)))
+    total = int(s["train_steps"])
+    log_every = max(1, int(s.get("log_every", 50)))
+    ckpt_every = int(s.get("checkpoint_every", 0))
+
+    def state_now(step: int, resumable: bool, **more: Any) -> dict[str, Any]:
+        payload: dict[str, Any] = dict(model=_cpu_state_dict(model), fit_step=step, **more)
+        if resumable:  # a copy: the live momentum buffers keep changing after this report
+            payload["optimizer"] = _cpu_copy(opt.state_dict())
+        payload.update(extra_state or {})
+        return method.new_state(train, **payload)
+
+    losses: list[torch.Tensor] = []
+    accs: list[torch.Tensor] = []
+    step = start
+    stopped = False
+    metrics: dict[str, Any] = {}
+    while step < total and not stopped:
+        lr = float(s["lr"]) * float(s["lr_decay"]) ** (step // max(1, int(s["lr_decay_every"])))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        gen = _step_generator(seed, ctx.rank, step)
+        pick = torch.randperm(n, generator=gen)[:per_worker]
+        x = images[pick].to(device).float().div_(255.0)
+        y = labels[pick].to(device)
+        model.eval()  # PGD with running statistics: noise of one sample does not see the others
+        if noise_fn is not None:
+            x = x + noise_fn(model, x, y, gen)
+        x = augment(x, augmentation, gen)
+        if rho_a > 0 and steps_a > 0:
+            with torch.enable_grad():
+                x = x + pgd(_ce_sum(model, y), x, eps=rho_a, step_size=step_a, steps=steps_a,
+                            maximize=True, random_start=True, generator=gen)
+        net.train()
+        out = net(x.detach())
+        loss = F.cross_entropy(out, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.detach())
+        accs.append((out.detach().argmax(1) == y).float().mean())
+        step += 1
+        logged = step % log_every == 0 or step == total
+        if logged:
+            mean_loss = ctx.all_reduce_mean(torch.stack(losses).mean().item())
+            mean_acc = ctx.all_reduce_mean(torch.stack(accs).mean().item())
+            losses.clear()
+            accs.clear()
+            metrics = {"step": step, "lr": lr, "train_loss": mean_loss, "train_acc": mean_acc}
+            # the same decision on every worker: the accuracy is averaged over all of them
+            stopped = stop_acc > 0 and mean_acc >= stop_acc
+            ctx.log(f"{method.name} step {step}/{total} lr {lr:.4g} loss {mean_loss:.4f} "
+                    f"acc {mean_acc:.3f}" + (" -> stop (train accuracy >= stop_acc)" if stopped else ""))
+        if ckpt_every > 0 and step % ckpt_every == 0 and step < total and not stopped:
+            ctx.report(metrics if logged else {"step": step}, state_now(step, resumable=True))
+        elif logged:
+            ctx.report(metrics)
+    final = state_now(step, resumable=False, fit_done=True, fit_stopped_early=bool(stopped),
+                      fit_metrics={k: float(v) for k, v in metrics.items()})
+    ctx.report({**metrics, "done": True}, final)
+    return final
+
+
+# -------------------------------------------------------------------------------------------------
+# the methods
+# -------------------------------------------------------------------------------------------------
+
+@dataclass
+class LoadedModel:
+    """A fitted source model, ready for ``perturb`` (eval mode, no parameter gradients)."""
+
+    model: nn.Module
+    image_shape: tuple[int, int, int]
+    num_classes: int
+    device: torch.device
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+_TRAIN_KEYS = ("arch", "train_steps", "batch_size", "lr", "momentum", "weight_decay",
+               "lr_decay_every", "lr_decay")
+
+
+def _schedule(arch: str, steps: int, batch: int, every: int) -> dict[str, Any]:
+    return {"arch": arch, "train_steps": steps, "batch_size": batch, "lr": 0.1, "momentum": 0.9,
+            "weight_decay": 5e-4, "lr_decay_every": every, "lr_decay": 0.1}
+
+
+class SourceModelMethod(Method):
+    """Shared parts of methods whose state is one trained classifier (REM, EM, TAP)."""
+
+    def validate_settings(self) -> None:
+        super().validate_settings()
+        s = self.settings
+        if self.eps >= 1:
+            raise SettingsError(f"eps must be < 1 (images are on the [0, 1] scale), got {self.eps}")
+        if s["arch"] not in ARCHITECTURES:
+            raise SettingsError(f"arch {s['arch']!r} is not known; valid: "
+                                f"{', '.join(sorted(ARCHITECTURES))}")
+        for key in ("train_steps", "batch_size", "lr_decay_every"):
+            self._positive_int(key)
+        for key in ("lr",):
+            if not float(s[key]) > 0:
+                raise SettingsError(f"{key} must be > 0 for method {self.name!r}, got {s[key]}")
+        for key in ("momentum", "weight_decay", "lr_decay"):
+            if float(s[key]) < 0:
+                raise SettingsError(f"{key} must be >= 0 for method {self.name!r}, got {s[key]}")
+        for key in ("log_every", "checkpoint_every"):
+            if int(s.get(key, 0)) < 0:
+                raise SettingsError(f"{key} must be >= 0 for method {self.name!r}, got {s[key]}")
+        if "augmentation" in s:
+            try:
+                resolve_augmentation(str(s["augmentation"]), 32)
+            except ValueError:
+                raise SettingsError(f"augmentation {s['augmentation']!r} is not known for method "
+                                    f"{self.name!r}; valid: auto, crop-flip, flip, none") from None
+
+    def _positive_int(self, key: str) -> int:
+        value = self.settings[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value \
+                or int(value) <= 0:
+            raise SettingsError(f"{key} must be a positive integer for method {self.name!r}, "
+                                f"got {value!r}")
+        return int(value)
+
+    def _positive_float(self, key: str) -> float:
+        value = float(self.settings[key])
+        if not value > 0:
+            raise SettingsError(f"{key} must be > 0 for method {self.name!r}, got {value!r}")
+        return value
+
+    def _augmentation(self, image_size: int) -> str:
+        return resolve_augmentation(str(self.settings.get("augmentation", "none")), image_size)
+
+    # state ------------------------------------------------------------------------------------
+    def check_state(self, state: Mapping[str, Any], image_shape: Sequence[int] | None = None,
+                    source: str = "state") -> None:
+        super().check_state(state, image_shape, source)
+        if not isinstance(state.get("model"), Mapping):
+            raise StateError(f"{source} has no source-model weights ('model')")
+        arch = state.get("settings", {}).get("arch")
+        if arch not in ARCHITECTURES:
+            raise StateError(f"{source} names an unknown architecture {arch!r}")
+        shape = state.get("image_shape")
+        if not (isinstance(shape, (list, tuple)) and len(shape) == 3):
+            raise StateError(f"{source} has no valid image_shape (got {shape!r})")
+
+    def load(self, state: Mapping[str, Any], device: torch.device | str = "cpu") -> LoadedModel:
+        self.check_state(state)
+        channels, height, width = (int(v) for v in state["image_shape"])
+        num_classes = int(state["num_classes"])
+        model = build_model(state["settings"]["arch"], num_classes, channels, height)
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError as exc:
+            raise StateError(f"state weights do not fit {state['settings']['arch']!r}: {exc}") from None
+        device = torch.device(device)
+        model.to(device).eval().requires_grad_(False)
+        return LoadedModel(model, (channels, height, width), num_classes, device,
+                           {k: v for k, v in state.items() if k in ("permutation",)})
+
+    def _inputs(self, loaded: LoadedModel, images: torch.Tensor,
+                labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if images.ndim != 4 or tuple(images.shape[1:]) != loaded.image_shape:
+            raise StateError(f"the state was fitted on images of shape {list(loaded.image_shape)} "
+                             f"(C,H,W), got a batch of shape {list(images.shape)}")
+        if labels.shape != images.shape[:1]:
+            raise ValueError(f"need one label per image, got {tuple(labels.shape)} labels for "
+                             f"{images.shape[0]} images")
+        x = images.detach().to(loaded.device, torch.float32)
+        y = labels.detach().to(loaded.device, torch.long)
+        if len(y) and (int(y.min()) < 0 or int(y.max()) >= loaded.num_classes):
+            raise StateError(f"labels must lie in [0, {loaded.num_classes}) for this state, got "
+                             f"range [{int(y.min())}, {int(y.max())}]")
+        return x, y
+
+
+@register
+class REM(SourceModelMethod):
+    """Robust error-minimising noise (Fu et al., ICLR 2022); see the module docstring."""
+
+    name = "rem"
+    paper = ("Fu et al., Robust Unlearnable Examples: Protecting Data Against Adversarial "
+             "Learning, ICLR 2022")
+    presets = {
+        # Appendix A.3.1 / Table 5 (CIFAR): ResNet-18, 5,000 SGD steps, batch 128, lr 0.1 x0.1
+        # every 2,000; rho_u = 8/255, K_u = 10 steps of rho_u/5; rho_a = 4/255, K_a = 10 steps of
+        # rho_a/5; EOT over the training augmentation with J = 5.
+        "paper": {"eps": 8 / 255, "rho_a": 4 / 255, **_schedule("resnet18", 5000, 128, 2000),
+                  "steps_u": 10, "step_frac_u": 0.2, "steps_a": 10, "step_frac_a": 0.2,
+                  "eot_samples": 5, "augmentation": "auto", "stop_acc": 0.0, "seed": 0,
+                  "log_every": 50, "checkpoint_every": 500},
+        # digits-sized: a small CNN, 150 steps of 32, shorter PGD (4 x rho_u/2, 2 x 3rho_a/4), J = 2
+        "quick": {"eps": 8 / 255, "rho_a": 2 / 255, **_schedule("small-cnn", 150, 32, 100),
+                  "steps_u": 4, "step_frac_u": 0.5, "steps_a": 2, "step_frac_a": 0.75,
+                  "eot_samples": 2, "augmentation": "auto", "stop_acc": 0.0, "seed": 0,
+                  "log_every": 25, "checkpoint_every": 50},
+    }
+
+    def validate_settings(self) -> None:
+        super().validate_settings()
+        s = self.settings
+        self._positive_int("steps_u")
+        self._positive_float("step_frac_u")
+        if "eot_samples" in s:  # EM has no EOT
+            self._positive_int("eot_samples")
+        rho_a = float(s.get("rho_a", 0.0))
+        if rho_a < 0:
+            raise SettingsError(f"rho_a must be >= 0, got {rho_a}")
+        if rho_a > 0:
+            self._positive_int("steps_a")
+            self._positive_float("step_frac_a")
+            if rho_a >= self.eps:
+                warnings.warn(
+                    f"rho_a={rho_a:.5g} >= rho_u=eps={self.eps:.5g}: with an adversarial radius at "
+                    "least as large as the noise radius, the inner max can undo any defensive "
+                    "noise, so min_du max_da loss >= the clean loss (REM paper, Sec. 4.1) and the "
+                    "noise cannot suppress learning; use rho_a < eps", stacklevel=3)
+        stop = float(s.get("stop_acc", 0.0))
+        if not 0.0 <= stop <= 1.0:
+            raise SettingsError(f"stop_acc must lie in [0, 1] (0 = off), got {stop}")
+
+    # the objective's settings --------------------------------------------------------------
+    def noise_kwargs(self, image_size: int) -> dict[str, Any]:
+        s = self.settings
+        rho_a = float(s.get("rho_a", 0.0))
+        return {"eps": self.eps, "step_u": self.eps * float(s["step_frac_u"]),
+                "steps_u": int(s["steps_u"]), "rho_a": rho_a,
+                "step_a": rho_a * float(s.get("step_frac_a", 0.2)),
+                "steps_a": int(s.get("steps_a", 0)) if rho_a > 0 else 0,
+                "eot_samples": int(s.get("eot_samples", 1)),
+                "augmentation": self._augmentation(image_size)}
+
+    def fit(self, train: ImageSet, ctx: FitContext) -> dict[str, Any]:
+        kw = self.noise_kwargs(train.image_shape[1])
+
+        def noise(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                  gen: torch.Generator) -> torch.Tensor:
+            return robust_error_minimizing_noise(model, x, y, generator=gen, **kw)
+
+        # model step on t(x + du) + da (Algorithm 1, lines 17-19)
+        return train_source_model(self, train, ctx, noise, rho_a=kw["rho_a"], step_a=kw["step_a"],
+                                  steps_a=kw["steps_a"], augmentation=kw["augmentation"],
+                                  stop_acc=float(self.settings.get("stop_acc", 0.0)))
+
+    def perturb(self, loaded: LoadedModel, images: torch.Tensor,
+                labels: torch.Tensor) -> torch.Tensor:
+        x, y = self._inputs(loaded, images, labels)
+        if len(x) == 0:
+            return torch.zeros_like(images, dtype=torch.float32)
+        gen = batch_generator(int(self.settings.get("seed", 0)), x, y)
+        delta = robust_error_minimizing_noise(loaded.model, x, y, generator=gen,
+                                              **self.noise_kwargs(loaded.image_shape[1]))
+        return delta.to(images.device)
+
+
+@register
+class EM(REM):
+    """Error-minimising noise (Huang et al., ICLR 2021): REM with rho_a = 0, without EOT, on the
+    un-augmented images; optional stop once training accuracy on x + delta >= ``stop_acc``."""
+
+    name = "em"
+    paper = "Huang et al., Unlearnable Examples: Making Personal Data Unexploitable, ICLR 2021"
+    presets = {
+        # REM paper's reproduction (Appendix A.3.2): Table 5 PGD (10 steps of rho_u/5), the same
+        # source-model schedule as REM; stop_acc=0.99 gives Huang et al.'s stopping rule.
+        "paper": {"eps": 8 / 255, **_schedule("resnet18", 5000, 128, 2000),
+                  "steps_u": 10, "step_frac_u": 0.2, "stop_acc": 0.0, "seed": 0,
+                  "log_every": 50, "checkpoint_every": 500},
+        # digits-sized: small CNN, at most 200 steps of 32, Huang et al.'s stop at 99% accuracy
+        "quick": {"eps": 8 / 255, **_schedule("small-cnn", 200, 32, 100),
+                  "steps_u": 10, "step_frac_u": 0.2, "stop_acc": 0.99, "seed": 0,
+                  "log_every": 25, "checkpoint_every": 50},
+    }
+
+    def noise_kwargs(self, image_size: int) -> dict[str, Any]:
+        return {"eps": self.eps, "step_u": self.eps * float(self.settings["step_frac_u"]),
+                "steps_u": int(self.settings["steps_u"]), "rho_a": 0.0, "step_a": 0.0,
+                "steps_a": 0, "eot_samples": 1, "augmentation": "none"}
