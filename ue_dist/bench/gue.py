@@ -1,0 +1,116 @@
+"""Benchmark of GUE: generator forward (protection) throughput and BOME iterations per second.
+
+* ``generator_images_per_s``: one eval-mode U-Net pass on 32x32x3 images (what ``perturb``
+  costs per image when protecting a bucket), at the paper's width (64, 7.79 M parameters) and at
+  the ``quick`` preset's width. The authors' generator ran at about 308 images/s on the same
+  2-core CPU.
+* ``bome``: Algorithm 1 iterations per second at batch 32 with ResNet-18 and the width-64 U-Net
+  (the paper's models; the authors' code: about 3 images/s, i.e. ~0.1 iterations/s). ``cpu``
+  scale times the iteration with T = 0 and T = 2 inner steps and extrapolates linearly to the
+  paper's T = 10 (``paper_equiv``; each inner step is one classifier forward+backward), so that
+  it fits in about a minute on a loaded machine; ``cifar`` scale times T = 10 directly.
+
+``python -m ue_dist.bench.gue [cpu|cifar]``.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+import torch
+
+from ue_dist.core.models import build_model
+from ue_dist.core.unet import UNetGenerator, count_parameters
+from ue_dist.methods.gue import Gue, bome_step
+
+SCALES: dict[str, dict[str, Any]] = {
+    "cpu": {"gen_batch": 64, "gen_repeats": 2, "bome_batch": 32, "inner": (0, 2), "repeats": 1},
+    "cifar": {"gen_batch": 512, "gen_repeats": 5, "bome_batch": 32, "inner": (10,), "repeats": 3},
+}
+
+
+def _best_seconds(fn, repeats: int) -> float:
+    """Best wall time of ``repeats`` runs; on CPU the process CPU time divided by the threads
+    used is also recorded (``CPU_SECONDS``), which stays meaningful on a shared, loaded machine."""
+    best, best_cpu = float("inf"), float("inf")
+    for _ in range(repeats):
+        t0, c0 = time.perf_counter(), time.process_time()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+        best_cpu = min(best_cpu, (time.process_time() - c0) / max(1, torch.get_num_threads()))
+    CPU_SECONDS.append(best_cpu)
+    return best
+
+
+CPU_SECONDS: list[float] = []
+
+
+def _generator_rate(width: int, batch: int, repeats: int, device: torch.device) -> dict[str, Any]:
+    torch.manual_seed(0)
+    gen = UNetGenerator(3, 8 / 255, width).to(device).eval()
+    x = torch.rand(batch, 3, 32, 32, device=device)
+    with torch.no_grad():
+        gen(x[:2])  # warm-up
+        sec = _best_seconds(lambda: gen(x), repeats)
+    return {"width": width, "params": count_parameters(gen), "images_per_s": batch / sec,
+            "images_per_cpu_s": batch / max(CPU_SECONDS[-1], 1e-9)}
+
+
+def _bome_seconds(inner: int, batch: int, repeats: int, device: torch.device) -> float:
+    torch.manual_seed(0)
+    s = Gue.resolve("paper", {"inner_steps": inner})
+    gen = UNetGenerator(3, s["eps"], 64).to(device)
+    cls = build_model("resnet18", 10, 3, 32).to(device)
+    gen_opt = torch.optim.SGD(gen.parameters(), lr=s["gen_lr"])
+    cls_opt = torch.optim.SGD(cls.parameters(), lr=s["cls_lr"])
+    x = torch.rand(batch, 3, 32, 32, device=device)
+    y = torch.arange(batch, device=device) % 10
+    return _best_seconds(lambda: bome_step(gen, cls, gen_opt, cls_opt, x, y, s), repeats)
+
+
+def run(scale: str = "cpu") -> dict[str, Any]:
+    if scale not in SCALES:
+        raise ValueError(f"unknown scale {scale!r}; valid: {', '.join(SCALES)}")
+    cfg = SCALES[scale]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    out: dict[str, Any] = {"device": str(device), "threads": torch.get_num_threads()}
+    for name, width in (("paper", 64), ("quick", int(Gue.resolve("quick")["width"]))):
+        r = _generator_rate(width, cfg["gen_batch"], cfg["gen_repeats"], device)
+        out[f"generator_{name}"] = r
+        print(f"generator width {width} ({r['params'] / 1e6:.2f} M params): "
+              f"{r['images_per_s']:.1f} images/s wall, {r['images_per_cpu_s']:.1f} per CPU-second "
+              f"per thread (authors' width-64 code: ~308 on 2-core CPU)", flush=True)
+    batch = cfg["bome_batch"]
+    times, cpu_times = {}, {}
+    for t in cfg["inner"]:
+        times[t] = _bome_seconds(t, batch, cfg["repeats"], device)
+        cpu_times[t] = CPU_SECONDS[-1]
+        print(f"BOME iteration, ResNet-18 + U-Net-64, batch {batch}, T={t}: {times[t]:.2f} s wall "
+              f"({batch / times[t]:.2f} images/s), {cpu_times[t]:.2f} CPU-s per thread", flush=True)
+    if 10 in times:
+        paper_sec = times[10]
+    else:
+        lo, hi = min(times), max(times)
+        per_inner = (times[hi] - times[lo]) / (hi - lo)
+        paper_sec = times[lo] + (10 - lo) * per_inner
+        out["seconds_per_inner_step"] = per_inner
+    lo, hi = min(cpu_times), max(cpu_times)
+    paper_cpu = cpu_times[10] if 10 in cpu_times else cpu_times[lo] + (10 - lo) * (
+        (cpu_times[hi] - cpu_times[lo]) / (hi - lo) if hi > lo else 0.0)
+    out["bome"] = {"batch": batch, "seconds": {str(k): v for k, v in times.items()},
+                   "cpu_seconds": {str(k): v for k, v in cpu_times.items()},
+                   "paper_equiv_cpu_seconds": paper_cpu,
+                   "paper_equiv_seconds": paper_sec,
+                   "paper_equiv_iterations_per_s": 1.0 / paper_sec,
+                   "paper_equiv_images_per_s": batch / paper_sec}
+    print(f"BOME at the paper's T=10: {1 / paper_sec:.3f} iterations/s = "
+          f"{batch / paper_sec:.2f} images/s wall; {batch / paper_cpu:.2f} images per CPU-second "
+          f"per thread (authors' code: ~3 images/s on 2-core CPU)", flush=True)
+    return out
+
+
+if __name__ == "__main__":
+    run(sys.argv[1] if len(sys.argv) > 1 else "cpu")
