@@ -1,0 +1,206 @@
+"""The ``bayes`` method: settings, fit/load/perturb, the mixed mask, bad input, effectiveness."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ue_dist.core.config import SettingsError
+from ue_dist.core.context import LocalContext
+from ue_dist.data.imageset import ImageSet
+from ue_dist.data.sources import digits_imageset
+from ue_dist.methods.base import StateError, build_method, get_method, load_state, save_state
+
+FAST = ["arch=small-cnn", "embed_epochs=2", "steps=4", "step_size=2/255", "eps=8/255",
+        "bank_size=300", "chunk=128"]
+
+
+@pytest.fixture(scope="module")
+def small():
+    torch.set_num_threads(1)
+    data = digits_imageset("train", image_size=None)  # native 8x8x3: fast
+    return data.subset(range(240))
+
+
+@pytest.fixture(scope="module")
+def fitted(small):
+    method = build_method("bayes", "quick", FAST)
+    state = method.fit(small, LocalContext(seed=0, log=lambda m: None))
+    return method, state
+
+
+def test_registered_with_presets():
+    cls = get_method("bayes")
+    assert cls.presets["paper"]["eps"] == pytest.approx(8 / 255)
+    assert cls.presets["paper"]["arch"] == "resnet18"
+    assert cls.presets["quick"]["arch"] == "small-cnn"
+    assert cls.presets["paper"]["step_rule"] == "sign"  # PGA, not AdamW
+
+
+@pytest.mark.parametrize("override, name", [
+    ("eps=0", "eps"), ("sigma=0", "sigma"), ("sigma=-2", "sigma"), ("norm=l1", "norm"),
+    ("step_rule=adamw", "step_rule"), ("step_size=0", "step_size"), ("bank_size=0", "bank_size"),
+])
+def test_bad_settings_name_the_option(override, name):
+    with pytest.raises(SettingsError, match=name):
+        build_method("bayes", "quick", [override])
+
+
+def test_fit_state_roundtrip_and_perturb(fitted, small, tmp_path):
+    method, state = fitted
+    assert state["bank"].shape[0] == 240 and state["sigma"] > 0
+    url = str(tmp_path / "bayes.pt")
+    save_state(state, url)
+    again = load_state(url)  # weights_only load
+    loaded = method.load(again)
+    x = small.float_images()[:32]
+    y = small.labels[:32]
+    delta = method.perturb(loaded, x, y)
+    assert delta.shape == x.shape
+    assert float(delta.abs().max()) <= method.eps + 1e-6
+    assert float(delta.abs().max()) > 0
+    assert float((x + delta).min()) >= 0 and float((x + delta).max()) <= 1
+    # the streaming objective (batch vs the rest of the bank) rises
+    from ue_dist.core.bayes_error import bayes_error
+    from ue_dist.methods.bayes import embed
+
+    with torch.no_grad():
+        bank, bank_y = loaded.bank[32:], loaded.bank_labels[32:]
+        before = bayes_error(embed(loaded.model, x), y, loaded.sigma, bank=bank, bank_labels=bank_y)
+        after = bayes_error(embed(loaded.model, x + delta), y, loaded.sigma, bank=bank,
+                            bank_labels=bank_y)
+    assert float(after) > float(before)
+
+
+def test_joint_mode_respects_the_fixed_mask_and_raises_beta(fitted, small):
+    method, state = fitted
+    loaded = method.load(state)
+    x, y = small.float_images()[:80], small.labels[:80]
+    fixed = torch.arange(80) % 2 == 0
+    delta, hist = method.perturb_jointly(loaded, x, y, fixed=fixed)
+    assert float(delta[fixed].abs().max()) == 0.0
+    assert float(delta[~fixed].abs().max()) > 0
+    assert float(delta.abs().max()) <= method.eps + 1e-6
+    assert hist[-1] > hist[0]
+    assert len(hist) == int(method.settings["steps"]) + 1
+
+
+def test_gradient_rule_l2_and_authors_variant(fitted, small):
+    _, state = fitted
+    x, y = small.float_images()[:40], small.labels[:40]
+    for extra in (["norm=l2", "eps=0.5", "step_size=0.2"],
+                  ["step_rule=gradient", "step_size=50"],
+                  ["step_rule=adam", "step_size=1/255", "retrain_every=2", "embed_batch_size=20"]):
+        method = build_method("bayes", "quick", FAST + extra)
+        loaded = method.load(state)
+        delta, hist = method.perturb_jointly(loaded, x, y)
+        if method.settings["norm"] == "l2":
+            assert float(delta.flatten(1).norm(dim=1).max()) <= 0.5 + 1e-5
+        else:
+            assert float(delta.abs().max()) <= method.eps + 1e-6
+        if method.settings["retrain_every"]:
+            # the retrained embedding is a copy: the loaded state is unchanged
+            for k, v in loaded.model.state_dict().items():
+                assert torch.equal(v.cpu(), state["model_state"][k])
+            assert len(hist) == int(method.settings["steps"]) + 1
+        else:
+            assert hist[-1] > hist[0], (extra, hist)
+
+
+def test_bad_states_and_inputs(fitted, small, tmp_path):
+    method, state = fitted
+    loaded = method.load(state)
+    with pytest.raises(StateError, match="shape"):
+        method.perturb(loaded, torch.rand(2, 3, 16, 16), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="labels"):
+        method.perturb(loaded, torch.rand(2, 3, 8, 8), torch.tensor([0, 12]))
+    # an embedding checkpoint for another image size, given as a setting
+    url = str(tmp_path / "emb.pt")
+    save_state(state, url)
+    other = digits_imageset("train", image_size=16).subset(range(50))
+    m2 = build_method("bayes", "quick", FAST + [f"embedding_state={url}"])
+    with pytest.raises(StateError, match="shape"):
+        m2.fit(other, LocalContext(log=lambda m: None))
+    # a single class
+    one = ImageSet(small.images[:20], torch.zeros(20, dtype=torch.long), num_classes=10)
+    with pytest.raises(SettingsError, match="2 classes"):
+        build_method("bayes", "quick", FAST).fit(one, LocalContext(log=lambda m: None))
+    # a state of another method
+    with pytest.raises(StateError, match="bayes"):
+        method.load({**state, "method": "rem"})
+
+
+def test_embedding_state_is_reused(fitted, small, tmp_path):
+    _, state = fitted
+    url = str(tmp_path / "emb.pt")
+    save_state(state, url)
+    m2 = build_method("bayes", "quick", FAST + [f"embedding_state={url}"])
+    s2 = m2.fit(small, LocalContext(log=lambda m: None))
+    for k, v in state["model_state"].items():
+        assert torch.equal(v, s2["model_state"][k])
+
+
+# effectiveness (slow): victims trained on protected digits ------------------------------------
+# native 8x8 digits keep this within minutes on a loaded 2-core CPU; eps is large for 8x8 images
+EFFECT = ["eps=32/255", "steps=20", "step_size=4/255", "embed_epochs=8"]
+
+
+@pytest.mark.slow
+def test_protection_full_and_mixed_on_digits():
+    from ue_dist.core.quantize import apply_perturbation
+    from ue_dist.core.victim import resolve_victim_settings, train_victim
+
+    torch.set_num_threads(2)
+    train, test = digits_imageset("train", image_size=None), digits_imageset("test", image_size=None)
+    method = build_method("bayes", "quick", EFFECT)
+    state = method.fit(train, LocalContext(seed=0, log=lambda m: None))
+    loaded = method.load(state)
+    x = train.float_images()
+    vs = resolve_victim_settings("quick", {"eval_robust": False})
+
+    def protected_set(delta):
+        imgs = torch.from_numpy(apply_perturbation(train.images, delta, method.eps))
+        return ImageSet(imgs, train.labels, train.keys, num_classes=train.num_classes)
+
+    # fully protected, joint mode
+    delta, hist = method.perturb_jointly(loaded, x, train.labels)
+    full = protected_set(delta)
+    # mixed: half the samples protected, the other half fixed (clean) but in the objective
+    half = torch.arange(len(train)) % 2 == 0
+    delta_m, hist_m = method.perturb_jointly(loaded, x, train.labels, fixed=~half)
+    mixed = protected_set(delta_m)
+    acc = {name: train_victim(data, test, vs)["test_acc"] for name, data in [
+        ("clean", train), ("protected", full), ("mixed", mixed),
+        ("clean_half", train.subset(torch.nonzero(~half).squeeze(1)))]}
+    print("\nbayes digits:", {k: round(v, 4) for k, v in acc.items()},
+          "beta", hist[0], "->", hist[-1], "mixed beta", hist_m[0], "->", hist_m[-1])
+    assert acc["protected"] < acc["clean"] - 0.3
+    assert acc["mixed"] < acc["clean_half"]
+
+
+def test_bayes_error_report_on_a_dataset(fitted, small, tmp_path):
+    from ue_dist.data.dataset import write_imageset
+    from ue_dist.runtime.bayes_joint import bayes_error_report
+
+    _, state = fitted
+    data = small.subset(range(120))
+    data.meta = [{"protected": i % 2 == 0} for i in range(120)]
+    url = str(tmp_path / "train")
+    write_imageset(url, data, shard_size=50)
+    raw = bayes_error_report(url)
+    assert raw["space"] == "pixels" and raw["n"] == 120 and raw["dim"] == 3 * 8 * 8
+    assert 0 <= raw["bayes_error"] < 0.9 and raw["protected_count"] == 60
+    assert "bayes_error_protected_rows" in raw
+    emb_url = str(tmp_path / "state.pt")
+    save_state(state, emb_url)
+    emb = bayes_error_report(url, embedding=emb_url, sigma="0.5")
+    assert emb["space"] == "embedding" and emb["sigma"] == 0.5 and emb["dim"] == 128
+    # an embedding fitted on 8x8 images applied to 16x16 data
+    big = digits_imageset("train", image_size=16).subset(range(30))
+    big_url = str(tmp_path / "big")
+    write_imageset(big_url, big)
+    with pytest.raises(StateError, match="shape"):
+        bayes_error_report(big_url, embedding=emb_url)
+    with pytest.raises(SettingsError, match="--sigma"):
+        bayes_error_report(url, sigma="-1")
+    with pytest.raises(SettingsError, match="toy"):
+        bayes_error_report(url, toy="moons")

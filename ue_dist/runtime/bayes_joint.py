@@ -1,0 +1,270 @@
+"""Joint (full-strength) Bayes-error protection on a Ray Train worker group, and the
+``ue-dist bayes-error`` report.
+
+Joint mode: every worker of a ``TorchTrainer`` (gloo on CPU, NCCL on GPU) owns a contiguous slice
+of the samples, embeds it, all-gathers the embeddings with gradients (so the gradient of a key
+reaches the worker that owns it), evaluates its rows of the kernel block by block and steps only
+its own samples (``BayesErrorMaximisation.perturb_jointly`` under ``torch.distributed``). With
+the embedding model in eval mode the result equals the single-process one on the same data.
+"""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from ue_dist.core.bayes_error import check_embeddings, kernel_posterior, resolve_sigma
+from ue_dist.core.config import SettingsError, parse_radius
+from ue_dist.data.imageset import ImageSet
+from ue_dist.methods.base import StateError, build_method, load_state
+
+DELTA_FILE = "delta.pt"
+TOYS = ("gaussians", "moons")
+
+
+# joint mode ----------------------------------------------------------------------------------
+def joint_worker_loop(config: dict[str, Any]) -> None:
+    """Ray Train worker: protect this worker's slice jointly with the others' (all-gather per step)."""
+    import ray.train
+    import ray.train.torch
+
+    from ue_dist.core.distributed import all_gather_no_grad, rank, world_size
+
+    torch.manual_seed(int(config["seed"]))
+    method = build_method("bayes", config["preset"], config["overrides"])
+    device = ray.train.torch.get_device() if config["use_gpu"] else torch.device("cpu")
+    loaded = method.load(config["state"], device)
+    images, labels = config["images"], config["labels"]
+    fixed = config.get("fixed")
+    n, r, ws = images.shape[0], rank(), world_size()
+    per = math.ceil(n / ws)
+    own = slice(r * per, min(n, (r + 1) * per))
+    x = ImageSet.to_float(images[own]) if images.dtype == torch.uint8 else images[own].float()
+    delta, history = method.perturb_jointly(
+        loaded, x.to(device), labels[own].to(device),
+        fixed=fixed[own].to(device) if fixed is not None else None)
+    full = all_gather_no_grad(delta.cpu())
+    metrics = {"beta_before": history[0], "beta_after": history[-1]}
+    with tempfile.TemporaryDirectory() as tmp:
+        if r == 0:
+            torch.save({"delta": full, "history": history}, os.path.join(tmp, DELTA_FILE))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        else:
+            ray.train.report(metrics)
+
+
+def protect_jointly(state: Mapping[str, Any], images: torch.Tensor, labels: torch.Tensor, *,
+                    preset: str = "paper", overrides: Sequence[str] | Mapping[str, Any] = (),
+                    fixed: torch.Tensor | None = None, num_workers: int = 2,
+                    use_gpu: bool = False, cpus_per_worker: float = 1.0,
+                    storage_path: str | None = None, seed: int = 0) -> dict[str, Any]:
+    """Run joint protection on ``num_workers`` Ray Train workers; returns
+    ``{"delta": N x C x H x W float (before quantisation), "history": [beta per step]}``.
+
+    ``images``: uint8 or [0, 1] float ``N x C x H x W``; ``fixed``: bool ``N`` (kept clean).
+    Ray must be initialised by the caller (``ue_dist.runtime.ray_env.ensure_ray``).
+    """
+    import ray.train
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    method = build_method("bayes", preset, overrides)  # validates settings in the driver
+    method.check_state(state, list(images.shape[1:]))
+    if images.shape[0] < 2:
+        raise SettingsError(f"joint protection needs at least 2 images, got {images.shape[0]}")
+    if num_workers < 1:
+        raise SettingsError(f"num_workers must be >= 1, got {num_workers}")
+    if fixed is not None and fixed.shape != (images.shape[0],):
+        raise ValueError(f"fixed must have one entry per image, got shape {tuple(fixed.shape)}")
+    config = {"state": dict(state), "images": images.cpu(), "labels": labels.cpu().long(),
+              "fixed": fixed.cpu().bool() if fixed is not None else None, "preset": preset,
+              "overrides": overrides if isinstance(overrides, Mapping) else list(overrides),
+              "use_gpu": use_gpu, "seed": seed}
+    resources = {"CPU": cpus_per_worker} if not use_gpu else {"CPU": cpus_per_worker, "GPU": 1}
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = TorchTrainer(
+            joint_worker_loop, train_loop_config=config,
+            scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
+                                         resources_per_worker=resources),
+            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+            run_config=RunConfig(storage_path=storage_path or tmp, name="bayes-joint"))
+        result = trainer.fit()
+        if result.checkpoint is None:
+            raise RuntimeError(f"joint protection returned no result: {result.error}")
+        with result.checkpoint.as_directory() as directory:
+            out = torch.load(os.path.join(directory, DELTA_FILE), weights_only=True)
+    return out
+
+
+def protect_dataset_jointly(src: str, dst: str, state_url: str, *, preset: str = "paper",
+                            overrides: Sequence[str] | Mapping[str, Any] = (),
+                            fraction: float = 1.0, seed: int = 0, num_workers: int = 2,
+                            use_gpu: bool = False, cpus_per_worker: float = 1.0,
+                            shard_size: int = 1000,
+                            storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Joint protection of a whole split: read ``src``, protect the seeded ``fraction`` of the
+    samples jointly (the rest stay clean but count in the objective, Corollary 3.5), apply the
+    epsilon contract and write ``dst``. Everything is validated before anything is written."""
+    from ue_dist.core.quantize import apply_perturbation
+    from ue_dist.data import storage
+    from ue_dist.data.dataset import load_imageset, write_imageset
+    from ue_dist.methods.protect import sample_meta, selected_for_protection
+
+    storage.refuse_inside(dst, src)
+    method = build_method("bayes", preset, overrides)
+    state = load_state(state_url, storage_options)
+    data = load_imageset(src, storage_options)
+    method.check_state(state, list(data.image_shape), source=state_url)
+    chosen = torch.from_numpy(selected_for_protection(data.keys, fraction, seed))
+    out = protect_jointly(state, data.images, data.labels, preset=preset, overrides=overrides,
+                          fixed=~chosen, num_workers=num_workers, use_gpu=use_gpu,
+                          cpus_per_worker=cpus_per_worker, seed=seed)
+    images = torch.from_numpy(apply_perturbation(data.images, out["delta"], method.eps))
+    meta = [sample_meta(bool(p), "bayes", method.eps, m.get("source_shard"), mode="joint")
+            for p, m in zip(chosen.tolist(), data.meta)]
+    protected = ImageSet(images, data.labels, data.keys, meta, data.num_classes)
+    shards = write_imageset(dst, protected, shard_size=shard_size, storage_options=storage_options)
+    return {"src": src, "dst": dst, "samples": len(data), "protected": int(chosen.sum()),
+            "shards": len(shards), "beta_before": out["history"][0],
+            "beta_after": out["history"][-1]}
+
+
+# the bayes-error report ----------------------------------------------------------------------
+def _phi(x: float) -> float:
+    return 0.5 * (1.0 + math.erf(x / math.sqrt(2.0)))
+
+
+def gaussians_report(n: int = 4000, sigma: float | None = None, seed: int = 0) -> dict[str, Any]:
+    """Two 1-D Gaussians N(-1, 1), N(1, 1), equal priors: estimate vs the analytic Phi(-1)."""
+    if n < 4:
+        raise SettingsError(f"--n must be at least 4 for the gaussians toy, got {n}")
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 2
+    x = (torch.randn(n, generator=gen, dtype=torch.float64) + (2.0 * y - 1.0)).unsqueeze(1)
+    s = resolve_sigma(sigma, x, nearest=math.ceil(math.sqrt(n)))
+    est = _estimate(x, y, s)
+    analytic = _phi(-1.0)
+    return {"toy": "gaussians", "n": n, "sigma": s, "estimate": est, "analytic": analytic,
+            "abs_error": abs(est - analytic), "seed": seed}
+
+
+def moons_report(n: int = 200, eps: float = 0.25, sigma: float | None = None, noise: float = 0.2,
+                 steps: int = 100, step_size: float = 1.0, norm: str = "linf",
+                 seed: int = 0) -> dict[str, Any]:
+    """scikit-learn moons: the estimate before and after Algorithm 2 (PGA, raw gradient steps)."""
+    from sklearn.datasets import make_moons
+
+    from ue_dist.methods.bayes import bayes_pga
+
+    if n < 4:
+        raise SettingsError(f"--n must be at least 4 for the moons toy, got {n}")
+    if not eps > 0:
+        raise SettingsError(f"--eps must be > 0, got {eps}")
+    pts, lab = make_moons(n_samples=n, noise=noise, random_state=seed)
+    x = torch.tensor(pts, dtype=torch.float64)
+    y = torch.tensor(lab, dtype=torch.long)
+    s = resolve_sigma(sigma, x, nearest=math.ceil(math.sqrt(n)))
+    delta, history = bayes_pga(lambda t: t, x, y, eps=eps, step_size=step_size, steps=steps,
+                               sigma=s, num_classes=2, norm=norm, step_rule="gradient", box=None)
+    before, after = history[0], history[-1]
+    decreases = sum(1 for a, b in zip(history, history[1:]) if b < a - 1e-12)
+    return {"toy": "moons", "n": n, "noise": noise, "eps": eps, "norm": norm, "sigma": s,
+            "steps": steps, "step_size": step_size, "before": before, "after": after,
+            "relative_increase": (after - before) / before if before > 0 else float("inf"),
+            "monotone": decreases == 0, "history": history,
+            "max_abs_delta": float(delta.abs().max()), "seed": seed}
+
+
+def _estimate(e: torch.Tensor, y: torch.Tensor, sigma: float) -> float:
+    p = kernel_posterior(e, e, y, sigma, self_index=torch.arange(e.shape[0]))
+    return float(1.0 - p.max(dim=1).values.mean())
+
+
+@torch.no_grad()
+def dataset_report(url: str, embedding: str | None = None, sigma: float | None = None,
+                   storage_options: Mapping[str, Any] | None = None,
+                   chunk: int = 256) -> dict[str, Any]:
+    """Bayes-error estimate of the dataset at ``url`` on raw pixels, or through the embedding
+    model of a fitted ``bayes`` state (``embedding``), with the clean/protected split when
+    the samples carry protection metadata."""
+    from ue_dist.data.dataset import load_imageset
+    from ue_dist.methods.bayes import embed
+
+    # the embedding state first: a wrong state fails before the data are read
+    model = None
+    if embedding:
+        state = load_state(embedding, storage_options)
+        if "model_state" not in state or "arch" not in state:
+            raise StateError(f"embedding state {embedding!r} has no embedding model "
+                             "(fit one with `ue-dist fit --method bayes`)")
+    data = load_imageset(url, storage_options)
+    if len(data) < 2:
+        raise SettingsError(f"dataset {url!r} has {len(data)} samples; the estimate needs >= 2")
+    if int(torch.unique(data.labels).numel()) < 2:
+        raise SettingsError(f"dataset {url!r} has a single class "
+                            f"({int(data.labels[0])}); the Bayes error needs >= 2 classes")
+    if embedding:
+        if list(state.get("image_shape", [])) != list(data.image_shape):
+            raise StateError(f"embedding state {embedding!r} was fitted on images of shape "
+                             f"{state.get('image_shape')} (C,H,W), but {url!r} has "
+                             f"{list(data.image_shape)}")
+        from ue_dist.core.models import build_model
+
+        c, h, _ = data.image_shape
+        model = build_model(state["arch"], int(state["num_classes"]), c, h)
+        model.load_state_dict(state["model_state"])
+        model.eval()
+        feats = torch.cat([embed(model, ImageSet.to_float(data.images[i:i + chunk]))
+                           for i in range(0, len(data), chunk)]).double()
+    else:
+        feats = ImageSet.to_float(data.images).flatten(1).double()
+    check_embeddings(feats, "embedded images" if embedding else "images")
+    s = resolve_sigma(sigma, feats, nearest=math.ceil(math.sqrt(len(data))))
+    p = kernel_posterior(feats, feats, data.labels, s, num_classes=int(data.num_classes),
+                         self_index=torch.arange(len(data)))
+    per = 1.0 - p.max(dim=1).values
+    protected = torch.tensor([bool(m.get("protected", False)) for m in data.meta])
+    out: dict[str, Any] = {"source": url, "space": "embedding" if embedding else "pixels",
+                           "embedding": embedding, "n": len(data), "dim": int(feats.shape[1]),
+                           "classes": int(torch.unique(data.labels).numel()), "sigma": s,
+                           "bayes_error": float(per.mean()),
+                           "protected_count": int(protected.sum())}
+    if 0 < int(protected.sum()) < len(data):
+        out["bayes_error_protected_rows"] = float(per[protected].mean())
+        out["bayes_error_clean_rows"] = float(per[~protected].mean())
+    return out
+
+
+def bayes_error_report(url: str | None = None, *, embedding: str | None = None,
+                       toy: str | None = None, n: int | None = None, eps: float | str | None = None,
+                       sigma: float | str | None = None,
+                       storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """What ``ue-dist bayes-error`` prints: a dataset (URL) or a toy problem, as one dict."""
+    if sigma is not None:
+        sigma = parse_radius(sigma, "--sigma")
+        if not sigma > 0:
+            raise SettingsError(f"--sigma must be > 0, got {sigma}")
+    if eps is not None:
+        eps = parse_radius(eps, "--eps")
+        if not eps > 0:
+            raise SettingsError(f"--eps must be > 0, got {eps}")
+    if n is not None and n < 4:
+        raise SettingsError(f"--n must be at least 4, got {n}")
+    if (url is None) == (toy is None):
+        raise SettingsError("give either a dataset URL or --toy gaussians|moons (not both)")
+    if toy is not None:
+        if toy not in TOYS:
+            raise SettingsError(f"unknown --toy {toy!r}; valid: {', '.join(TOYS)}")
+        if embedding:
+            raise SettingsError("--embedding applies to a dataset URL, not to --toy")
+        if toy == "gaussians":
+            if eps is not None:
+                raise SettingsError("--eps applies to --toy moons only")
+            return gaussians_report(n or 4000, sigma)
+        return moons_report(n or 200, eps if eps is not None else 0.25, sigma)
+    if eps is not None:
+        raise SettingsError("--eps applies to --toy moons only")
+    return dataset_report(url, embedding, sigma, storage_options)
