@@ -293,6 +293,99 @@ def _bayes_error(args: argparse.Namespace) -> int:
 
 
 # --- evaluate, sweep (victims) ----------------------------------------------------------------
+def _configure_evaluate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--train", required=True, metavar="URL", help="training shards (may be partly protected)")
+    p.add_argument("--test", required=True, metavar="URL", help="clean test shards")
+    p.add_argument("--arch", help="victim architecture (default: the preset's), e.g. small-cnn, "
+                                  "resnet18, vgg16, densenet121, mobilenetv2, wrn-34-10")
+    p.add_argument("--epochs", type=int, help="training epochs (default: the preset's)")
+    p.add_argument("--adv-eps", metavar="R", help="adversarial-training radius, e.g. 8/255 (0 = standard)")
+    p.add_argument("--adv-method", choices=["pgd", "trades"], help="adversarial loss (default pgd)")
+    p.add_argument("--defense", help="training-data defence: none, mixup, cutout, cutmix, mean, "
+                                     "median, gaussian, jpeg[:quality=Q], grayscale")
+    p.add_argument("--seed", type=int, help="victim seed (default 0)")
+    p.add_argument("--subset", choices=["all", "clean", "protected"], default="all",
+                   help="train on all samples (mixed, default), the clean ones or the protected ones")
+    p.add_argument("--ray", action="store_true", help="run the victim as one Ray task")
+    p.add_argument("--gpus", type=float, default=0.0, help="GPUs for the victim (default 0)")
+    add_settings(p)
+    add_storage_options(p)
+    add_json(p)
+
+
+def _evaluate_text(r: dict) -> str:
+    lines = [f"epoch {e['epoch']:3d}: test accuracy {100 * e['test_acc']:6.2f}%  "
+             f"(train loss {e['train_loss']:.4f}, train accuracy {100 * e['train_acc']:.2f}%)"
+             for e in r["per_epoch"]]
+    lines.append(f"final test accuracy: {100 * r['test_acc']:.2f}% ({r['settings']['arch']}, "
+                 f"{r['train_size']} training samples of which {r['protected_in_train']} protected, "
+                 f"subset {r['subset']})")
+    if r.get("robust_acc") is not None:
+        lines.append(f"robust accuracy (PGD-{r['settings']['eval_steps']}, eps "
+                     f"{255 * r['robust_eps']:.3g}/255): {100 * r['robust_acc']:.2f}%")
+    return "\n".join(lines)
+
+
+@command("evaluate", "Train one victim on a (possibly protected) training set and print its test "
+         "accuracy per epoch.", _configure_evaluate)
+def _evaluate(args: argparse.Namespace) -> int:
+    from ue_dist.core.config import parse_overrides
+    from ue_dist.core.victim import resolve_victim_settings
+    from ue_dist.runtime.evaluate import evaluate
+
+    overrides: dict[str, Any] = dict(parse_overrides(args.overrides))
+    for key in ("arch", "epochs", "adv_eps", "adv_method", "defense", "seed"):
+        if getattr(args, key) is not None:
+            overrides[key] = str(getattr(args, key))
+    settings = resolve_victim_settings(args.preset, [f"{k}={v}" for k, v in overrides.items()])
+    print_settings(f"victim ({args.preset})", settings)
+    result = evaluate(args.train, args.test, settings, args.subset, storage_options(args),
+                      use_ray=args.ray, num_gpus=args.gpus)
+    emit(args, result, _evaluate_text)
+    return 0
+
+
+def _configure_sweep(p: argparse.ArgumentParser) -> None:
+    p.add_argument("spec", metavar="SPEC", help="sweep spec (YAML), e.g. jobs/sweep-digits.yaml")
+    p.add_argument("--storage", metavar="PATH", help="where the sweep lives (default: "
+                   "$UE_DIST_STORAGE or ./runs); rerunning with the same storage resumes it")
+    p.add_argument("--check", action="store_true", help="only validate the spec and print it")
+    add_storage_options(p)
+    add_json(p)
+
+
+def _sweep_text(r: dict) -> str:
+    lines = [f"sweep {r['name']}: {r['completed']}/{r['trials']} trial(s) done"
+             + (" (resumed)" if r["resumed"] else "")]
+    for e in r["errors"]:
+        lines.append(f"  failed: {e}")
+    if r.get("best"):
+        lines.append(f"  strongest protection: {r['best']['params']} -> victim test accuracy "
+                     f"{100 * r['best']['test_acc']:.2f}%")
+    for kind, url in r["report"].items():
+        lines.append(f"  {kind}: {url}")
+    return "\n".join(lines)
+
+
+@command("sweep", "Ray Tune sweep of victims (method x fraction x architecture x adversarial radius "
+         "x defence x seed) or a search over a method's settings; writes a table and plots. "
+         "Exit status 3 when trials failed.", _configure_sweep)
+def _sweep(args: argparse.Namespace) -> int:
+    from ue_dist.runtime.sweep import load_spec, run_sweep, validate_spec
+
+    so = storage_options(args)
+    spec = load_spec(args.spec, so)
+    if so and "storage_options" not in spec:
+        spec["storage_options"] = so
+    checked = validate_spec(spec)
+    print_settings("victim (sweep)", checked["victim_settings"])
+    if args.check:
+        emit(args, checked)
+        return 0
+    result = run_sweep(spec, args.storage, progress=lambda m: print(m, file=sys.stderr, flush=True))
+    emit(args, result, _sweep_text)
+    return 3 if result["errors"] else 0
+
 
 # --- run (job specs) --------------------------------------------------------------------------
 def _run_options(p: argparse.ArgumentParser) -> None:
