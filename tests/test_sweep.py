@@ -39,12 +39,8 @@ class StripeShortcut(Method):
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
-    yield
-    ray.shutdown()
+def ray_cluster(ray_local):
+    yield ray_local
 
 
 @pytest.fixture(scope="module")
