@@ -140,8 +140,9 @@ def test_embedding_state_is_reused(fitted, small, tmp_path):
 
 
 # effectiveness (slow): victims trained on protected digits ------------------------------------
-# native 8x8 digits keep this within minutes on a loaded 2-core CPU; eps is large for 8x8 images
-EFFECT = ["eps=32/255", "steps=20", "step_size=4/255", "embed_epochs=8"]
+# 32x32x3 digits at the paper's eps 8/255, the quick preset's ascent (10 signed steps of 2/255
+# against a small CNN embedding trained 8 epochs), quick victim (small CNN, crop+flip, 8 epochs)
+EFFECT = ["eps=8/255", "steps=10", "step_size=2/255", "embed_epochs=8", "chunk=2048"]
 
 
 @pytest.mark.slow
@@ -150,7 +151,8 @@ def test_protection_full_and_mixed_on_digits():
     from ue_dist.core.victim import resolve_victim_settings, train_victim
 
     torch.set_num_threads(2)
-    train, test = digits_imageset("train", image_size=None), digits_imageset("test", image_size=None)
+    train, test = digits_imageset("train"), digits_imageset("test")
+    assert train.image_shape == (3, 32, 32)
     method = build_method("bayes", "quick", EFFECT)
     state = method.fit(train, LocalContext(seed=0, log=lambda m: None))
     loaded = method.load(state)
@@ -171,10 +173,13 @@ def test_protection_full_and_mixed_on_digits():
     acc = {name: train_victim(data, test, vs)["test_acc"] for name, data in [
         ("clean", train), ("protected", full), ("mixed", mixed),
         ("clean_half", train.subset(torch.nonzero(~half).squeeze(1)))]}
-    print("\nbayes digits:", {k: round(v, 4) for k, v in acc.items()},
+    print("\nbayes digits 32x32 eps 8/255:", {k: round(v, 4) for k, v in acc.items()},
           "beta", hist[0], "->", hist[-1], "mixed beta", hist_m[0], "->", hist_m[-1])
-    assert acc["protected"] < acc["clean"] - 0.3
-    assert acc["mixed"] < acc["clean_half"]
+    assert acc["clean"] > 0.9
+    assert acc["protected"] < acc["clean"] - 0.3  # far below the clean victim
+    # check (b) does NOT hold yet: measured 2026-11-21, mixed 0.9417 vs clean half 0.9194 (the
+    # protected half still adds usable signal); kept as the requirement states it
+    assert acc["mixed"] < acc["clean_half"]  # protected half hurts, not helps
 
 
 def test_bayes_error_report_on_a_dataset(fitted, small, tmp_path):
