@@ -76,7 +76,7 @@ def _spec(urls, **kw):
 
 # spec validation (no Ray) -----------------------------------------------------------------------
 @pytest.mark.parametrize("change, message", [
-    ({"fraction": [0.5]}, r"unknown key\(s\) 'fraction' in sweep spec; valid: .*fractions"),
+    ({"fraction": [0.5]}, r"unknown key\(s\) 'fraction' in sweep spec; valid keys: .*fractions"),
     ({"methods": ["nope"]}, r"unknown method 'nope'.*valid: .*classwise"),
     ({"fractions": [1.5]}, r"fractions must lie in \[0, 1\]"),
     ({"archs": ["resnet19"]}, r"unknown architecture 'resnet19'; valid: .*small-cnn"),
@@ -84,12 +84,12 @@ def _spec(urls, **kw):
     ({"subsets": ["dirty"]}, r"unknown subset 'dirty'.*valid: all, clean"),
     ({"victim_overrides": {"epoch": 1}}, r"unknown setting 'epoch' for victim; valid: .*epochs"),
     ({"victim_overrides": {"arch": "vgg16"}}, r"may not set 'arch'.*archs"),
-    ({"resources_per_trial": {"cpus": 1}}, r"unknown key\(s\) 'cpus' in resources_per_trial; valid: cpu, gpu"),
+    ({"resources_per_trial": {"cpus": 1}}, r"unknown key\(s\) 'cpus' in resources_per_trial; valid keys: cpu, gpu"),
     ({"method_overrides": {"classwise": {"epz": 1}}}, r"unknown setting 'epz'.*valid: eps, noise_seed"),
     ({"data": {"train": "x"}}, r"data needs test"),
     ({"search": {"method": "classwise", "space": {"rho": [1]}}}, r"unknown setting 'rho'.*valid: eps"),
     ({"search": {"method": "classwise", "space": {"eps": {"uniformm": [0, 1]}}}},
-     r"unknown key\(s\) 'uniformm' in search.space.eps; valid: choice, loguniform, randint, uniform"),
+     r"unknown key\(s\) 'uniformm' in search.space.eps; valid keys: choice, loguniform, randint, uniform"),
 ])
 def test_bad_specs_are_clear_errors(change, message):
     spec = _spec({"train": "a", "test": "b"}, **change)
@@ -104,7 +104,7 @@ def test_spec_normalisation_and_yaml(tmp_path):
     assert spec["defenses"] == ["jpeg"]  # default parameters are dropped from the name
     path = tmp_path / "s.yaml"
     path.write_text("name: x\ndata: {train: a, test: b}\nmethods: [classwise]\nfractionz: [1]\n")
-    with pytest.raises(SweepError, match="'fractionz'.*valid: .*fractions"):
+    with pytest.raises(SweepError, match="'fractionz'.*valid keys: .*fractions"):
         validate_spec(load_spec(str(path)))
     with pytest.raises(SweepError, match="does not exist"):
         load_spec(str(tmp_path / "missing.yaml"))

@@ -17,6 +17,16 @@ class SettingsError(UserError, ValueError):
     """A preset, key or value that cannot be used; the message names it."""
 
 
+def check_keys(got: Any, valid: Any, where: str, error: type[Exception] = SettingsError) -> None:
+    """A spec section must be a mapping whose keys are all valid; a typo names the valid keys."""
+    if not isinstance(got, Mapping):
+        raise error(f"{where} must be a mapping with keys: {', '.join(sorted(valid))}")
+    unknown = sorted(set(got) - set(valid))
+    if unknown:
+        raise error(f"unknown key(s) {', '.join(map(repr, unknown))} in {where}; "
+                    f"valid keys: {', '.join(sorted(valid))}")
+
+
 def parse_radius(value: Any, name: str = "eps") -> float:
     """Parse ``8/255``, ``0.03`` or a number into a float radius (must be >= 0)."""
     if isinstance(value, bool):

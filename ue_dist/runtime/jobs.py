@@ -26,7 +26,7 @@ import os
 import re
 from typing import Any, Callable, Mapping
 
-from ue_dist.core.config import SettingsError
+from ue_dist.core.config import SettingsError, check_keys
 from ue_dist.data import storage
 
 TOP_KEYS = {
@@ -78,12 +78,7 @@ def _expand(value: Any, where: str) -> Any:
 
 
 def _check_keys(got: Any, valid, where: str) -> None:
-    if not isinstance(got, Mapping):
-        raise JobSpecError(f"{where} must be a mapping with keys: {', '.join(sorted(valid))}")
-    unknown = sorted(set(got) - set(valid))
-    if unknown:
-        raise JobSpecError(f"unknown key(s) {', '.join(map(repr, unknown))} in {where}; "
-                           f"valid keys: {', '.join(sorted(valid))}")
+    check_keys(got, valid, where, JobSpecError)
 
 
 def _path(value: Any, base: str, where: str) -> str:

@@ -31,7 +31,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from ue_dist.core.config import SettingsError, parse_radius
+from ue_dist.core.config import SettingsError, check_keys, parse_radius
 from ue_dist.core.context import LocalContext
 from ue_dist.core.defenses import parse_defense
 from ue_dist.core.models import check_arch
@@ -73,12 +73,7 @@ class SweepError(SettingsError):
 
 # spec -------------------------------------------------------------------------------------------
 def _check_keys(got: Mapping[str, Any], valid, where: str) -> None:
-    if not isinstance(got, Mapping):
-        raise SweepError(f"{where} must be a mapping, got {type(got).__name__}")
-    unknown = sorted(set(got) - set(valid))
-    if unknown:
-        raise SweepError(f"unknown key(s) {', '.join(map(repr, unknown))} in {where}; "
-                         f"valid: {', '.join(sorted(valid))}")
+    check_keys(got, valid, where, SweepError)
 
 
 def _as_list(spec: Mapping[str, Any], key: str, default: list) -> list:

@@ -9,7 +9,6 @@ returns the last checkpoint, so a killed run started again with the same run nam
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import tempfile
@@ -159,7 +158,3 @@ def fit_local(method_name: str, train, *, preset: str = "paper",
     return method, state
 
 
-def state_bytes(state: Mapping[str, Any]) -> bytes:
-    buf = io.BytesIO()
-    torch.save(dict(state), buf)
-    return buf.getvalue()
