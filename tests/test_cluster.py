@@ -234,7 +234,7 @@ def submit(cluster, working_dir: Path, entrypoint: list[str], timeout: int = 600
     return proc, job_id
 
 
-@pytest.mark.slow
+@pytest.mark.system
 def test_two_node_cluster_runs_a_job_spec_through_the_jobs_api(tmp_path):
     from ray.job_submission import JobStatus, JobSubmissionClient
 

@@ -70,7 +70,7 @@ def _wait_for(predicate, proc, timeout, log: Path, what: str):
     raise AssertionError(f"timed out waiting for {what}:\n" + log.read_text()[-3000:])
 
 
-@pytest.mark.slow
+@pytest.mark.system
 def test_protect_killed_mid_run_then_rerun_equals_an_uninterrupted_run(tmp_path):
     src, state = str(tmp_path / "src"), str(tmp_path / "state.pt")
     n_shards = 16
@@ -117,7 +117,7 @@ def _checkpoint_registered(storage: Path, run_name: str) -> bool:
         glob.glob(str(run / "checkpoint_*")))
 
 
-@pytest.mark.slow
+@pytest.mark.system
 def test_fit_killed_after_a_checkpoint_resumes_from_it(tmp_path):
     from ue_dist.data.converters import convert_digits
     from ue_dist.methods.base import load_state
@@ -142,7 +142,7 @@ def test_fit_killed_after_a_checkpoint_resumes_from_it(tmp_path):
     assert load_state(str(tmp_path / "em.pt"))["method"] == "em"
 
 
-@pytest.mark.slow
+@pytest.mark.system
 def test_fit_survives_a_killed_worker_with_max_failures(tmp_path):
     from ue_dist.data.converters import convert_digits
     from ue_dist.methods.base import load_state

@@ -53,7 +53,7 @@ def _prepare(bucket: str):
     return src, dst, state
 
 
-@pytest.mark.slow
+@pytest.mark.system
 def test_protect_cli_on_s3_never_prints_or_writes_the_secret(moto_s3, s3_bucket, tmp_path):
     secret = moto_s3["secret"]
     src, dst, state = _prepare(s3_bucket)
@@ -91,7 +91,7 @@ def test_protect_cli_on_s3_never_prints_or_writes_the_secret(moto_s3, s3_bucket,
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
-@pytest.mark.slow
+@pytest.mark.system
 def test_ray_job_on_s3_keeps_the_secret_out_of_job_info_logs_and_outputs(moto_s3, s3_bucket,
                                                                           tmp_path):
     from ray.job_submission import JobStatus, JobSubmissionClient
