@@ -56,15 +56,16 @@ def run_demo(out: str, methods: Sequence[str] = DEFAULT_METHODS, *, preset: str 
     for name in methods:
         t0 = time.time()
         state_url = storage.join(out, "states", f"{name}.pt")
-        if not storage.exists(state_url, storage_options):
-            fit_method(name, train_url, state_url, preset=preset,
-                       overrides=(method_overrides or {}).get(name, ()), num_workers=1,
-                       storage_path=storage.join(out, "runs"), storage_options=storage_options,
-                       progress=progress)
+        # A rerun with the same settings resumes the finished Ray Train run (cheap); changed
+        # settings or code get a new run, so a demo never mixes old states with new settings.
+        fit_method(name, train_url, state_url, preset=preset,
+                   overrides=(method_overrides or {}).get(name, ()), num_workers=1,
+                   storage_path=storage.join(out, "runs"), storage_options=storage_options,
+                   overwrite=True, progress=progress)
         t1 = time.time()
         dst = storage.join(out, "protected", name)
         protect(name, train_url, dst, state_url=state_url, preset=preset,
-                overrides=(method_overrides or {}).get(name, ()), actors=1,
+                overrides=(method_overrides or {}).get(name, ()), actors=1, mode="overwrite",
                 storage_options=storage_options, progress=progress)
         protected_urls[name] = dst
         timings[name] = {"fit_s": round(t1 - t0, 1), "protect_s": round(time.time() - t1, 1)}
