@@ -71,6 +71,11 @@ def to_url(fs, path: str) -> str:
     return f"{proto}://{path}" if "://" not in path else path
 
 
+def absolute(url: str) -> str:
+    """Plain local paths made absolute: Ray workers do not share the driver's working directory."""
+    return url if "://" in url else os.path.abspath(url)
+
+
 def join(url: str, *parts: str) -> str:
     if "://" in url:
         proto, rest = url.split("://", 1)

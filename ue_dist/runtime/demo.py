@@ -34,6 +34,7 @@ def run_demo(out: str, methods: Sequence[str] = DEFAULT_METHODS, *, preset: str 
     for name in methods:
         get_method(name)  # unknown names fail before anything runs
     victim = resolve_victim_settings(victim_preset, victim_overrides)
+    out = storage.absolute(out)
     started = time.time()
     data = storage.join(out, "data")
     train_url, test_url = storage.join(data, "train"), storage.join(data, "test")

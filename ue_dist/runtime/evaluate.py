@@ -43,6 +43,8 @@ def evaluate(train_url: str, test_url: str, settings: Mapping[str, Any], subset:
              log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """One victim. Settings are validated in the caller's process before anything runs."""
     settings = validate_victim_settings(settings)
+    from ue_dist.data.storage import absolute
+    train_url, test_url = absolute(train_url), absolute(test_url)
     if subset not in SUBSETS:
         raise SettingsError(f"unknown subset {subset!r}; valid: {', '.join(SUBSETS)}")
     if not use_ray:

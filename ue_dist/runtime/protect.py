@@ -206,6 +206,8 @@ def protect(method_name: str, src_url: str, dst_url: str, *, state_url: str | No
     from ue_dist.methods.base import StateError, build_method, load_state
 
     say = progress or (lambda message: None)
+    src_url, dst_url = storage.absolute(src_url), storage.absolute(dst_url)
+    state_url = storage.absolute(state_url) if state_url else state_url
     _validate(method_name, fraction, actors, gpus_per_actor, cpus_per_actor, batch_size, mode,
               poll_seconds, max_polls)
     storage.refuse_inside(dst_url, src_url)

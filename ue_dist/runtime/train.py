@@ -108,6 +108,7 @@ def fit_method(method_name: str, train_url: str, state_url: str, *, preset: str 
     from ue_dist.runtime.ray_env import default_storage, ensure_ray, pyarrow_filesystem
 
     method = build_method(method_name, preset, overrides)  # bad settings fail here, nothing runs
+    train_url, state_url = storage.absolute(train_url), storage.absolute(state_url)
     if not 0.0 < train_fraction <= 1.0:
         raise StateError(f"--train-fraction must lie in (0, 1], got {train_fraction}")
     storage.refuse_inside(state_url, train_url, what="state")
@@ -119,7 +120,7 @@ def fit_method(method_name: str, train_url: str, state_url: str, *, preset: str 
         raise StateError(f"no shards under {train_url!r}")
     run_name = run_name or default_run_name(method_name, train_url, state_url,
                                             dict(method.settings, train_fraction=train_fraction))
-    storage_path = storage_path or default_storage()
+    storage_path = storage.absolute(storage_path or default_storage())
     fs, path = pyarrow_filesystem(storage_path, storage_options)
     ensure_ray()
     progress(f"[ue-dist] fit {method_name}: run {run_name} in {storage_path} "
