@@ -19,14 +19,17 @@ def small_digits(tmp_path_factory):
     return root
 
 
-def test_two_worker_ddp_fit_gives_a_working_state(small_digits, tmp_path, ray_local):
-    state_url = str(tmp_path / "em.pt")
-    result = fit_method("em", str(small_digits / "train"), state_url, preset="quick",
+def test_two_worker_ddp_fit_gives_a_working_state(small_digits, tmp_path, ray_local, monkeypatch):
+    # relative paths, as a user types them: Ray workers do not share the driver's working dir
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").symlink_to(small_digits)
+    state_url = "em.pt"
+    result = fit_method("em", "data/train", state_url, preset="quick",
                         overrides={"train_steps": 20, "stop_acc": 0.0}, num_workers=2,
-                        cpus_per_worker=0.5, storage_path=str(tmp_path / "runs"),
+                        cpus_per_worker=0.5, storage_path="runs",
                         progress=lambda m: None)
     assert result["metrics"].get("done") is True
-    state = load_state(state_url)
+    state = load_state(str(tmp_path / state_url))
     method = build_method("em", "quick")
     method.check_state(state, (3, 32, 32))
     loaded = method.load(state)
