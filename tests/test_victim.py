@@ -79,6 +79,11 @@ def test_deterministic_for_a_seed_and_resumes_exactly(digits):
     other = train_victim(train, test, {**s, "seed": 1}, ctx, on_epoch=fresh.append)
     assert [r["epoch"] for r in fresh] == [1, 2]
     assert strip(other["per_epoch"]) != strip(a["per_epoch"])
+    # nor does a victim on other pixels under the same keys and labels (a protected copy)
+    altered = ImageSet(255 - train.images, train.labels, train.keys, num_classes=train.num_classes)
+    fresh.clear()
+    train_victim(altered, test, s, ctx, on_epoch=fresh.append)
+    assert [r["epoch"] for r in fresh] == [1, 2]
 
 
 @pytest.mark.parametrize("method", ["pgd", "trades"])

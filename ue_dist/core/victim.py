@@ -12,6 +12,10 @@ Settings (``VICTIM_PRESETS``, flat, resolved like every other settings dict):
   = trades`` uses the TRADES loss (Zhang et al. 2019) with ``trades_beta`` (6 as in TRADES).
 * ``quick``: the small CNN, a few epochs: trains on the digits in well under a minute on one core.
 
+``precision`` (``fp32``, ``bf16``, ``auto``; ``ue_dist.core.precision``) runs every model
+forward of training, attacks and evaluation under bf16 autocast with a channels_last model;
+losses, PGD deltas and optimiser state stay fp32.
+
 ``adv_eps = 0`` is standard training. ``robust_acc`` is PGD accuracy on the test set at
 ``eval_eps`` (None: the training radius; so None for a standard victim unless ``eval_eps`` is
 given), with ``eval_steps`` steps of ``eval_eps / 4`` -- PGD-20 at 8/255 uses 2/255 steps.
@@ -37,13 +41,15 @@ from ue_dist.core.context import FitContext, LocalContext
 from ue_dist.core.defenses import Defense, batch_augment, parse_defense, preprocess
 from ue_dist.core.models import build_model, check_arch
 from ue_dist.core.pgd import pgd
+from ue_dist.core.precision import (autocast, check_precision, prepare_model, resolve_precision,
+                                     upcast)
 from ue_dist.data.imageset import ImageSet
 
 _COMMON: dict[str, Any] = {
     "momentum": 0.9, "weight_decay": 5e-4, "milestones": [0.5, 0.75], "augment": True,
     "adv_eps": 0.0, "adv_method": "pgd", "adv_steps": 10, "adv_step_size": None,
     "trades_beta": 6.0, "defense": "none", "seed": 0, "eval_robust": True, "eval_eps": None,
-    "eval_steps": 20, "eval_batch_size": 500,
+    "eval_steps": 20, "eval_batch_size": 500, "precision": "fp32",
 }
 
 VICTIM_PRESETS: dict[str, dict[str, Any]] = {
@@ -68,6 +74,7 @@ def resolve_victim_settings(preset: str = "paper",
 
 def validate_victim_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
     s = dict(settings)
+    s.setdefault("precision", "fp32")  # settings written before the option existed
     valid = VICTIM_PRESETS["paper"]
     unknown = sorted(set(s) - set(valid))
     missing = sorted(set(valid) - set(s))
@@ -103,6 +110,7 @@ def validate_victim_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
                                                     for m in ms):
         raise SettingsError(f"milestones must be a list of fractions of the epochs in (0, 1], got {ms!r}")
     parse_defense(s["defense"])
+    check_precision(s["precision"], "victim setting precision")
     return s
 
 
@@ -137,7 +145,8 @@ def check_compatible(train: ImageSet, test: ImageSet) -> None:
 
 # losses -----------------------------------------------------------------------------------------
 def _soft_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits, targets)  # targets are class probabilities
+    # targets are class probabilities; fp32 logits (a no-op unless the forward ran in bf16)
+    return F.cross_entropy(upcast(logits), targets)
 
 
 def _adversarial(model: torch.nn.Module, x: torch.Tensor, targets: torch.Tensor, s: Mapping[str, Any],
@@ -152,9 +161,10 @@ def _adversarial(model: torch.nn.Module, x: torch.Tensor, targets: torch.Tensor,
                     steps=int(s["adv_steps"]), maximize=True, random_start=True, generator=generator)
     else:  # TRADES: maximise KL(f(x) || f(x')) from a tiny Gaussian start
         with torch.no_grad():
-            p_clean = F.softmax(model(x), dim=1)
+            p_clean = F.softmax(upcast(model(x)), dim=1)
         init = 0.001 * torch.randn(x.shape, generator=generator, device="cpu").to(x.device)
-        delta = pgd(lambda z: F.kl_div(F.log_softmax(model(z), dim=1), p_clean, reduction="sum"),
+        delta = pgd(lambda z: F.kl_div(F.log_softmax(upcast(model(z)), dim=1), p_clean,
+                                       reduction="sum"),
                     x, eps=eps, step_size=step, steps=int(s["adv_steps"]), maximize=True,
                     init=init)
     model.train(was_training)
@@ -167,8 +177,11 @@ def _eval_slices(n: int, ctx: FitContext) -> torch.Tensor:
 
 
 def evaluate_accuracy(model: torch.nn.Module, test: ImageSet, ctx: FitContext, batch_size: int = 500,
-                      eps: float = 0.0, steps: int = 20, seed: int = 0) -> float:
-    """Clean (``eps`` = 0) or PGD-``steps`` L-inf accuracy on ``test``, summed over workers."""
+                      eps: float = 0.0, steps: int = 20, seed: int = 0,
+                      precision: str = "fp32") -> float:
+    """Clean (``eps`` = 0) or PGD-``steps`` L-inf accuracy on ``test``, summed over workers;
+    model forwards under ``precision`` (the attack's delta stays fp32)."""
+    precision = resolve_precision(precision, ctx.device)
     net = getattr(model, "module", model)  # no DDP hooks for evaluation / attacks
     net.eval()
     idx = _eval_slices(len(test), ctx)
@@ -178,11 +191,12 @@ def evaluate_accuracy(model: torch.nn.Module, test: ImageSet, ctx: FitContext, b
         b = idx[start:start + batch_size]
         x = ImageSet.to_float(test.images[b]).to(ctx.device)
         y = test.labels[b].to(ctx.device)
-        if eps > 0:
-            x = x + pgd(lambda z: F.cross_entropy(net(z), y, reduction="sum"), x, eps=eps,
-                        step_size=eps / 4, steps=steps, generator=generator)
-        with torch.no_grad():
-            correct += int((net(x).argmax(1) == y).sum().item())
+        with autocast(ctx.device, precision):
+            if eps > 0:
+                x = x + pgd(lambda z: F.cross_entropy(upcast(net(z)), y, reduction="sum"), x,
+                            eps=eps, step_size=eps / 4, steps=steps, generator=generator)
+            with torch.no_grad():
+                correct += int((net(x).argmax(1) == y).sum().item())
     total = ctx.all_reduce_mean(float(correct)) * ctx.world_size
     return total / len(test)
 
@@ -202,9 +216,14 @@ def _fingerprint(s: Mapping[str, Any], train: ImageSet, test: ImageSet) -> str:
     import hashlib
     import json
 
-    blob = json.dumps([dict(s), len(train), train.keys[:4], train.keys[-4:], len(test)],
-                      sort_keys=True, default=str).encode()
-    return hashlib.sha1(blob + train.labels.numpy().tobytes()).hexdigest()[:16]
+    # the pixels too: protected and clean versions of a dataset share keys and labels, and a
+    # checkpoint of a victim trained on one must never be resumed for the other
+    h = hashlib.blake2b(digest_size=16)
+    h.update(json.dumps([dict(s), len(train), train.keys[:4], train.keys[-4:], len(test)],
+                        sort_keys=True, default=str).encode())
+    for part in (train.labels, train.images, test.labels, test.images):
+        h.update(part.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def train_victim(train: ImageSet, test: ImageSet, settings: Mapping[str, Any],
@@ -236,7 +255,9 @@ def train_victim(train: ImageSet, test: ImageSet, settings: Mapping[str, Any],
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = build_model(s["arch"], num_classes, channels, min(height, width))
-    model = ctx.prepare_model(model)
+    precision = resolve_precision(s["precision"], device)
+    # channels_last before DDP wraps it (bf16 / CUDA only; fp32 on CPU stays NCHW)
+    model = ctx.prepare_model(prepare_model(model.to(device), device, precision))
     optimizer = torch.optim.SGD(model.parameters(), lr=float(s["lr"]),
                                 momentum=float(s["momentum"]),
                                 weight_decay=float(s["weight_decay"]))
@@ -287,19 +308,21 @@ def train_victim(train: ImageSet, test: ImageSet, settings: Mapping[str, Any],
             x = augment_batch(x, aug_kind, generator=local_gen)
             targets = F.one_hot(y, num_classes).float()
             x, targets = batch_augment(defense, x, targets, generator=local_gen)
-            if float(s["adv_eps"]) > 0:
-                x_adv = _adversarial(getattr(model, "module", model), x, targets, s, attack_gen)
-            if float(s["adv_eps"]) > 0 and s["adv_method"] == "trades":
-                # one forward over [x; x_adv] (DDP allows one forward per backward)
-                both = model(torch.cat([x, x_adv]))
-                logits, logits_adv = both[:len(x)], both[len(x):]
-                loss = _soft_ce(logits, targets) + float(s["trades_beta"]) * F.kl_div(
-                    F.log_softmax(logits_adv, 1), F.softmax(logits, 1), reduction="batchmean")
-            else:
+            with autocast(device, precision):
                 if float(s["adv_eps"]) > 0:
-                    x = x_adv
-                logits = model(x)
-                loss = _soft_ce(logits, targets)
+                    x_adv = _adversarial(getattr(model, "module", model), x, targets, s,
+                                         attack_gen)
+                if float(s["adv_eps"]) > 0 and s["adv_method"] == "trades":
+                    # one forward over [x; x_adv] (DDP allows one forward per backward)
+                    both = upcast(model(torch.cat([x, x_adv])))
+                    logits, logits_adv = both[:len(x)], both[len(x):]
+                    loss = _soft_ce(logits, targets) + float(s["trades_beta"]) * F.kl_div(
+                        F.log_softmax(logits_adv, 1), F.softmax(logits, 1), reduction="batchmean")
+                else:
+                    if float(s["adv_eps"]) > 0:
+                        x = x_adv
+                    logits = upcast(model(x))
+                    loss = _soft_ce(logits, targets)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -310,7 +333,8 @@ def train_victim(train: ImageSet, test: ImageSet, settings: Mapping[str, Any],
         train_seconds += time.perf_counter() - t0  # images/s counts training, not evaluation
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
-        test_acc = evaluate_accuracy(model, test, ctx, int(s["eval_batch_size"]))
+        test_acc = evaluate_accuracy(model, test, ctx, int(s["eval_batch_size"]),
+                                     precision=precision)
         record = {"epoch": epoch + 1, "test_acc": test_acc,
                   "train_loss": ctx.all_reduce_mean(loss_sum / max(count, 1)),
                   "train_acc": ctx.all_reduce_mean(correct / max(count, 1)), "lr": lr,
@@ -319,7 +343,7 @@ def train_victim(train: ImageSet, test: ImageSet, settings: Mapping[str, Any],
         ctx.log(f"victim epoch {epoch + 1}/{s['epochs']}: loss {record['train_loss']:.4f} "
                 f"train acc {record['train_acc']:.4f} test acc {test_acc:.4f}")
         state = {"kind": "victim", "fingerprint": fingerprint, "epoch": epoch + 1, "per_epoch": copy.deepcopy(per_epoch),
-                 "model": {k: v.detach().clone() for k, v in
+                 "model": {k: v.detach().contiguous().clone() for k, v in
                            getattr(model, "module", model).state_dict().items()},
                  "optimizer": copy.deepcopy(optimizer.state_dict()),
                  "scheduler": scheduler.state_dict(),
@@ -332,9 +356,9 @@ def train_victim(train: ImageSet, test: ImageSet, settings: Mapping[str, Any],
     robust_acc = None
     if s["eval_robust"] and robust_eps > 0:
         robust_acc = evaluate_accuracy(model, test, ctx, int(s["eval_batch_size"]), eps=robust_eps,
-                                       steps=int(s["eval_steps"]), seed=seed)
+                                       steps=int(s["eval_steps"]), seed=seed, precision=precision)
     final = per_epoch[-1]["test_acc"] if per_epoch else evaluate_accuracy(
-        model, test, ctx, int(s["eval_batch_size"]))
+        model, test, ctx, int(s["eval_batch_size"]), precision=precision)
     result = {"test_acc": final, "per_epoch": per_epoch, "robust_acc": robust_acc,
               "robust_eps": robust_eps if robust_acc is not None else None,
               "settings": dict(s), "train_size": n, "test_size": len(test),
