@@ -1,4 +1,5 @@
-"""``python -m ue_dist.bench [--scale cpu|cifar] [--only a,b] [--json]``: the benchmark suite.
+"""``python -m ue_dist.bench [--scale cpu|cifar] [--only a,b] [--json FILE] [--threads N]``: the
+benchmark suite.
 
 Each part (``ue_dist/bench/<part>.py``) has ``run(scale) -> dict`` that prints its figures and
 ratios as it goes; this runs them in one process, one after another, so ratios compare runs made
@@ -34,8 +35,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="cpu: minutes on a laptop CPU; cifar: CIFAR-size work for a GPU")
     parser.add_argument("--only", default="", help=f"comma-separated parts of {', '.join(PARTS)}")
     parser.add_argument("--json", metavar="FILE", default=None, help="also write the results here")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch CPU threads (0: torch's default); on a shared machine 1 "
+                             "avoids oversubscription, which distorts every ratio")
     args = parser.parse_args(argv)
     import ue_dist  # noqa: F401
+
+    if args.threads < 0:
+        parser.error(f"--threads must be >= 0, got {args.threads}")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
 
     parts = [p for p in (args.only.split(",") if args.only else PARTS) if p]
     unknown = sorted(set(parts) - set(PARTS))

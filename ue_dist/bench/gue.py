@@ -10,6 +10,11 @@
   paper's T = 10 (``paper_equiv``; each inner step is one classifier forward+backward), so that
   it fits in about a minute on a loaded machine; ``cifar`` scale times T = 10 directly.
 
+Each figure is measured in fp32 and in bf16 autocast (``precision=bf16``, channels_last models)
+in the same run, with the bf16/fp32 speed-up and the achieved GFLOP/s (FLOPs counted with
+``FlopCounterMode``) as a share of the dense-kernel peak measured in the same process
+(``ue_dist.bench.flops``). The historical keys hold the fp32 figures.
+
 ``python -m ue_dist.bench.gue [cpu|cifar]``.
 """
 from __future__ import annotations
@@ -20,12 +25,14 @@ from typing import Any
 
 import torch
 
+from ue_dist.bench.flops import count_flops, describe, matmul_peak, print_peaks, rate_row
 from ue_dist.core.models import build_model
+from ue_dist.core.precision import autocast, prepare_model
 from ue_dist.core.unet import UNetGenerator, count_parameters
 from ue_dist.methods.gue import Gue, bome_step
 
 SCALES: dict[str, dict[str, Any]] = {
-    "cpu": {"gen_batch": 64, "gen_repeats": 2, "bome_batch": 32, "inner": (0, 2), "repeats": 1},
+    "cpu": {"gen_batch": 64, "gen_repeats": 2, "bome_batch": 32, "inner": (0, 2), "repeats": 2},
     "cifar": {"gen_batch": 512, "gen_repeats": 5, "bome_batch": 32, "inner": (10,), "repeats": 3},
 }
 
@@ -48,27 +55,44 @@ def _best_seconds(fn, repeats: int) -> float:
 CPU_SECONDS: list[float] = []
 
 
-def _generator_rate(width: int, batch: int, repeats: int, device: torch.device) -> dict[str, Any]:
+def _generator_rate(width: int, batch: int, repeats: int, device: torch.device,
+                    precision: str = "fp32") -> dict[str, Any]:
     torch.manual_seed(0)
-    gen = UNetGenerator(3, 8 / 255, width).to(device).eval()
+    gen = prepare_model(UNetGenerator(3, 8 / 255, width).to(device).eval(), device, precision)
     x = torch.rand(batch, 3, 32, 32, device=device)
-    with torch.no_grad():
+    with torch.no_grad(), autocast(device, precision):
         gen(x[:2])  # warm-up
         sec = _best_seconds(lambda: gen(x), repeats)
     return {"width": width, "params": count_parameters(gen), "images_per_s": batch / sec,
-            "images_per_cpu_s": batch / max(CPU_SECONDS[-1], 1e-9)}
+            "images_per_cpu_s": batch / max(CPU_SECONDS[-1], 1e-9), "seconds": sec}
 
 
-def _bome_seconds(inner: int, batch: int, repeats: int, device: torch.device) -> float:
+def _generator_flops(width: int, device: torch.device) -> float:
+    gen = UNetGenerator(3, 8 / 255, width).to(device).eval()
+    x = torch.rand(2, 3, 32, 32, device=device)
+    with torch.no_grad():
+        return count_flops(lambda: gen(x)) / 2
+
+
+def _bome_setup(inner: int, batch: int, device: torch.device, precision: str):
     torch.manual_seed(0)
-    s = Gue.resolve("paper", {"inner_steps": inner})
-    gen = UNetGenerator(3, s["eps"], 64).to(device)
-    cls = build_model("resnet18", 10, 3, 32).to(device)
+    s = Gue.resolve("paper", {"inner_steps": inner, "precision": precision})
+    gen = prepare_model(UNetGenerator(3, s["eps"], 64).to(device), device, precision)
+    cls = prepare_model(build_model("resnet18", 10, 3, 32).to(device), device, precision)
     gen_opt = torch.optim.SGD(gen.parameters(), lr=s["gen_lr"])
     cls_opt = torch.optim.SGD(cls.parameters(), lr=s["cls_lr"])
     x = torch.rand(batch, 3, 32, 32, device=device)
     y = torch.arange(batch, device=device) % 10
-    return _best_seconds(lambda: bome_step(gen, cls, gen_opt, cls_opt, x, y, s), repeats)
+    return lambda: bome_step(gen, cls, gen_opt, cls_opt, x, y, s)
+
+
+def _bome_seconds(inner: int, batch: int, repeats: int, device: torch.device,
+                  precision: str = "fp32") -> float:
+    return _best_seconds(_bome_setup(inner, batch, device, precision), repeats)
+
+
+def _bome_flops_per_image(inner: int, device: torch.device) -> float:
+    return count_flops(_bome_setup(inner, 4, device, "fp32")) / 4
 
 
 def run(scale: str = "cpu") -> dict[str, Any]:
@@ -77,19 +101,41 @@ def run(scale: str = "cpu") -> dict[str, Any]:
     cfg = SCALES[scale]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     out: dict[str, Any] = {"device": str(device), "threads": torch.get_num_threads()}
+    peaks = matmul_peak(device)
+    print_peaks(device, peaks)
+    out["matmul_peak_gflops"] = peaks
     for name, width in (("paper", 64), ("quick", int(Gue.resolve("quick")["width"]))):
+        flops = _generator_flops(width, device)
         r = _generator_rate(width, cfg["gen_batch"], cfg["gen_repeats"], device)
+        r16 = _generator_rate(width, cfg["gen_batch"], cfg["gen_repeats"], device, "bf16")
+        rows = {p: rate_row(cfg["gen_batch"], q["seconds"], flops, p, device, peaks)
+                for p, q in (("fp32", r), ("bf16", r16))}
+        r.update(bf16=r16, bf16_over_fp32=round(r16["images_per_s"] / r["images_per_s"], 2),
+                 gflop_per_image=flops / 1e9, rows=rows)
         out[f"generator_{name}"] = r
         print(f"generator width {width} ({r['params'] / 1e6:.2f} M params): "
               f"{r['images_per_s']:.1f} images/s wall, {r['images_per_cpu_s']:.1f} per CPU-second "
               f"per thread (authors' width-64 code: ~308 on 2-core CPU)", flush=True)
+        for p in ("fp32", "bf16"):
+            print(f"  generator width {width} {p}: {describe(rows[p])}", flush=True)
+        print(f"  bf16/fp32 speed-up x{r['bf16_over_fp32']}", flush=True)
     batch = cfg["bome_batch"]
     times, cpu_times = {}, {}
+    bome_rows: dict[str, Any] = {}
     for t in cfg["inner"]:
+        flops = _bome_flops_per_image(t, device)
         times[t] = _bome_seconds(t, batch, cfg["repeats"], device)
         cpu_times[t] = CPU_SECONDS[-1]
+        sec16 = _bome_seconds(t, batch, cfg["repeats"], device, "bf16")
+        rows = {"fp32": rate_row(batch, times[t], flops, "fp32", device, peaks),
+                "bf16": rate_row(batch, sec16, flops, "bf16", device, peaks)}
+        bome_rows[str(t)] = {**rows, "bf16_seconds": sec16,
+                             "bf16_over_fp32": round(times[t] / sec16, 2)}
         print(f"BOME iteration, ResNet-18 + U-Net-64, batch {batch}, T={t}: {times[t]:.2f} s wall "
               f"({batch / times[t]:.2f} images/s), {cpu_times[t]:.2f} CPU-s per thread", flush=True)
+        for p in ("fp32", "bf16"):
+            print(f"  BOME T={t} {p}: {describe(rows[p])}", flush=True)
+        print(f"  bf16/fp32 speed-up x{bome_rows[str(t)]['bf16_over_fp32']}", flush=True)
     if 10 in times:
         paper_sec = times[10]
     else:
@@ -100,15 +146,27 @@ def run(scale: str = "cpu") -> dict[str, Any]:
     lo, hi = min(cpu_times), max(cpu_times)
     paper_cpu = cpu_times[10] if 10 in cpu_times else cpu_times[lo] + (10 - lo) * (
         (cpu_times[hi] - cpu_times[lo]) / (hi - lo) if hi > lo else 0.0)
+    sec16 = {int(k): v["bf16_seconds"] for k, v in bome_rows.items()}
+    if 10 in sec16:
+        paper_sec16 = sec16[10]
+    else:
+        lo, hi = min(sec16), max(sec16)
+        paper_sec16 = sec16[lo] + (10 - lo) * (sec16[hi] - sec16[lo]) / (hi - lo)
     out["bome"] = {"batch": batch, "seconds": {str(k): v for k, v in times.items()},
                    "cpu_seconds": {str(k): v for k, v in cpu_times.items()},
                    "paper_equiv_cpu_seconds": paper_cpu,
                    "paper_equiv_seconds": paper_sec,
                    "paper_equiv_iterations_per_s": 1.0 / paper_sec,
-                   "paper_equiv_images_per_s": batch / paper_sec}
+                   "paper_equiv_images_per_s": batch / paper_sec,
+                   "rows": bome_rows,
+                   "bf16_paper_equiv_seconds": paper_sec16,
+                   "bf16_paper_equiv_images_per_s": batch / paper_sec16,
+                   "bf16_over_fp32_paper_equiv": round(paper_sec / paper_sec16, 2)}
     print(f"BOME at the paper's T=10: {1 / paper_sec:.3f} iterations/s = "
           f"{batch / paper_sec:.2f} images/s wall; {batch / paper_cpu:.2f} images per CPU-second "
-          f"per thread (authors' code: ~3 images/s on 2-core CPU)", flush=True)
+          f"per thread (authors' code: ~3 images/s on 2-core CPU); bf16 "
+          f"{batch / paper_sec16:.2f} images/s (x{out['bome']['bf16_over_fp32_paper_equiv']})",
+          flush=True)
     return out
 
 

@@ -8,13 +8,16 @@ input channels this has 7.79 M parameters (the paper's size).
 
 Input: images ``B x C x H x W`` in [0, 1] (any H, W >= 1: the decoder upsamples to each skip's
 exact size). Output: the perturbation ``delta`` of the same shape with ``|delta| <= eps`` by
-construction (tanh). ``perturbed(x)`` also clamps ``x + delta`` to the image range.
+construction (tanh; computed in fp32 even under bf16 autocast). ``perturbed(x)`` also clamps
+``x + delta`` to the image range.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ue_dist.core.precision import upcast
 
 
 def double_conv(cin: int, cout: int) -> nn.Sequential:
@@ -59,7 +62,9 @@ class UNetGenerator(nn.Module):
         h = self.up3(self._up(h, s3))
         h = self.up2(self._up(h, s2))
         h = self.up1(self._up(h, s1))
-        return self.eps * torch.tanh(self.head(h))
+        # the head's output in fp32 (a no-op in fp32): under bf16 autocast, eps * tanh rounded to
+        # bf16 could exceed eps by up to 2^-9 relative; in fp32 the bound holds as before
+        return self.eps * torch.tanh(upcast(self.head(h)))
 
     def perturbed(self, x: torch.Tensor) -> torch.Tensor:
         return (x + self(x)).clamp(0.0, 1.0)

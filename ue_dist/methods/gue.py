@@ -23,6 +23,10 @@ Shapes: images ``B x C x H x W`` float in [0, 1]; ``perturb`` is one generator f
 eval mode (batch-independent), so it streams over shards and protects data that arrive after
 fitting. Model selection uses a held-out part of the *training* data (``val_fraction``), never a
 test set; ``train_fraction`` fits on a seeded subset and never looks at the rest.
+
+``precision`` (``fp32``/``bf16``/``auto``) runs the generator and classifier forwards of BOME
+and of ``perturb`` under bf16 autocast (channels_last models); the generator's ``eps * tanh``
+head, the losses, the barrier's inner products and all optimiser state stay fp32.
 """
 from __future__ import annotations
 
@@ -39,6 +43,8 @@ from ue_dist.core.config import SettingsError, parse_radius
 from ue_dist.core.context import FitContext
 from ue_dist.core.models import ARCHITECTURES, SmallCNN, WithNormalize, build_model
 from ue_dist.core.pgd import pgd
+from ue_dist.core.precision import (autocast, check_precision, prepare_model, resolve_precision,
+                                     upcast)
 from ue_dist.core.unet import UNetGenerator
 from ue_dist.data.imageset import ImageSet
 from ue_dist.methods.base import Method, StateError, register
@@ -131,6 +137,14 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
+def _in_precision(model: Model, device: torch.device, precision: str) -> Model:
+    """``model`` run under ``precision`` autocast, returning fp32 (a plain call for fp32)."""
+    def run(z: torch.Tensor) -> torch.Tensor:
+        with autocast(device, precision):
+            return upcast(model(z))
+    return run
+
+
 def _mean_across_workers(tensors: Sequence[torch.Tensor], ctx: FitContext | None) -> list[torch.Tensor]:
     """Average gradients over workers: BOME needs several separate gradients and their inner
     products in one step, which DDP's single backward hook cannot give, so reduce explicitly."""
@@ -168,12 +182,15 @@ def bome_step(gen: nn.Module, cls: nn.Module, gen_opt: torch.optim.Optimizer,
     """
     gen.train()
     cls.train()
+    precision = resolve_precision(settings.get("precision", "fp32"), x.device)
+    gen_fn = _in_precision(gen, x.device, precision)
+    cls_fn = _in_precision(cls, x.device, precision)
     w_params = [p for p in gen.parameters() if p.requires_grad]
     names = [n for n, p in cls.named_parameters() if p.requires_grad]
     theta = [p for p in cls.parameters() if p.requires_grad]
 
     # the perturbed batch carries the graph back to w
-    x_p = (x + gen(x)).clamp(0.0, 1.0)
+    x_p = (x + gen_fn(x)).clamp(0.0, 1.0)
 
     # theta^T: T Adam steps on a copy of theta, w fixed (x_p detached)
     theta_t = {n: p.detach().clone().requires_grad_(True) for n, p in zip(names, theta)}
@@ -181,7 +198,8 @@ def bome_step(gen: nn.Module, cls: nn.Module, gen_opt: torch.optim.Optimizer,
     inner_opt = torch.optim.Adam(list(theta_t.values()), lr=float(settings["inner_lr"]))
 
     def f_t(z: torch.Tensor) -> torch.Tensor:
-        return functional_call(cls, (theta_t, buffers_t), (z,))
+        with autocast(x.device, precision):
+            return upcast(functional_call(cls, (theta_t, buffers_t), (z,)))
 
     x_d = x_p.detach()
     for _ in range(int(settings["inner_steps"])):
@@ -194,7 +212,7 @@ def bome_step(gen: nn.Module, cls: nn.Module, gen_opt: torch.optim.Optimizer,
         p.requires_grad_(False)  # theta^T is a constant in q
 
     # leader: gradient of J_a on the clean batch (w does not enter it)
-    j_a = leader_objective(cls(x), y, str(settings["leader_loss"]))
+    j_a = leader_objective(cls_fn(x), y, str(settings["leader_loss"]))
     g_l = _mean_across_workers(torch.autograd.grad(j_a, theta), ctx)
     leader_norm = math.sqrt(float(_sq(g_l)))
     clip = float(settings.get("leader_grad_clip", 0.0) or 0.0)
@@ -202,7 +220,7 @@ def bome_step(gen: nn.Module, cls: nn.Module, gen_opt: torch.optim.Optimizer,
         g_l = [g * (clip / leader_norm) for g in g_l]
 
     # q(w, theta) = J_c(w, theta) - J_c(w, theta^T); gradients w.r.t. (w, theta)
-    j_c = follower_objective(cls, x_p, y, settings, generator)
+    j_c = follower_objective(cls_fn, x_p, y, settings, generator)
     j_c_t = follower_objective(f_t, x_p, y, settings, generator)
     q = j_c - j_c_t
     grads = _mean_across_workers(torch.autograd.grad(q, w_params + theta), ctx)
@@ -272,6 +290,7 @@ _COMMON = {
     "select_arch": "resnet18",
     "cls_width": 0,               # > 0: width of the small CNN follower (0: the arch's default)
     "log_every": 1,               # steps between per-step metric reports
+    "precision": "fp32",          # fp32 | bf16 | auto: autocast for generator/classifier forwards
 }
 
 
@@ -334,6 +353,7 @@ class Gue(Method):
             if not float(s["at_eps"]) > 0:
                 raise SettingsError(f"at_eps must be > 0 when follower_loss={s['follower_loss']!r}")
             at_step_size(s)
+        check_precision(s.get("precision", "fp32"))
         for key in ("arch", "select_arch"):
             if s[key] not in ARCHITECTURES:
                 raise SettingsError(f"{key} must be one of {', '.join(sorted(ARCHITECTURES))}, "
@@ -356,8 +376,13 @@ class Gue(Method):
         device = ctx.device
 
         torch.manual_seed(ctx.seed)  # same init on every worker (DDP also broadcasts rank 0's)
-        gen_m = ctx.prepare_model(UNetGenerator(c, self.eps, int(s["width"])))
-        cls_m = ctx.prepare_model(build_classifier(s["arch"], k, c, h, int(s["cls_width"])))
+        precision = resolve_precision(s.get("precision", "fp32"), device)
+        # channels_last (bf16 / CUDA) before DDP wraps the modules
+        gen_m = ctx.prepare_model(prepare_model(
+            UNetGenerator(c, self.eps, int(s["width"])).to(device), device, precision))
+        cls_m = ctx.prepare_model(prepare_model(
+            build_classifier(s["arch"], k, c, h, int(s["cls_width"])).to(device), device,
+            precision))
         gen, cls = _unwrap(gen_m), _unwrap(cls_m)
         gen_opt = torch.optim.SGD(gen.parameters(), lr=float(s["gen_lr"]),
                                   momentum=float(s["gen_momentum"]),
@@ -455,7 +480,8 @@ class Gue(Method):
                             train.num_classes)
         victim_settings = resolve_victim_settings("quick", {
             "arch": self.settings["select_arch"], "epochs": int(self.settings["select_epochs"]),
-            "seed": int(ctx.seed), "eval_robust": False})
+            "seed": int(ctx.seed), "eval_robust": False,
+            "precision": str(self.settings.get("precision", "fp32"))})
         # every worker scores the same (synchronised) generator the same way: no broadcast needed
         quiet = LocalContext(device=ctx.device, seed=int(ctx.seed), log=lambda _msg: None)
         result = train_victim(poisoned, val_set, victim_settings, ctx=quiet)
@@ -513,6 +539,7 @@ class Gue(Method):
         gen = gen.to(device).eval()
         for p in gen.parameters():
             p.requires_grad_(False)
+        prepare_model(gen, device, str(self.settings.get("precision", "fp32")))
         return {"generator": gen, "eps": float(state["eps"])}
 
     @torch.no_grad()
@@ -521,9 +548,13 @@ class Gue(Method):
         if images.shape[1] != getattr(gen, "channels", images.shape[1]):
             raise StateError(f"generator expects {gen.channels}-channel images, "
                              f"got {images.shape[1]}")
-        images = images.to(next(gen.parameters()).device)
+        device = next(gen.parameters()).device
+        images = images.to(device)
+        precision = resolve_precision(self.settings.get("precision", "fp32"), device)
+        with autocast(device, precision):
+            delta = upcast(gen(images))  # eps * tanh is computed in fp32: |delta| <= eps holds
         # labels are not used: the generator maps images to perturbations (works on new data)
-        return (images + gen(images)).clamp(0.0, 1.0) - images
+        return (images + delta).clamp(0.0, 1.0) - images
 
 
 @register
@@ -554,7 +585,8 @@ class GueAT(Gue):
 
 
 def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+    # contiguous: channels_last (bf16) training saves the same NCHW tensors as fp32 training
+    return {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
 
 
 def plot_leader_gradients(histories: Mapping[str, Sequence[Mapping[str, Any]]], path: str,

@@ -41,6 +41,8 @@ from ue_dist.core.config import SettingsError
 from ue_dist.core.context import FitContext
 from ue_dist.core.models import ARCHITECTURES, build_model
 from ue_dist.core.pgd import pgd
+from ue_dist.core.precision import (autocast, check_precision, prepare_model, resolve_precision,
+                                     upcast)
 from ue_dist.data.imageset import ImageSet
 from ue_dist.methods.base import Method, StateError, register
 
@@ -50,7 +52,9 @@ from ue_dist.methods.base import Method, StateError, register
 
 
 def _ce_sum(model: nn.Module, y: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    return lambda z: F.cross_entropy(model(z), y, reduction="sum")
+    # logits back to fp32 before the loss (a no-op in fp32; under bf16 autocast the softmax
+    # and the sum over the batch keep full precision)
+    return lambda z: F.cross_entropy(upcast(model(z)), y, reduction="sum")
 
 
 def adversarial_loss(model: nn.Module, views: torch.Tensor, y: torch.Tensor, *, rho_a: float,
@@ -65,7 +69,7 @@ def adversarial_loss(model: nn.Module, views: torch.Tensor, y: torch.Tensor, *, 
         da = pgd(_ce_sum(model, y), views, eps=rho_a, step_size=step_a, steps=steps_a,
                  maximize=True, random_start=random_start, generator=generator)
         views = views + da
-    return F.cross_entropy(model(views), y, reduction="sum")
+    return _ce_sum(model, y)(views)
 
 
 def eot_loss(model: nn.Module, xu: torch.Tensor, y: torch.Tensor, params: AugParams,
@@ -98,19 +102,24 @@ def robust_error_minimizing_noise(model: nn.Module, x: torch.Tensor, y: torch.Te
                                   step_a: float = 0.0, steps_a: int = 0, eot_samples: int = 1,
                                   augmentation: str = "none", pad: int = 4,
                                   generator: torch.Generator | None = None,
-                                  batched: bool = True) -> torch.Tensor:
+                                  batched: bool = True, precision: str = "fp32") -> torch.Tensor:
     """``argmin_{|du| <= eps} E_t max_{|da| <= rho_a} CE(f(t(x + du) + da), y)`` by signed PGD.
 
     Fresh transformations are drawn at every descent step (Algorithm 1, line 11). With
     ``rho_a = 0``, ``eot_samples = 1`` and ``augmentation = "none"`` this is EM's noise.
     ``model`` should be in eval mode (batch statistics would couple the samples).
+    ``precision`` (``fp32``/``bf16``/``auto``, ``ue_dist.core.precision``) covers the model
+    forwards and the loss only: ``du``, the signed steps and the projection stay fp32, so the
+    bound is exact in every precision. The caller chooses the model's memory format.
     """
     batch = x.shape[0]
+    precision = resolve_precision(precision, x.device)
 
     def objective(xu: torch.Tensor) -> torch.Tensor:
         params = sample_params(augmentation, eot_samples * batch, generator, x.device, pad)
-        return eot_loss(model, xu, y, params, eot_samples, rho_a=rho_a, step_a=step_a,
-                        steps_a=steps_a, generator=generator, batched=batched)
+        with autocast(x.device, precision):
+            return eot_loss(model, xu, y, params, eot_samples, rho_a=rho_a, step_a=step_a,
+                            steps_a=steps_a, generator=generator, batched=batched)
 
     with torch.enable_grad():
         return pgd(objective, x, eps=eps, step_size=step_u, steps=steps_u, maximize=False,
@@ -141,7 +150,9 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 def _cpu_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu").clone() for k, v in _unwrap(model).state_dict().items()}
+    # contiguous: a channels_last (bf16) run checkpoints the same NCHW tensors as an fp32 run
+    return {k: v.detach().to("cpu").contiguous().clone()
+            for k, v in _unwrap(model).state_dict().items()}
 
 
 def _cpu_copy(obj: Any) -> Any:
@@ -168,7 +179,9 @@ def train_source_model(method: Method, train: ImageSet, ctx: FitContext,
     adds PGD adversarial examples; ``stop_acc > 0`` stops once the mean training accuracy of the
     last ``log_every`` steps reaches it. Data are sharded over workers, the model is wrapped by
     ``ctx.prepare_model``; every ``checkpoint_every`` steps a resumable state goes to
-    ``ctx.report``, and ``ctx.resume()`` continues from the last one.
+    ``ctx.report``, and ``ctx.resume()`` continues from the last one. The setting
+    ``precision`` (default fp32) runs the model step and the PGD-AT forwards under bf16
+    autocast with a channels_last model; ``noise_fn`` chooses its own precision.
     """
     s = method.settings
     if len(train) == 0:
@@ -180,6 +193,8 @@ def train_source_model(method: Method, train: ImageSet, ctx: FitContext,
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # identical initial weights on every worker
         model = build_model(s["arch"], num_classes, channels, height).to(device)
+    precision = resolve_precision(s.get("precision", "fp32"), device)
+    prepare_model(model, device, precision)  # channels_last for bf16 / CUDA, before DDP
     opt = torch.optim.SGD(model.parameters(), lr=s["lr"], momentum=s["momentum"],
                           weight_decay=s["weight_decay"])
     start = 0
@@ -231,11 +246,12 @@ def train_source_model(method: Method, train: ImageSet, ctx: FitContext,
             x = x + noise_fn(model, x, y, gen)
         x = augment(x, augmentation, gen)
         if rho_a > 0 and steps_a > 0:
-            with torch.enable_grad():
+            with torch.enable_grad(), autocast(device, precision):
                 x = x + pgd(_ce_sum(model, y), x, eps=rho_a, step_size=step_a, steps=steps_a,
                             maximize=True, random_start=True, generator=gen)
         net.train()
-        out = net(x.detach())
+        with autocast(device, precision):
+            out = upcast(net(x.detach()))
         loss = F.cross_entropy(out, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -310,6 +326,7 @@ class SourceModelMethod(Method):
         for key in ("log_every", "checkpoint_every"):
             if int(s.get(key, 0)) < 0:
                 raise SettingsError(f"{key} must be >= 0 for method {self.name!r}, got {s[key]}")
+        check_precision(s.get("precision", "fp32"))
         if "augmentation" in s:
             try:
                 resolve_augmentation(str(s["augmentation"]), 32)
@@ -358,6 +375,7 @@ class SourceModelMethod(Method):
             raise StateError(f"state weights do not fit {state['settings']['arch']!r}: {exc}") from None
         device = torch.device(device)
         model.to(device).eval().requires_grad_(False)
+        prepare_model(model, device, str(self.settings.get("precision", "fp32")))
         return LoadedModel(model, (channels, height, width), num_classes, device,
                            {k: v for k, v in state.items() if k in ("permutation",)})
 
@@ -391,12 +409,12 @@ class REM(SourceModelMethod):
         "paper": {"eps": 8 / 255, "rho_a": 4 / 255, **_schedule("resnet18", 5000, 128, 2000),
                   "steps_u": 10, "step_frac_u": 0.2, "steps_a": 10, "step_frac_a": 0.2,
                   "eot_samples": 5, "augmentation": "auto", "stop_acc": 0.0, "seed": 0,
-                  "log_every": 50, "checkpoint_every": 500},
+                  "log_every": 50, "checkpoint_every": 500, "precision": "fp32"},
         # digits-sized: a small CNN, 150 steps of 32, shorter PGD (4 x rho_u/2, 2 x 3rho_a/4), J = 2
         "quick": {"eps": 8 / 255, "rho_a": 2 / 255, **_schedule("small-cnn", 150, 32, 100),
                   "steps_u": 4, "step_frac_u": 0.5, "steps_a": 2, "step_frac_a": 0.75,
                   "eot_samples": 2, "augmentation": "auto", "stop_acc": 0.0, "seed": 0,
-                  "log_every": 25, "checkpoint_every": 50},
+                  "log_every": 25, "checkpoint_every": 50, "precision": "fp32"},
     }
 
     def validate_settings(self) -> None:
@@ -435,10 +453,12 @@ class REM(SourceModelMethod):
 
     def fit(self, train: ImageSet, ctx: FitContext) -> dict[str, Any]:
         kw = self.noise_kwargs(train.image_shape[1])
+        precision = str(self.settings.get("precision", "fp32"))
 
         def noise(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                   gen: torch.Generator) -> torch.Tensor:
-            return robust_error_minimizing_noise(model, x, y, generator=gen, **kw)
+            return robust_error_minimizing_noise(model, x, y, generator=gen, precision=precision,
+                                                 **kw)
 
         # model step on t(x + du) + da (Algorithm 1, lines 17-19)
         return train_source_model(self, train, ctx, noise, rho_a=kw["rho_a"], step_a=kw["step_a"],
@@ -452,6 +472,7 @@ class REM(SourceModelMethod):
             return torch.zeros_like(images, dtype=torch.float32)
         gen = batch_generator(int(self.settings.get("seed", 0)), x, y)
         delta = robust_error_minimizing_noise(loaded.model, x, y, generator=gen,
+                                              precision=str(self.settings.get("precision", "fp32")),
                                               **self.noise_kwargs(loaded.image_shape[1]))
         return delta.to(images.device)
 
@@ -468,11 +489,11 @@ class EM(REM):
         # source-model schedule as REM; stop_acc=0.99 gives Huang et al.'s stopping rule.
         "paper": {"eps": 8 / 255, **_schedule("resnet18", 5000, 128, 2000),
                   "steps_u": 10, "step_frac_u": 0.2, "stop_acc": 0.0, "seed": 0,
-                  "log_every": 50, "checkpoint_every": 500},
+                  "log_every": 50, "checkpoint_every": 500, "precision": "fp32"},
         # digits-sized: small CNN, at most 200 steps of 32, Huang et al.'s stop at 99% accuracy
         "quick": {"eps": 8 / 255, **_schedule("small-cnn", 200, 32, 100),
                   "steps_u": 10, "step_frac_u": 0.2, "stop_acc": 0.99, "seed": 0,
-                  "log_every": 25, "checkpoint_every": 50},
+                  "log_every": 25, "checkpoint_every": 50, "precision": "fp32"},
     }
 
     def noise_kwargs(self, image_size: int) -> dict[str, Any]:

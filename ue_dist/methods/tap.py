@@ -20,6 +20,7 @@ from ue_dist.core.augment import apply_params, sample_params
 from ue_dist.core.config import SettingsError
 from ue_dist.core.context import FitContext
 from ue_dist.core.pgd import pgd
+from ue_dist.core.precision import autocast, resolve_precision, upcast
 from ue_dist.data.imageset import ImageSet
 from ue_dist.methods.base import StateError, register
 from ue_dist.methods.rem import (LoadedModel, SourceModelMethod, _schedule, batch_generator,
@@ -52,10 +53,12 @@ class TAP(SourceModelMethod):
         # source-model schedule (ResNet-18, 5,000 steps, batch 128, lr 0.1 x0.1 every 2,000).
         "paper": {"eps": 8 / 255, **_schedule("resnet18", 5000, 128, 2000), "steps": 250,
                   "step_frac": 1 / 125, "eot_samples": 1, "augmentation": "auto",
-                  "target": "shift", "seed": 0, "log_every": 50, "checkpoint_every": 500},
+                  "target": "shift", "seed": 0, "log_every": 50, "checkpoint_every": 500,
+                  "precision": "fp32"},
         "quick": {"eps": 8 / 255, **_schedule("small-cnn", 300, 32, 200), "steps": 20,
                   "step_frac": 0.1, "eot_samples": 1, "augmentation": "auto",
-                  "target": "shift", "seed": 0, "log_every": 25, "checkpoint_every": 100},
+                  "target": "shift", "seed": 0, "log_every": 25, "checkpoint_every": 100,
+                  "precision": "fp32"},
     }
 
     def validate_settings(self) -> None:
@@ -92,10 +95,13 @@ class TAP(SourceModelMethod):
         kind = self._augmentation(loaded.image_shape[1])
         views = int(s["eot_samples"])
         model = loaded.model
+        # bf16 covers the forward only; delta and its projection stay fp32 inside pgd
+        precision = resolve_precision(s.get("precision", "fp32"), x.device)
 
         def loss(z: torch.Tensor) -> torch.Tensor:
             params = sample_params(kind, views * len(z), gen, z.device)
-            out = model(apply_params(z.repeat(views, 1, 1, 1), params))
+            with autocast(x.device, precision):
+                out = upcast(model(apply_params(z.repeat(views, 1, 1, 1), params)))
             return F.cross_entropy(out, target.repeat(views), reduction="sum")
 
         with torch.enable_grad():
