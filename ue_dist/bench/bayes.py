@@ -1,7 +1,9 @@
 """Benchmark of the Bayes-error estimator: one objective-and-gradient evaluation.
 
 * n = 4096, d = 512, fp32: the blocked estimator against a plain dense n x n autograd reference,
-  in the same process (times, ratio, max |difference| of value and gradient);
+  in the same process (times, ratio, max |difference| of value and gradient); then the same at
+  the largest n (a multiple of 4096) whose dense form fits in a quarter of the available memory
+  (the dense autograd graph holds about six n x n fp32 matrices);
 * n = 50,000, d = 512: the blocked estimator alone, in a fresh subprocess whose peak resident
   memory above its baseline (after the inputs exist) is read from ``getrusage`` — the dense form
   would need 50,000^2 x 4 B = 10 GB per n x n matrix.
@@ -89,6 +91,23 @@ def large(n: int = 50_000, d: int = 512) -> dict[str, Any]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def largest_dense_n(step: int = 4096, matrices: int = 6, share: float = 0.25) -> int:
+    """The largest multiple of ``step`` whose dense estimator (about ``matrices`` n x n fp32
+    tensors alive in its autograd graph) fits in ``share`` of the available memory."""
+    if torch.cuda.is_available():
+        free = torch.cuda.mem_get_info()[0]
+    else:
+        free = 0
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    free = int(line.split()[1]) * 1024
+    n = step
+    while matrices * 4 * (n + step) ** 2 <= share * free:
+        n += step
+    return n
+
+
 def run(scale: str = "cpu") -> dict[str, Any]:
     """``cpu`` / ``cifar``: n = 4096 comparison and n = 50,000 (CIFAR-10's training set) blocked;
     ``small``: n = 1024 and 8192 (a smoke run)."""
@@ -101,11 +120,18 @@ def run(scale: str = "cpu") -> dict[str, Any]:
           f"{cmp_['ratio_blocked_over_dense']:.2f}x; |value diff| {cmp_['max_abs_value_diff']:.2e}, "
           f"max |grad diff| {cmp_['max_abs_grad_diff']:.2e} (max |grad| {cmp_['max_abs_grad']:.2e})",
           flush=True)
+    n_max = 2048 if small else largest_dense_n()
+    cmp_max = None
+    if n_max > cmp_["n"]:
+        cmp_max = compare(n_max, repeats=1 if small else 2)
+        print(f"[bench bayes] largest dense n that fits ({n_max}): dense {cmp_max['dense_s']:.3f} s, "
+              f"blocked {cmp_max['blocked_s']:.3f} s, ratio {cmp_max['ratio_blocked_over_dense']:.2f}x; "
+              f"|value diff| {cmp_max['max_abs_value_diff']:.2e}", flush=True)
     big = large(8192 if small else 50_000)
     print(f"[bench bayes] n={big['n']} d={big['d']} blocked objective+gradient: "
           f"{big['seconds']:.1f} s, peak memory +{big['peak_rss_delta_gb']:.2f} GB above baseline "
           f"(peak RSS {big['peak_rss_gb']:.2f} GB, {big['threads']} threads)", flush=True)
-    return {"compare": cmp_, "large": big}
+    return {"compare": cmp_, "compare_largest_dense": cmp_max, "large": big}
 
 
 if __name__ == "__main__":
