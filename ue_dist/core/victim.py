@@ -189,7 +189,7 @@ def evaluate_accuracy(model: torch.nn.Module, test: ImageSet, ctx: FitContext, b
     net.eval()
     idx = _eval_slices(len(test), ctx)
     generator = torch.Generator().manual_seed(seed + 7919) if ctx.device.type == "cpu" else None
-    correct = 0
+    correct = torch.zeros((), dtype=torch.long, device=ctx.device)
     for start in range(0, len(idx), batch_size):
         b = idx[start:start + batch_size]
         x = ImageSet.to_float(test.images[b]).to(ctx.device)
@@ -199,7 +199,7 @@ def evaluate_accuracy(model: torch.nn.Module, test: ImageSet, ctx: FitContext, b
                 x = x + pgd(lambda z: F.cross_entropy(upcast(net(z)), y, reduction="sum"), x,
                             eps=eps, step_size=eps / 4, steps=steps, generator=generator)
             with torch.no_grad():
-                correct += int((net(x).argmax(1) == y).sum().item())
+                correct += (net(x).argmax(1) == y).sum()
     total = ctx.all_reduce_mean(float(correct)) * ctx.world_size
     return total / len(test)
 
@@ -300,7 +300,10 @@ def train_victim(train: ImageSet, test: ImageSet, settings: Mapping[str, Any],
             # shorter shards wrap around to the start of the shared permutation
             per = math.ceil(n / ctx.world_size)
             perm = torch.cat([perm[mine], perm[:per - len(mine)]])
-        loss_sum, correct, count = 0.0, 0, 0
+        # running sums stay on the device: one host synchronisation per epoch, not per step
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), dtype=torch.long, device=device)
+        count = 0
         for bstart in range(0, len(perm), per_worker_batch):
             b = perm[bstart:bstart + per_worker_batch]
             if len(b) < 2 and len(perm) >= 2:
@@ -329,8 +332,8 @@ def train_victim(train: ImageSet, test: ImageSet, settings: Mapping[str, Any],
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            loss_sum += float(loss.detach()) * len(b)
-            correct += int((logits.detach().argmax(1) == y).sum())
+            loss_sum += loss.detach() * len(b)
+            correct += (logits.detach().argmax(1) == y).sum()
             count += len(b)
         seen += count
         train_seconds += time.perf_counter() - t0  # images/s counts training, not evaluation
@@ -339,8 +342,8 @@ def train_victim(train: ImageSet, test: ImageSet, settings: Mapping[str, Any],
         test_acc = evaluate_accuracy(model, test, ctx, int(s["eval_batch_size"]),
                                      precision=precision)
         record = {"epoch": epoch + 1, "test_acc": test_acc,
-                  "train_loss": ctx.all_reduce_mean(loss_sum / max(count, 1)),
-                  "train_acc": ctx.all_reduce_mean(correct / max(count, 1)), "lr": lr,
+                  "train_loss": ctx.all_reduce_mean(float(loss_sum) / max(count, 1)),
+                  "train_acc": ctx.all_reduce_mean(int(correct) / max(count, 1)), "lr": lr,
                   "seconds": time.perf_counter() - t0}
         per_epoch.append(record)
         ctx.log(f"victim epoch {epoch + 1}/{s['epochs']}: loss {record['train_loss']:.4f} "
