@@ -18,29 +18,36 @@ def ray_cluster(ray_local):
     return ray_local
 
 
-def test_two_workers_match_single_process_tiny(ray_cluster):
-    """Fast parity check: 12 native 8x8 digits (odd slices of 5 + 7 would also do; 12 splits
-    6 + 6 with a fixed sample on each rank), an embedding trained for one tiny epoch, 2 steps
-    of Algorithm 2 verbatim through Ray Train with 2 workers."""
+def _joint_vs_single(n: int, fixed_every: int, overrides: list[str],
+                     cpus_per_worker: float) -> float:
+    """Protect ``n`` native 8x8 digits with 2 Ray workers and in one process; assert they agree
+    and return max |delta_distributed - delta_single|."""
     from ue_dist.runtime.bayes_joint import protect_jointly
 
     torch.set_num_threads(1)
-    data = digits_imageset("train", image_size=None).subset(range(12))
-    fixed = torch.arange(12) % 4 == 0
-    overrides = ["arch=small-cnn", "embed_epochs=1", "embed_batch_size=12", "steps=2",
-                 "eps=8/255", "bank_size=12", "chunk=4", "block_size=5", "step_rule=gradient",
-                 "step_size=20"]
+    data = digits_imageset("train", image_size=None).subset(range(n))
+    fixed = torch.arange(n) % fixed_every == 0
     method = build_method("bayes", "quick", overrides)
     state = method.fit(data, LocalContext(seed=0, log=lambda m: None))
     single, hist = method.perturb_jointly(method.load(state), data.float_images(), data.labels,
                                           fixed=fixed)
     out = protect_jointly(state, data.images, data.labels, preset="quick", overrides=overrides,
-                          fixed=fixed, num_workers=2, cpus_per_worker=0.5)
+                          fixed=fixed, num_workers=2, cpus_per_worker=cpus_per_worker)
     diff = float((out["delta"] - single).abs().max())
     assert out["delta"].shape == single.shape
     assert float(single.abs().max()) > 0 and float(single[fixed].abs().max()) == 0
-    assert diff <= 1e-5, diff
+    assert diff <= 1e-5, (overrides, diff)
     assert abs(out["history"][-1] - hist[-1]) < 1e-5
+    return diff
+
+
+def test_two_workers_match_single_process_tiny(ray_cluster):
+    """Fast parity check: 12 native 8x8 digits (12 splits 6 + 6 with a fixed sample on each
+    rank), an embedding trained for one tiny epoch, 2 steps of Algorithm 2 verbatim through Ray
+    Train with 2 workers."""
+    _joint_vs_single(12, 4, ["arch=small-cnn", "embed_epochs=1", "embed_batch_size=12",
+                             "steps=2", "eps=8/255", "bank_size=12", "chunk=4", "block_size=5",
+                             "step_rule=gradient", "step_size=20"], cpus_per_worker=0.5)
 
 
 @pytest.mark.slow  # 283 s under load: the tiny version above is the fast check
@@ -49,24 +56,9 @@ def test_two_workers_match_single_process_tiny(ray_cluster):
     "sign",  # the default rule (a second Ray run)
 ])
 def test_two_workers_match_single_process(ray_cluster, rule):
-    from ue_dist.runtime.bayes_joint import protect_jointly
-
-    torch.set_num_threads(1)
-    data = digits_imageset("train", image_size=None).subset(range(45))  # odd: unequal slices
-    fixed = torch.arange(45) % 3 == 0
-    overrides = SETTINGS + [f"step_rule={rule}",
-                            "step_size=20" if rule == "gradient" else "step_size=2/255"]
-    method = build_method("bayes", "quick", overrides)
-    state = method.fit(data, LocalContext(seed=0, log=lambda m: None))
-    single, hist = method.perturb_jointly(method.load(state), data.float_images(), data.labels,
-                                          fixed=fixed)
-    out = protect_jointly(state, data.images, data.labels, preset="quick", overrides=overrides,
-                          fixed=fixed, num_workers=2, cpus_per_worker=1)
-    diff = float((out["delta"] - single).abs().max())
-    assert out["delta"].shape == single.shape
-    assert float(single.abs().max()) > 0 and float(single[fixed].abs().max()) == 0
-    assert diff <= 1e-5, (rule, diff)
-    assert abs(out["history"][-1] - hist[-1]) < 1e-5
+    step = "step_size=20" if rule == "gradient" else "step_size=2/255"
+    # 45 samples: odd, so the two workers get unequal slices
+    diff = _joint_vs_single(45, 3, SETTINGS + [f"step_rule={rule}", step], cpus_per_worker=1)
     print(f"rule={rule}: max |delta_distributed - delta_single| = {diff:.3g}")
 
 
