@@ -20,12 +20,12 @@ in the same run, with the bf16/fp32 speed-up and the achieved GFLOP/s (FLOPs cou
 from __future__ import annotations
 
 import sys
-import time
 from typing import Any
 
 import torch
 
-from ue_dist.bench.flops import count_flops, describe, matmul_peak, print_peaks, rate_row
+from ue_dist.bench.flops import (best_seconds, count_flops, describe, matmul_peak, print_peaks,
+                                 rate_row)
 from ue_dist.core.models import build_model
 from ue_dist.core.precision import autocast, prepare_model
 from ue_dist.core.unet import UNetGenerator, count_parameters
@@ -37,24 +37,6 @@ SCALES: dict[str, dict[str, Any]] = {
 }
 
 
-def _best_seconds(fn, repeats: int) -> float:
-    """Best wall time of ``repeats`` runs; on CPU the process CPU time divided by the threads
-    used is also recorded (``CPU_SECONDS``), which stays meaningful on a shared, loaded machine."""
-    best, best_cpu = float("inf"), float("inf")
-    for _ in range(repeats):
-        t0, c0 = time.perf_counter(), time.process_time()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-        best_cpu = min(best_cpu, (time.process_time() - c0) / max(1, torch.get_num_threads()))
-    CPU_SECONDS.append(best_cpu)
-    return best
-
-
-CPU_SECONDS: list[float] = []
-
-
 def _generator_rate(width: int, batch: int, repeats: int, device: torch.device,
                     precision: str = "fp32") -> dict[str, Any]:
     torch.manual_seed(0)
@@ -62,9 +44,9 @@ def _generator_rate(width: int, batch: int, repeats: int, device: torch.device,
     x = torch.rand(batch, 3, 32, 32, device=device)
     with torch.no_grad(), autocast(device, precision):
         gen(x[:2])  # warm-up
-        sec = _best_seconds(lambda: gen(x), repeats)
+        sec = best_seconds(lambda: gen(x), repeats, device)
     return {"width": width, "params": count_parameters(gen), "images_per_s": batch / sec,
-            "images_per_cpu_s": batch / max(CPU_SECONDS[-1], 1e-9), "seconds": sec}
+            "seconds": sec}
 
 
 def _generator_flops(width: int, device: torch.device) -> float:
@@ -88,7 +70,16 @@ def _bome_setup(inner: int, batch: int, device: torch.device, precision: str):
 
 def _bome_seconds(inner: int, batch: int, repeats: int, device: torch.device,
                   precision: str = "fp32") -> float:
-    return _best_seconds(_bome_setup(inner, batch, device, precision), repeats)
+    return best_seconds(_bome_setup(inner, batch, device, precision), repeats, device)
+
+
+def _at_paper_inner_steps(seconds: dict[int, float]) -> float:
+    """Seconds per BOME iteration at the paper's T = 10: measured, or extrapolated linearly
+    from the measured T values (each inner step is one classifier forward+backward)."""
+    if 10 in seconds:
+        return seconds[10]
+    lo, hi = min(seconds), max(seconds)
+    return seconds[lo] + (10 - lo) * (seconds[hi] - seconds[lo]) / (hi - lo)
 
 
 def _bome_flops_per_image(inner: int, device: torch.device) -> float:
@@ -114,47 +105,30 @@ def run(scale: str = "cpu") -> dict[str, Any]:
                  gflop_per_image=flops / 1e9, rows=rows)
         out[f"generator_{name}"] = r
         print(f"generator width {width} ({r['params'] / 1e6:.2f} M params): "
-              f"{r['images_per_s']:.1f} images/s wall, {r['images_per_cpu_s']:.1f} per CPU-second "
-              f"per thread (authors' width-64 code: ~308 on 2-core CPU)", flush=True)
+              f"{r['images_per_s']:.1f} images/s wall (authors' width-64 code: ~308 on 2-core CPU)",
+              flush=True)
         for p in ("fp32", "bf16"):
             print(f"  generator width {width} {p}: {describe(rows[p])}", flush=True)
         print(f"  bf16/fp32 speed-up x{r['bf16_over_fp32']}", flush=True)
     batch = cfg["bome_batch"]
-    times, cpu_times = {}, {}
+    times: dict[int, float] = {}
+    times16: dict[int, float] = {}
     bome_rows: dict[str, Any] = {}
     for t in cfg["inner"]:
         flops = _bome_flops_per_image(t, device)
         times[t] = _bome_seconds(t, batch, cfg["repeats"], device)
-        cpu_times[t] = CPU_SECONDS[-1]
-        sec16 = _bome_seconds(t, batch, cfg["repeats"], device, "bf16")
+        times16[t] = _bome_seconds(t, batch, cfg["repeats"], device, "bf16")
         rows = {"fp32": rate_row(batch, times[t], flops, "fp32", device, peaks),
-                "bf16": rate_row(batch, sec16, flops, "bf16", device, peaks)}
-        bome_rows[str(t)] = {**rows, "bf16_seconds": sec16,
-                             "bf16_over_fp32": round(times[t] / sec16, 2)}
+                "bf16": rate_row(batch, times16[t], flops, "bf16", device, peaks)}
+        bome_rows[str(t)] = {**rows, "bf16_seconds": times16[t],
+                             "bf16_over_fp32": round(times[t] / times16[t], 2)}
         print(f"BOME iteration, ResNet-18 + U-Net-64, batch {batch}, T={t}: {times[t]:.2f} s wall "
-              f"({batch / times[t]:.2f} images/s), {cpu_times[t]:.2f} CPU-s per thread", flush=True)
+              f"({batch / times[t]:.2f} images/s)", flush=True)
         for p in ("fp32", "bf16"):
             print(f"  BOME T={t} {p}: {describe(rows[p])}", flush=True)
         print(f"  bf16/fp32 speed-up x{bome_rows[str(t)]['bf16_over_fp32']}", flush=True)
-    if 10 in times:
-        paper_sec = times[10]
-    else:
-        lo, hi = min(times), max(times)
-        per_inner = (times[hi] - times[lo]) / (hi - lo)
-        paper_sec = times[lo] + (10 - lo) * per_inner
-        out["seconds_per_inner_step"] = per_inner
-    lo, hi = min(cpu_times), max(cpu_times)
-    paper_cpu = cpu_times[10] if 10 in cpu_times else cpu_times[lo] + (10 - lo) * (
-        (cpu_times[hi] - cpu_times[lo]) / (hi - lo) if hi > lo else 0.0)
-    sec16 = {int(k): v["bf16_seconds"] for k, v in bome_rows.items()}
-    if 10 in sec16:
-        paper_sec16 = sec16[10]
-    else:
-        lo, hi = min(sec16), max(sec16)
-        paper_sec16 = sec16[lo] + (10 - lo) * (sec16[hi] - sec16[lo]) / (hi - lo)
+    paper_sec, paper_sec16 = _at_paper_inner_steps(times), _at_paper_inner_steps(times16)
     out["bome"] = {"batch": batch, "seconds": {str(k): v for k, v in times.items()},
-                   "cpu_seconds": {str(k): v for k, v in cpu_times.items()},
-                   "paper_equiv_cpu_seconds": paper_cpu,
                    "paper_equiv_seconds": paper_sec,
                    "paper_equiv_iterations_per_s": 1.0 / paper_sec,
                    "paper_equiv_images_per_s": batch / paper_sec,
@@ -163,9 +137,8 @@ def run(scale: str = "cpu") -> dict[str, Any]:
                    "bf16_paper_equiv_images_per_s": batch / paper_sec16,
                    "bf16_over_fp32_paper_equiv": round(paper_sec / paper_sec16, 2)}
     print(f"BOME at the paper's T=10: {1 / paper_sec:.3f} iterations/s = "
-          f"{batch / paper_sec:.2f} images/s wall; {batch / paper_cpu:.2f} images per CPU-second "
-          f"per thread (authors' code: ~3 images/s on 2-core CPU); bf16 "
-          f"{batch / paper_sec16:.2f} images/s (x{out['bome']['bf16_over_fp32_paper_equiv']})",
+          f"{batch / paper_sec:.2f} images/s wall (authors' code: ~3 images/s on 2-core CPU); "
+          f"bf16 {batch / paper_sec16:.2f} images/s (x{out['bome']['bf16_over_fp32_paper_equiv']})",
           flush=True)
     return out
 

@@ -23,7 +23,7 @@ Pure torch (no ray).
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -107,3 +107,12 @@ def upcast(t: torch.Tensor) -> torch.Tensor:
     """A bf16/fp16 result (from an autocast region) back in fp32; any other dtype (fp32, a
     float64 reference model) unchanged, so fp32 and fp64 code paths are untouched."""
     return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
+
+
+def in_precision(fn: Callable[[torch.Tensor], torch.Tensor], device: torch.device | str | None,
+                 precision: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``fn`` (a model forward) run under ``precision`` autocast, its result back in fp32."""
+    def run(z: torch.Tensor) -> torch.Tensor:
+        with autocast(device, precision):
+            return upcast(fn(z))
+    return run

@@ -225,7 +225,7 @@ def _fingerprint(s: Mapping[str, Any], train: ImageSet, test: ImageSet) -> str:
     h.update(json.dumps([dict(s), len(train), train.keys[:4], train.keys[-4:], len(test)],
                         sort_keys=True, default=str).encode())
     for part in (train.labels, train.images, test.labels, test.images):
-        h.update(part.detach().cpu().contiguous().numpy().tobytes())
+        h.update(part.detach().cpu().contiguous().numpy())  # buffer protocol: no copy
     return h.hexdigest()
 
 

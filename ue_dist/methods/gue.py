@@ -43,8 +43,8 @@ from ue_dist.core.config import SettingsError, parse_radius
 from ue_dist.core.context import FitContext
 from ue_dist.core.models import ARCHITECTURES, SmallCNN, WithNormalize, build_model
 from ue_dist.core.pgd import pgd
-from ue_dist.core.precision import (autocast, check_precision, prepare_model, resolve_precision,
-                                     upcast)
+from ue_dist.core.precision import (check_precision, in_precision, prepare_model,
+                                     resolve_precision)
 from ue_dist.core.unet import UNetGenerator
 from ue_dist.data.imageset import ImageSet
 from ue_dist.methods.base import Method, StateError, register
@@ -137,14 +137,6 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
-def _in_precision(model: Model, device: torch.device, precision: str) -> Model:
-    """``model`` run under ``precision`` autocast, returning fp32 (a plain call for fp32)."""
-    def run(z: torch.Tensor) -> torch.Tensor:
-        with autocast(device, precision):
-            return upcast(model(z))
-    return run
-
-
 def _mean_across_workers(tensors: Sequence[torch.Tensor], ctx: FitContext | None) -> list[torch.Tensor]:
     """Average gradients over workers: BOME needs several separate gradients and their inner
     products in one step, which DDP's single backward hook cannot give, so reduce explicitly."""
@@ -183,8 +175,8 @@ def bome_step(gen: nn.Module, cls: nn.Module, gen_opt: torch.optim.Optimizer,
     gen.train()
     cls.train()
     precision = resolve_precision(settings.get("precision", "fp32"), x.device)
-    gen_fn = _in_precision(gen, x.device, precision)
-    cls_fn = _in_precision(cls, x.device, precision)
+    gen_fn = in_precision(gen, x.device, precision)
+    cls_fn = in_precision(cls, x.device, precision)
     w_params = [p for p in gen.parameters() if p.requires_grad]
     names = [n for n, p in cls.named_parameters() if p.requires_grad]
     theta = [p for p in cls.parameters() if p.requires_grad]
@@ -197,9 +189,8 @@ def bome_step(gen: nn.Module, cls: nn.Module, gen_opt: torch.optim.Optimizer,
     buffers_t = {n: b.detach().clone() for n, b in cls.named_buffers()}
     inner_opt = torch.optim.Adam(list(theta_t.values()), lr=float(settings["inner_lr"]))
 
-    def f_t(z: torch.Tensor) -> torch.Tensor:
-        with autocast(x.device, precision):
-            return upcast(functional_call(cls, (theta_t, buffers_t), (z,)))
+    f_t = in_precision(lambda z: functional_call(cls, (theta_t, buffers_t), (z,)), x.device,
+                       precision)
 
     x_d = x_p.detach()
     for _ in range(int(settings["inner_steps"])):
@@ -551,8 +542,8 @@ class Gue(Method):
         device = next(gen.parameters()).device
         images = images.to(device)
         precision = resolve_precision(self.settings.get("precision", "fp32"), device)
-        with autocast(device, precision):
-            delta = upcast(gen(images))  # eps * tanh is computed in fp32: |delta| <= eps holds
+        # eps * tanh is computed in fp32 in any precision: |delta| <= eps holds
+        delta = in_precision(gen, device, precision)(images)
         # labels are not used: the generator maps images to perturbations (works on new data)
         return (images + delta).clamp(0.0, 1.0) - images
 
