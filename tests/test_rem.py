@@ -308,7 +308,7 @@ def test_rem_survives_adversarial_training_where_em_fails():
     continuous colours; 3,200 train / 800 test): rho_u = 8/255 and a victim adversarially
     trained at 2/255. EM's protection largely vanishes while REM (rho_a = 2/255) keeps the
     victim well below clean. (On the near-binary digits EM's shortcut itself survives AT at
-    2-4/255, so the digits cannot show the contrast.) About 40 minutes on 2 cores."""
+    2-4/255, so the digits cannot show the contrast.) 57 minutes on one thread here."""
     from ue_dist.data.converters import synthetic_arrays
     splits = synthetic_arrays(4000)
     train, test = (ImageSet.from_numpy_hwc(*splits[part]) for part in ("train", "test"))
