@@ -25,19 +25,32 @@ CHECKPOINT_FILE = "state.pt"
 
 
 class RayTrainContext(FitContext):
-    """FitContext inside a Ray Train worker."""
+    """FitContext inside a Ray Train worker.
 
-    def __init__(self, device: torch.device, seed: int) -> None:
+    Only reports that carry a checkpoint go to Ray Train. Every ``ray.train.report`` is a
+    barrier across the worker group and the controller (about 2 s each, measured on a 2-core
+    machine): with GUE's per-step metrics forwarded, its quick fit on Ray took 92 s per epoch,
+    without them 7.6 s (one worker; 7 s in a plain process). Metrics-only reports stay in the
+    worker: kept in ``history`` and printed by rank 0 at most every ``metrics_log_interval_s``.
+    """
+
+    def __init__(self, device: torch.device, seed: int, metrics_log_interval_s: float = 30.0) -> None:
         super().__init__(device=device, seed=seed)
-        self._reports = 0
+        self.history: list[dict[str, Any]] = []
+        self.metrics_log_interval_s = metrics_log_interval_s
+        self._last_metrics_log = time.monotonic()
 
     def report(self, metrics: dict[str, Any], state: dict[str, Any] | None = None) -> None:
         import ray.train
 
         metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))}
-        self._reports += 1
         if state is None:
-            ray.train.report(metrics)
+            self.history.append(metrics)
+            now = time.monotonic()
+            if now - self._last_metrics_log >= self.metrics_log_interval_s:
+                self._last_metrics_log = now
+                self.log("metrics " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else
+                                              f"{k}={v}" for k, v in metrics.items()))
             return
         with tempfile.TemporaryDirectory() as tmp:
             if self.is_main:
