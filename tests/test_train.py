@@ -49,3 +49,25 @@ def test_fit_refuses_bad_input_before_running(small_digits, tmp_path):
         fit_method("em", str(small_digits / "train"), str(tmp_path / "exists.pt"))
     with pytest.raises(Exception, match="inside the input"):
         fit_method("em", str(small_digits / "train"), str(small_digits / "train" / "s.pt"))
+
+
+def test_only_checkpointed_reports_reach_ray_train(monkeypatch):
+    # each ray.train.report is a barrier across the worker group (~2 s): per-step metrics made
+    # GUE's fit on Ray 12x slower, so metrics-only reports must stay in the worker
+    import ray.train
+
+    from ue_dist.runtime.train import RayTrainContext
+
+    calls = []
+    monkeypatch.setattr(ray.train, "report",
+                        lambda metrics, checkpoint=None: calls.append((metrics, checkpoint)))
+    logged = []
+    ctx = RayTrainContext(torch.device("cpu"), seed=0, metrics_log_interval_s=0.0)
+    ctx._log = logged.append
+    for step in range(3):
+        ctx.report({"step": step, "loss": 0.5, "note": object()})
+    assert calls == []
+    assert ctx.history == [{"step": s, "loss": 0.5} for s in range(3)]
+    assert len(logged) == 3 and logged[-1] == "metrics step=2 loss=0.5"
+    ctx.report({"epoch": 1}, state={"w": torch.zeros(2)})
+    assert len(calls) == 1 and calls[0][0] == {"epoch": 1} and calls[0][1] is not None
