@@ -14,6 +14,12 @@ import torch
 import torch.distributed as dist
 
 
+def format_metrics(metrics: dict[str, Any]) -> str:
+    """``k=v`` pairs for a log line, floats to 4 significant digits."""
+    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                    for k, v in metrics.items())
+
+
 class FitContext:
     def __init__(self, device: torch.device | str | None = None, seed: int = 0,
                  log: Callable[[str], None] | None = None) -> None:

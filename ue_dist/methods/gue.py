@@ -40,7 +40,7 @@ from torch import nn
 from torch.func import functional_call
 
 from ue_dist.core.config import SettingsError, parse_radius
-from ue_dist.core.context import FitContext
+from ue_dist.core.context import FitContext, format_metrics
 from ue_dist.core.models import ARCHITECTURES, SmallCNN, WithNormalize, build_model
 from ue_dist.core.pgd import pgd
 from ue_dist.core.precision import (check_precision, in_precision, prepare_model,
@@ -432,8 +432,7 @@ class Gue(Method):
                 record["val_acc"] = score
                 if best["score"] is None or score <= best["score"]:
                     best = {"score": score, "epoch": epoch + 1, "generator": _cpu_state(gen)}
-            ctx.log(f"[{self.name}] " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else
-                                                 f"{k}={v}" for k, v in record.items()))
+            ctx.log(f"[{self.name}] " + format_metrics(record))
             checkpoint = self._state(train, gen, best, split) | {"training": {
                 "generator": _cpu_state(gen), "classifier": _cpu_state(cls),
                 "gen_opt": gen_opt.state_dict(), "cls_opt": cls_opt.state_dict(),

@@ -17,7 +17,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from ue_dist.core.context import FitContext
+from ue_dist.core.context import FitContext, format_metrics
 from ue_dist.data import storage
 from ue_dist.methods.base import StateError, build_method, save_state
 
@@ -49,8 +49,7 @@ class RayTrainContext(FitContext):
             now = time.monotonic()
             if now - self._last_metrics_log >= self.metrics_log_interval_s:
                 self._last_metrics_log = now
-                self.log("metrics " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else
-                                              f"{k}={v}" for k, v in metrics.items()))
+                self.log("metrics " + format_metrics(metrics))
             return
         with tempfile.TemporaryDirectory() as tmp:
             if self.is_main:
