@@ -93,12 +93,31 @@ def normalise(url: str) -> str:
     return f"{proto}://" + rest.strip("/")
 
 
-def refuse_inside(output_url: str, input_url: str, what: str = "output") -> None:
-    """Source data are never modified: the output may not be the input or lie inside it."""
-    out, src = normalise(output_url), normalise(input_url)
-    if out == src or out.startswith(src + "/"):
-        raise StorageError(f"{what} {output_url!r} lies inside the input {input_url!r}; "
-                           "write to a different prefix (source data are never modified)")
+def resolved(url: str) -> str:
+    """``normalise(url)`` with local symbolic links resolved: where the bytes really live."""
+    out = normalise(url)
+    if out.startswith("file://"):
+        return "file://" + os.path.realpath(out[len("file://"):]).rstrip("/")
+    return out
+
+
+def refuse_inside(output_url: str, input_url: str, what: str = "output",
+                  refuse_containing: bool = False) -> None:
+    """Source data are never modified: the output may not be the input or lie inside it.
+
+    Local paths are compared as written and with symbolic links resolved, so a DST that is (or
+    passes through) a link into SRC is refused too. With ``refuse_containing``, an output that
+    contains the input is refused as well (a run that may delete outputs must never reach SRC).
+    """
+    for out, src in ((normalise(output_url), normalise(input_url)),
+                     (resolved(output_url), resolved(input_url))):
+        if out == src or out.startswith(src + "/"):
+            raise StorageError(f"{what} {output_url!r} lies inside the input {input_url!r}"
+                               f"{' (through a symbolic link)' if out != normalise(output_url) else ''}"
+                               "; write to a different prefix (source data are never modified)")
+        if refuse_containing and src.startswith(out + "/"):
+            raise StorageError(f"{what} {output_url!r} contains the input {input_url!r}; "
+                               "write to a prefix outside it (source data are never modified)")
 
 
 def check_writable_root(url: str, storage_options: Mapping[str, Any] | None = None) -> None:
@@ -140,7 +159,12 @@ def atomic_write(url: str, storage_options: Mapping[str, Any] | None = None) -> 
     try:
         with fs.open(tmp, "wb") as f:
             yield f
-        fs.mv(tmp, path)
+        if protocol_of(url) == "file":
+            # os.replace swaps the directory entry: a symbolic link planted at ``path`` is
+            # replaced, never followed, so a link into the source cannot make us write there.
+            os.replace(tmp, path)
+        else:
+            fs.mv(tmp, path)
     except BaseException:
         try:
             if fs.exists(tmp):
@@ -159,6 +183,6 @@ def exists(url: str, storage_options: Mapping[str, Any] | None = None) -> bool:
     return fs.exists(path)
 
 
-__all__ = ["StorageError", "get_fs", "join", "normalise", "refuse_inside", "atomic_write",
+__all__ = ["StorageError", "get_fs", "join", "normalise", "resolved", "refuse_inside", "atomic_write",
            "read_bytes", "write_bytes", "exists", "parse_storage_options", "check_writable_root",
            "fsspec", "protocol_of", "to_url"]
