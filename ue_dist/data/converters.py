@@ -5,10 +5,12 @@ behind; keys are stable (derived from the source's own order or file names) and 
 """
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import re
 import tarfile
+import zlib
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -120,57 +122,145 @@ _CIFAR = {"cifar10": ("data_batch_", "test_batch", b"labels"),
           "cifar100": ("train", "test", b"fine_labels")}
 
 
-def _cifar_batches(path: str, variant: str) -> dict[str, list[dict]]:
+class _RefusedGlobal(pickle.UnpicklingError):
+    def __init__(self, qualified: str):
+        super().__init__(qualified)
+        self.qualified = qualified
+
+
+def _latin1_bytes(text: str, encoding: str = "latin1", errors: str = "strict") -> bytes:
+    """What ``_codecs.encode`` does in a protocol-2 pickle of ``bytes`` (Python 3): latin-1 only."""
+    if not isinstance(text, str) or encoding.lower().replace("-", "") != "latin1":
+        raise pickle.UnpicklingError(f"_codecs.encode with {encoding!r}")
+    return text.encode("latin1", errors)
+
+
+def _numpy_global(module: str, name: str) -> Any:
+    import importlib
+    try:  # numpy 2 moved numpy.core to numpy._core; old pickles (CIFAR's own) name numpy.core
+        return getattr(importlib.import_module(module.replace("numpy.core.", "numpy._core.", 1)),
+                       name)
+    except ImportError:
+        return getattr(importlib.import_module(module.replace("numpy._core.", "numpy.core.", 1)),
+                       name)
+
+
+# The globals a CIFAR python batch can hold: numpy arrays (ndarray reconstruction, written by
+# numpy 1 or 2, any protocol), numpy scalars (labels as numpy ints) and, in protocol-2 pickles
+# written by Python 3, bytes as _codecs.encode(str, "latin1"). dict/list/bytes/str/int need none.
+_CIFAR_GLOBALS = {(m, n) for p in ("numpy.core", "numpy._core")
+                  for m, n in ((f"{p}.multiarray", "_reconstruct"), (f"{p}.multiarray", "scalar"),
+                               (f"{p}.numeric", "_frombuffer"))} | {("numpy", "ndarray"),
+                                                                    ("numpy", "dtype")}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles only what a CIFAR batch holds; any other global (``posix.system``,
+    ``builtins.eval``, ...) raises ``_RefusedGlobal`` before it is imported, so nothing runs."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == ("_codecs", "encode"):
+            return _latin1_bytes
+        if (module, name) in _CIFAR_GLOBALS:
+            return _numpy_global(module, name)
+        raise _RefusedGlobal(f"{module}.{name}")
+
+
+def load_cifar_batch(blob: bytes, member: str, path: str, variant: str = "cifar10") -> dict:
+    """One CIFAR python batch (a pickled dict), unpickled without running any code."""
+    try:
+        batch = _CifarUnpickler(io.BytesIO(blob), encoding="bytes").load()
+    except _RefusedGlobal as exc:
+        raise ConvertError(f"{variant}: {member} in {path} refers to {exc.qualified}, which a "
+                           "CIFAR batch never holds; refusing to unpickle it") from None
+    except Exception as exc:
+        raise ConvertError(f"{variant}: {member} in {path} is not a CIFAR pickle batch "
+                           f"({type(exc).__name__})") from None
+    if not isinstance(batch, dict):
+        raise ConvertError(f"{variant}: {member} in {path} is not a CIFAR pickle batch "
+                           f"(holds a {type(batch).__name__}, not a dict)")
+    label_key = _CIFAR[variant][2]
+    missing = [k.decode() for k in (b"data", label_key) if k not in batch]
+    if missing:
+        raise ConvertError(f"{variant}: {member} in {path} is not a CIFAR pickle batch "
+                           f"(no {' or '.join(missing)} entry)")
+    return batch
+
+
+def _cifar_batches(path: str, variant: str) -> dict[str, list[tuple[str, dict]]]:
+    """``{"train": [(member, batch), ...], "test": [...]}``, batches in file-name order."""
     train_prefix, test_name, _ = _CIFAR[variant]
-    found: dict[str, list[tuple[str, dict]]] = {"train": [], "test": []}
+    found: dict[str, list[tuple[str, str, dict]]] = {"train": [], "test": []}
+    seen: dict[str, str] = {}
 
     def take(name: str, blob: bytes) -> None:
         base = os.path.basename(name)
         split = "test" if base == test_name else "train" if base.startswith(train_prefix) else None
         if split is None:
             return
-        try:
-            found[split].append((base, pickle.loads(blob, encoding="bytes")))
-        except Exception as exc:
-            raise ConvertError(f"{variant}: {name} in {path} is not a CIFAR pickle batch "
-                               f"({type(exc).__name__})") from None
+        if base in seen:
+            raise ConvertError(f"{variant}: {path} holds two batches named {base} "
+                               f"({seen[base]} and {name})")
+        seen[base] = name
+        found[split].append((base, name, load_cifar_batch(blob, name, path, variant)))
 
     if not os.path.exists(path):
         raise ConvertError(f"{variant}: {path!r} does not exist")
     if os.path.isdir(path):
         for root, _, files in os.walk(path):
-            for f in files:
-                with open(os.path.join(root, f), "rb") as fh:
-                    if os.path.basename(f) == test_name or f.startswith(train_prefix):
-                        take(f, fh.read())
+            for f in sorted(files):
+                if os.path.basename(f) == test_name or f.startswith(train_prefix):
+                    with open(os.path.join(root, f), "rb") as fh:
+                        take(os.path.relpath(os.path.join(root, f), path), fh.read())
     elif tarfile.is_tarfile(path):
-        with tarfile.open(path) as tar:
-            for m in tar:
-                if m.isfile():
-                    base = os.path.basename(m.name)
-                    if base == test_name or base.startswith(train_prefix):
-                        take(m.name, tar.extractfile(m).read())  # type: ignore[union-attr]
+        try:
+            with tarfile.open(path) as tar:
+                for m in tar:
+                    if m.isfile():
+                        base = os.path.basename(m.name)
+                        if base == test_name or base.startswith(train_prefix):
+                            take(m.name, tar.extractfile(m).read())  # type: ignore[union-attr]
+        except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
+            reason = " ".join(str(exc).split()) or type(exc).__name__
+            raise ConvertError(f"{variant}: {path} is a truncated or corrupt archive ({reason})") \
+                from None
     else:
         raise ConvertError(f"{variant}: {path!r} is neither the python-pickle archive "
                            "(cifar-10-python.tar.gz) nor its extracted folder")
     for split in ("train", "test"):
         if not found[split]:
             raise ConvertError(f"{variant}: no {split} batch found in {path!r}")
-    return {s: [b for _, b in sorted(v)] for s, v in found.items()}
+    return {s: [(name, b) for _, name, b in sorted(v, key=lambda t: t[0])]
+            for s, v in found.items()}
 
 
 def cifar_arrays(path: str, variant: str = "cifar10") -> Splits:
     _, _, label_key = _CIFAR[variant]
+    num_classes = 10 if variant == "cifar10" else 100
     out: Splits = {}
     for split, batches in _cifar_batches(path, variant).items():
         xs, ys = [], []
-        for b in batches:
-            data = np.asarray(b[b"data"], dtype=np.uint8)
+        for member, b in batches:
+            where = f"{variant}: {member} in {path}"
+            data = np.asarray(b[b"data"])
             if data.ndim != 2 or data.shape[1] != 3072:
-                raise ConvertError(f"{variant}: a {split} batch in {path!r} has data of shape "
-                                   f"{data.shape}, expected N x 3072")
+                raise ConvertError(f"{where} has data of shape {data.shape}, expected N x 3072")
+            if data.dtype != np.uint8:
+                if not np.issubdtype(data.dtype, np.integer) or (data.size and (
+                        data.min() < 0 or data.max() > 255)):
+                    raise ConvertError(f"{where} has data of dtype {data.dtype} outside 0..255, "
+                                       "expected uint8 pixels")
+                data = data.astype(np.uint8)
+            try:
+                labels = np.asarray(b[label_key], dtype=np.int64)
+            except (TypeError, ValueError, OverflowError):
+                raise ConvertError(f"{where} has labels that are not integers") from None
+            if labels.shape != (len(data),):
+                raise ConvertError(f"{where} has {labels.size} label(s) for {len(data)} images")
+            if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+                raise ConvertError(f"{where} has labels outside 0..{num_classes - 1}")
             xs.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-            ys.append(np.asarray(b[label_key], dtype=np.int64))
+            ys.append(labels)
         out[split] = (np.concatenate(xs), np.concatenate(ys))
     return out
 
