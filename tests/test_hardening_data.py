@@ -5,6 +5,7 @@ from __future__ import annotations
 import builtins
 import hashlib
 import io
+import json
 import os
 import pickle
 import tarfile
@@ -123,3 +124,167 @@ def test_malformed_cifar_batches_are_named(tmp_path, batch, pattern):
         convert_cifar(str(archive), str(tmp_path / "out"))
     assert "\n" not in str(info.value)
     assert not (tmp_path / "out").exists()
+
+
+# 2-6, 8. shards: every refusal names the shard and sample, on one line ------------------------
+from PIL import Image  # noqa: E402
+
+from ue_dist.data.dataset import write_samples  # noqa: E402
+from ue_dist.data.shards import (Sample, ShardError, decode_image, parse_shard,  # noqa: E402
+                                 read_shard, shard_bytes)
+
+
+def _png(arr=None, mode=None):
+    arr = np.zeros((4, 4, 3), np.uint8) if arr is None else arr
+    buf = io.BytesIO()
+    (Image.fromarray(arr, mode) if mode else Image.fromarray(arr)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _png16_rgb(h=4, w=4, alpha=False):
+    """A 48-bit RGB (or 64-bit RGBA) PNG, written by hand: Pillow cannot write one, and opens it
+    as plain "RGB"/"RGBA", silently dropping the low byte of every value."""
+    import struct
+    import zlib
+    ch = 4 if alpha else 3
+    rows = b"".join(b"\x00" + np.full((w, ch), 40000, ">u2").tobytes() for _ in range(h))
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    ihdr = struct.pack(">IIBBBBB", w, h, 16, 6 if alpha else 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(rows))
+            + chunk(b"IEND", b""))
+
+
+def _shard(path, members):
+    _tar(path, members)
+    return str(path)
+
+
+def _refusal(path, pattern):
+    with pytest.raises(ShardError, match=pattern) as info:
+        read_shard(path)
+    message = str(info.value)
+    assert os.path.basename(path) in message and "\n" not in message
+    return message
+
+
+@pytest.mark.parametrize("payload,bits", [
+    (_png(np.full((4, 4), 40000, np.uint16)), 16),           # I;16 (16-bit grey)
+    (_png16_rgb(), 16), (_png16_rgb(alpha=True), 16),         # 48/64-bit RGB(A): opens as RGB(A)
+], ids=["grey16", "rgb48", "rgba64"])
+def test_16bit_images_are_refused_not_clipped(tmp_path, payload, bits):
+    path = _shard(tmp_path / "deep.tar", [("a.png", _png()), ("a.cls", b"0"),
+                                          ("b.png", payload), ("b.cls", b"1")])
+    msg = _refusal(path, rf"shard .*deep.tar, sample 'b': b.png is a {bits}-bit image")
+    assert "convert it to 8-bit first" in msg
+    with pytest.raises(ShardError, match="16-bit"):
+        decode_image(payload)
+    # 8-bit images still decode exactly, grey, RGB, RGBA and palette
+    rgb = np.random.default_rng(0).integers(0, 256, (4, 4, 3), dtype=np.uint8)
+    assert np.array_equal(decode_image(_png(rgb)), rgb)
+    assert decode_image(_png(rgb[..., 0])).shape == (4, 4, 1)
+    assert decode_image(_png(np.dstack([rgb, rgb[..., :1]]))).shape == (4, 4, 4)
+
+
+def test_16bit_tiff_and_float_images_are_refused_by_imagefolder(tmp_path):
+    from ue_dist.data.converters import convert_imagefolder
+    for cls in ("cat", "dog"):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.full((4, 4, 3), i, np.uint8)).save(tmp_path / "imgs" / cls / f"{i}.png")
+    (tmp_path / "imgs" / "dog" / "deep.png").write_bytes(_png16_rgb())
+    with pytest.raises(ConvertError, match=r"imagefolder: .*deep.png is a 16-bit image"):
+        convert_imagefolder(str(tmp_path / "imgs"), str(tmp_path / "out"))
+    (tmp_path / "imgs" / "dog" / "deep.png").unlink()
+    Image.fromarray(np.full((4, 4), 0.5, np.float32)).save(tmp_path / "imgs" / "dog" / "f.tif")
+    with pytest.raises(ConvertError, match=r"imagefolder: .*f.tif is a 32-bit image"):
+        convert_imagefolder(str(tmp_path / "imgs"), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_duplicate_members_are_refused(tmp_path):
+    path = _shard(tmp_path / "dup.tar", [("a.png", _png()), ("a.cls", b"1"),
+                                         ("a.png", _png()), ("a.cls", b"2")])
+    _refusal(path, r"shard .*dup.tar, sample 'a': duplicate member 'a.png'")
+    path = _shard(tmp_path / "dup2.tar", [("a.png", _png()), ("a.cls", b"1"), ("a.CLS", b"2")])
+    _refusal(path, r"sample 'a': duplicate member 'a.CLS' \(as 'a.cls' and 'a.CLS'\)")
+
+
+def test_dotted_keys_are_named(tmp_path):
+    path = _shard(tmp_path / "dots.tar", [("a.b.png", _png()), ("a.b.cls", b"1")])
+    _refusal(path, r"shard .*dots.tar, sample 'a': sample keys may not contain dots "
+                   r"\(member 'a.b.png'")
+    # a dotted extension next to a real image stays a WebDataset extra field
+    path = _shard(tmp_path / "extra.tar", [("a.png", _png()), ("a.cls", b"1"), ("a.seg.png", _png())])
+    assert [s.key for s in read_shard(path)] == ["a"]
+
+
+@pytest.mark.parametrize("payload,pattern", [
+    (b"", r"not a tar archive \(zero bytes\)"),
+    (np.random.default_rng(0).bytes(3000), r"truncated or not a tar archive \(3000 bytes"),
+    (b"\x1f\x8b" + bytes(100), r"truncated or (not a|corrupt) tar archive"),  # gzip magic, junk
+], ids=["empty", "random", "gzip-junk"])
+def test_not_a_tar_is_one_line(tmp_path, payload, pattern):
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "shard-000000.tar").write_bytes(payload)
+    msg = _refusal(str(tmp_path / "ds" / "shard-000000.tar"), pattern)
+    assert "method gz" not in msg
+
+
+def test_not_a_tar_via_cli_is_one_line(tmp_path, capsys):
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "shard-000000.tar").write_bytes(b"")
+    assert cli(["info", str(tmp_path / "ds")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "shard-000000.tar: not a tar archive (zero bytes)" in err
+
+
+@pytest.mark.parametrize("member", ["../evil", "/abs/evil", "a/../../evil", "bad\nkey"])
+def test_unsafe_keys_are_refused_at_read_time(tmp_path, member):
+    path = _shard(tmp_path / "keys.tar", [(f"{member}.png", _png()), (f"{member}.cls", b"1")])
+    msg = _refusal(path, rf"shard .*keys.tar, sample {repr(member)[1:-1]!r}: sample key .* "
+                         "is not usable")
+    assert "\n" not in msg
+    with pytest.raises(ShardError, match="not usable"):  # and on write, as before
+        shard_bytes([Sample(member, np.zeros((4, 4, 3), np.uint8), 1)])
+
+
+@pytest.mark.parametrize("label,pattern", [(b"-1", "label -1 is negative"),
+                                           (b"1.5", "is not an integer"),
+                                           (b"cat\n", "is not an integer")])
+def test_bad_labels_still_refused(tmp_path, label, pattern):
+    path = _shard(tmp_path / "lab.tar", [("a.png", _png()), ("a.cls", label)])
+    _refusal(path, rf"shard .*lab.tar, sample 'a': .*{pattern}")
+
+
+def test_hidden_members_are_skipped(tmp_path):
+    path = _shard(tmp_path / "h.tar", [(".DS_Store", b"junk"), ("a.png", _png()), ("a.cls", b"3"),
+                                       ("._a.png", b"appledouble"), ("__index__.json", b"{}")])
+    assert [(s.key, s.label) for s in read_shard(path)] == [("a", 3)]
+
+
+def test_shard_bytes_unchanged_for_valid_samples(tmp_path):
+    rng = np.random.default_rng(3)
+    samples = [Sample(f"k{i:03d}", rng.integers(0, 256, (5, 6, c), dtype=np.uint8), i % 4,
+                      {"protected": bool(i % 2), "method": "em"})
+               for i, c in enumerate([3] * 6)]
+    data = shard_bytes(samples)
+    back = parse_shard(data, "x")
+    assert shard_bytes(back) == data  # read -> write is the identity on bytes
+    write_samples(str(tmp_path / "ds"), samples, shard_size=4)
+    assert [s.key for s in read_shard(str(tmp_path / "ds" / "shard-000000.tar"))] == \
+        [f"k{i:03d}" for i in range(4)]
+    # the format, rebuilt here by hand: USTAR, fixed owner/mtime/mode, png/cls/json per sample
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for s in samples:
+            png = io.BytesIO()
+            Image.fromarray(s.image).save(png, format="PNG", compress_level=6)
+            for ext, payload in (("png", png.getvalue()), ("cls", str(s.label).encode()),
+                                 ("json", json.dumps(s.meta, sort_keys=True).encode())):
+                info = tarfile.TarInfo(f"{s.key}.{ext}")
+                info.size, info.mtime, info.mode, info.uid, info.gid = len(payload), 0, 0o444, 0, 0
+                info.uname = info.gname = "ue_dist"
+                tar.addfile(info, io.BytesIO(payload))
+    assert buf.getvalue() == data

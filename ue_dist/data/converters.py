@@ -18,7 +18,7 @@ from PIL import Image
 
 from ue_dist.data import storage
 from ue_dist.data.dataset import DEFAULT_SHARD_SIZE, write_samples
-from ue_dist.data.shards import Sample
+from ue_dist.data.shards import Sample, bits_per_channel
 from ue_dist.data.sources import _resize, digits_arrays
 from ue_dist.errors import UserError
 
@@ -306,11 +306,18 @@ def imagefolder_arrays(path: str, image_size: int | None = None, test_fraction: 
                     continue
                 file = os.path.join(folder, f)
                 try:
-                    with Image.open(file) as pil:
-                        arr = np.asarray(pil.convert("RGB"), dtype=np.uint8)
+                    with open(file, "rb") as fh:
+                        blob = fh.read()
+                    with Image.open(io.BytesIO(blob)) as pil:
+                        bits = bits_per_channel(blob, pil)
+                        if bits <= 8:
+                            arr = np.asarray(pil.convert("RGB"), dtype=np.uint8)
                 except Exception as exc:
                     raise ConvertError(f"imagefolder: {file} is not a decodable image "
                                        f"({type(exc).__name__})") from None
+                if bits > 8:  # uint8 would clip or drop bits; eps is defined on 8-bit values
+                    raise ConvertError(f"imagefolder: {file} is a {bits}-bit image; the eps bound "
+                                       "is defined on 8-bit pixels: convert it to 8-bit first")
                 if image_size is not None:
                     arr = _resize(arr[None], image_size)[0]
                 if shape is None:

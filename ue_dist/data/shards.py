@@ -14,6 +14,7 @@ import io
 import json
 import posixpath
 import tarfile
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
@@ -29,7 +30,13 @@ READ_ONLY_EXTS = ("jpg", "jpeg")  # accepted on input (e.g. third-party shards),
 
 
 class ShardError(UserError, ValueError):
-    """A shard or sample that cannot be used; the message names the shard and the sample."""
+    """A shard or sample that cannot be used; the message names the shard and the sample.
+
+    The message is always one line: line breaks (from a library's text) are folded into spaces.
+    """
+
+    def __init__(self, message: object = "", *args: object):
+        super().__init__(" ".join(part.strip() for part in str(message).splitlines()), *args)
 
 
 @dataclass
@@ -41,9 +48,10 @@ class Sample:
 
 
 def validate_key(key: str) -> str:
-    if not key or "." in posixpath.basename(key) or key.startswith("/") or ".." in key.split("/"):
+    if (not key or "." in posixpath.basename(key) or key.startswith("/") or ".." in key.split("/")
+            or any(ord(c) < 32 or ord(c) == 127 for c in key)):
         raise ShardError(f"sample key {key!r} is not usable in a WebDataset shard "
-                         "(no dots, not empty, relative)")
+                         "(no dots, not empty, relative, no '..', no control characters)")
     return key
 
 
@@ -57,8 +65,38 @@ def encode_png(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def bits_per_channel(data: bytes, pil: Image.Image) -> int:
+    """Bits per channel of an opened (not yet loaded) image: from PIL's mode, for PNG from the
+    IHDR bit depth and for TIFF from BitsPerSample (Pillow opens a 48/64-bit RGB(A) PNG as plain
+    "RGB"/"RGBA" and drops the low byte of every value on load)."""
+    if pil.mode in ("I", "F") or pil.mode.startswith(("I;", "F;")):
+        return 16 if "16" in pil.mode else 32
+    if data[:8] == _PNG_SIGNATURE and data[12:16] == b"IHDR" and len(data) > 24:
+        return max(8, data[24])
+    tags = getattr(pil, "tag_v2", None)
+    if tags is not None:
+        bits = tags.get(258)  # TIFF BitsPerSample
+        bits = bits if isinstance(bits, (tuple, list)) else (bits,)
+        return max([8] + [int(b) for b in bits if isinstance(b, int)])
+    return 8
+
+
 def decode_image(data: bytes) -> np.ndarray:
+    """Encoded image bytes to H x W x C uint8 (C = 1 for grey, 3 for RGB, 4 for RGBA).
+
+    Images with more than 8 bits per channel (16-bit PNGs, modes "I;16", "I;16B", "I", "F", ...)
+    are refused, not converted: reading them as uint8 would clip or drop bits silently, and the
+    perturbation bound eps is defined on 8-bit pixel values. Convert such images to 8-bit first.
+    Raises ``ShardError`` without shard or sample names; ``parse_shard`` adds them.
+    """
     with Image.open(io.BytesIO(data)) as pil:
+        bits = bits_per_channel(data, pil)
+        if bits > 8:
+            raise ShardError(f"{bits}-bit image (mode {pil.mode}); the eps bound is defined on "
+                             "8-bit pixels: convert it to 8-bit first")
         pil.load()
         if pil.mode not in ("L", "RGB", "RGBA"):
             pil = pil.convert("RGB")
@@ -101,42 +139,85 @@ def _split_member(name: str) -> tuple[str, str]:
     return (posixpath.join(directory, stem) if directory else stem), ext.lower()
 
 
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 def parse_shard(data: bytes, name: str) -> list[Sample]:
-    """Decode and validate every sample of one shard; ``name`` appears in every error."""
+    """Decode and validate every sample of one shard; ``name`` appears in every error.
+
+    Refused, each with a one-line ``ShardError``: bytes that are not a tar archive, a truncated
+    archive, a member that appears twice (a later copy would silently replace the earlier), keys
+    that ``validate_key`` refuses (``../x``, absolute, control characters), dotted keys (``a.b.png``
+    is key ``a`` with extension ``b.png`` to WebDataset), undecodable or 16-bit images, and labels
+    that are not non-negative integers. Hidden members (``.name``, ``_name``) are skipped.
+    """
+    if not data:
+        raise ShardError(f"shard {name}: not a tar archive (zero bytes)")
     groups: dict[str, dict[str, bytes]] = {}
+    member_names: dict[str, dict[str, str]] = {}
     try:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tar:
+        tar = tarfile.open(fileobj=io.BytesIO(data), mode="r:*")
+    except (tarfile.TarError, EOFError, OSError, zlib.error):
+        raise ShardError(f"shard {name}: truncated or not a tar archive ({len(data)} bytes, no "
+                         "valid tar header at the start)") from None
+    try:
+        with tar:
             for member in tar:
                 if not member.isfile():
                     continue
                 key, ext = _split_member(member.name)
-                if key.startswith("_") or posixpath.basename(key).startswith("."):
+                if key.startswith("_") or posixpath.basename(member.name).startswith("."):
                     continue  # hidden / metadata members
+                try:
+                    validate_key(key)
+                except ShardError as exc:
+                    raise ShardError(f"shard {name}, sample {key!r}: {exc} "
+                                     f"(member {member.name!r})") from None
+                exts = groups.setdefault(key, {})
+                if ext in exts:
+                    first = member_names[key][ext]
+                    also = "" if first == member.name else f" (as {first!r} and {member.name!r})"
+                    raise ShardError(f"shard {name}, sample {key!r}: duplicate member "
+                                     f"{member.name!r}{also}: it appears twice in the shard, and "
+                                     "the later copy would silently replace the earlier")
                 f = tar.extractfile(member)
                 payload = f.read() if f is not None else b""
                 if len(payload) != member.size:
                     raise ShardError(f"shard {name}: member {member.name!r} is truncated")
-                groups.setdefault(key, {})[ext] = payload
+                exts[ext] = payload
+                member_names.setdefault(key, {})[ext] = member.name
             end = tar.offset
     except ShardError:
         raise
-    except (tarfile.TarError, EOFError, OSError) as exc:
-        raise ShardError(f"shard {name}: truncated or not a tar archive ({exc})") from None
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
+        raise ShardError(f"shard {name}: truncated or corrupt tar archive ({_one_line(exc)})") \
+            from None
     # A well-formed tar ends with two zero blocks; tarfile stops quietly at a cut-off header, so a
     # shard truncated between members would otherwise lose its tail without a word.
     if data[end:end + 1024] != bytes(1024):
         raise ShardError(f"shard {name}: truncated (no end-of-archive marker after byte {end})")
-    if not groups and data:
+    if not groups:
         raise ShardError(f"shard {name}: no samples found (not a WebDataset tar?)")
     samples: list[Sample] = []
     shape = None
     for key, members in groups.items():
         image_ext = next((e for e in IMAGE_EXTS + READ_ONLY_EXTS if e in members), None)
         if image_ext is None:
+            dotted = [member_names[key][e] for e in sorted(members)
+                      if "." in e and e.rsplit(".", 1)[1] in IMAGE_EXTS + READ_ONLY_EXTS]
+            if dotted:
+                raise ShardError(f"shard {name}, sample {key!r}: sample keys may not contain dots "
+                                 f"(member {dotted[0]!r} reads as key {key!r} with extension "
+                                 f"{_split_member(dotted[0])[1]!r}: WebDataset splits at the "
+                                 "first dot)")
             raise ShardError(f"shard {name}, sample {key!r}: no image member "
                              f"(expected {key}.png); has {sorted(members)}")
         try:
             image = decode_image(members[image_ext])
+        except ShardError as exc:
+            raise ShardError(f"shard {name}, sample {key!r}: {key}.{image_ext} is a {exc}") \
+                from None
         except Exception as exc:
             raise ShardError(f"shard {name}, sample {key!r}: {key}.{image_ext} is not a decodable "
                              f"image ({type(exc).__name__})") from None
