@@ -13,7 +13,9 @@ bytes (protection is deterministic for a given seed). This is how img2dataset co
 
 The record carries a hash of everything that decides the output bytes (method, settings, state
 file, fraction, seed): an incremental run refuses to mix outputs made with different settings
-in one prefix.
+in one prefix. It also carries the source shard's fingerprint (size and ETag on object stores,
+size and modification time on local disks): a source replaced under the same name is redone, and
+an output whose source is gone is reported (``--mode sync`` removes it).
 """
 from __future__ import annotations
 
@@ -119,10 +121,69 @@ def committed(dst_url: str, storage_options: Mapping[str, Any] | None = None,
     return done
 
 
+def source_fingerprints(src_url: str, storage_options: Mapping[str, Any] | None = None
+                        ) -> dict[str, dict[str, Any]]:
+    """``{shard name: fingerprint}`` of the shards directly under ``src_url``, from one listing.
+
+    The fingerprint is what the store says changes with the content: the size, and the ETag
+    where the store has one (S3, GCS), else the modification time (local disks).
+    """
+    fs, path = storage.get_fs(src_url, storage_options)
+    fs.invalidate_cache()
+    out: dict[str, dict[str, Any]] = {}
+    try:
+        entries = fs.ls(path, detail=True)
+    except FileNotFoundError:
+        return out
+    for entry in entries:
+        name = posixpath.basename(str(entry.get("name", "")).rstrip("/"))
+        if not name.endswith(".tar") or name.startswith((".", "_")):
+            continue
+        tag = entry.get("ETag") or entry.get("etag")
+        fingerprint: dict[str, Any] = {"size": entry.get("size")}
+        if tag:
+            fingerprint["etag"] = str(tag).strip('"')
+        else:
+            fingerprint["mtime"] = entry.get("mtime") if entry.get("mtime") is not None else \
+                str(entry.get("LastModified") or entry.get("updated") or "")
+        out[name] = fingerprint
+    return out
+
+
+def source_changed(record: Mapping[str, Any], fingerprint: Mapping[str, Any] | None) -> bool:
+    """Whether a committed record was made from another version of its source shard.
+
+    Records written before fingerprints existed (no ``source_fingerprint``) count as unchanged.
+    """
+    recorded = record.get("source_fingerprint")
+    if not recorded or fingerprint is None:
+        return False
+    return dict(recorded) != dict(fingerprint)
+
+
+def output_names(dst_url: str, storage_options: Mapping[str, Any] | None = None) -> set[str]:
+    """Shard names DST holds an output shard or a ledger record for."""
+    records = {n[:-len(".json")] for n in _list_names(ledger_url(dst_url), ".json", storage_options)}
+    return records | set(_list_names(dst_url, ".tar", storage_options))
+
+
+def remove_output(dst_url: str, name: str,
+                  storage_options: Mapping[str, Any] | None = None) -> None:
+    """Uncommit then delete one output shard: the record goes first, so a crash in between
+    leaves an uncommitted shard (redone or removed again), never a record without its shard."""
+    for url in (record_url(dst_url, name), storage.join(dst_url, name)):
+        fs, path = storage.get_fs(url, storage_options)
+        try:
+            fs.rm(path)
+        except FileNotFoundError:
+            pass
+
+
 def remove_stale_temps(dst_url: str, storage_options: Mapping[str, Any] | None = None) -> list[str]:
     """Delete temporary files left by a killed run (``.NAME.tmp-<id>``), in DST and its ledger.
 
-    Only one protect run may write a prefix at a time; a new run owns every temporary there.
+    Only the holder of DST's lease (``ue_dist.runtime.lease``) calls this: no other run is
+    writing there, so every temporary file is a leftover.
     """
     removed = []
     for url in (dst_url, ledger_url(dst_url)):
@@ -140,4 +201,5 @@ def remove_stale_temps(dst_url: str, storage_options: Mapping[str, Any] | None =
 
 
 __all__ = ["LEDGER_DIR", "LedgerError", "committed", "ledger_url", "read_record", "record_url",
-           "remove_stale_temps", "settings_hash", "shard_name", "write_record"]
+           "output_names", "remove_output", "remove_stale_temps", "settings_hash", "shard_name",
+           "source_changed", "source_fingerprints", "write_record"]

@@ -7,6 +7,11 @@ from typing import Any, Mapping
 import ray
 
 from ue_dist.data import storage
+from ue_dist.errors import UserError
+
+
+class ResourceError(UserError, RuntimeError):
+    """A request (CPUs, GPUs per actor or worker) that no node of the cluster can satisfy."""
 
 
 def ensure_ray(num_cpus: int | None = None, address: str | None = None) -> None:
@@ -22,6 +27,49 @@ def ensure_ray(num_cpus: int | None = None, address: str | None = None) -> None:
         if num_cpus is not None:
             kwargs["num_cpus"] = num_cpus
     ray.init(**kwargs)
+
+
+def started_here() -> bool:
+    """Whether this process started the Ray it uses (a local Ray: no autoscaler adds nodes)."""
+    node = getattr(ray._private.worker, "_global_node", None)
+    return bool(getattr(node, "head", False))
+
+
+def check_resources(need: Mapping[str, float], what: str) -> bool:
+    """True when an alive node can host ``need`` (e.g. ``{"CPU": 0.5, "GPU": 1}``) now.
+
+    A request that no node can satisfy would wait forever. On a Ray this process started, no
+    node will ever come, so that raises ``ResourceError`` naming the request and the largest
+    node; on a cluster it returns False: an autoscaler may still add such a node, and the
+    caller waits a bounded time for it.
+    """
+    need = {k: float(v) for k, v in need.items() if float(v) > 0}
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    if any(all(r.get(k, 0.0) >= v for k, v in need.items()) for r in nodes):
+        return True
+    largest = ", ".join(f"{max((r.get(k, 0.0) for r in nodes), default=0):g} {k}" for k in need)
+    asked = ", ".join(f"{v:g} {k}" for k, v in need.items())
+    if started_here():
+        raise ResourceError(f"{what} asks for {asked}, but no node of this Ray offers that "
+                            f"(largest node: {largest}); ask for less")
+    return False
+
+
+def user_error_in(exc: BaseException) -> UserError | None:
+    """The user error inside an exception Ray wrapped (actor and task errors, Ray Train's
+    ``WorkerGroupError``/``ControllerError``), or None."""
+    seen, stack = set(), [exc]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, UserError):
+            return e
+        stack += [getattr(e, "cause", None), e.__cause__, e.__context__,
+                  getattr(e, "controller_failure", None),
+                  *dict(getattr(e, "worker_failures", None) or {}).values()]
+    return None
 
 
 def pyarrow_filesystem(url: str, storage_options: Mapping[str, Any] | None = None):

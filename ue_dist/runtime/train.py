@@ -149,9 +149,20 @@ def fit_method(method_name: str, train_url: str, state_url: str, *, preset: str 
         run_config=RunConfig(name=run_name, storage_path=path, storage_filesystem=fs,
                              failure_config=FailureConfig(max_failures=max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)))
-    result = trainer.fit()
-    if result.error is not None:
-        raise result.error
+    from ue_dist.runtime.ray_env import check_resources, user_error_in
+    if not check_resources({"CPU": float(cpus_per_worker), "GPU": 1.0 if use_gpu else 0.0},
+                           "one fit worker (--cpus-per-worker, --gpu)"):
+        progress(f"[ue-dist] fit {method_name}: no node offers {cpus_per_worker:g} CPU"
+                 f"{' and 1 GPU' if use_gpu else ''} per worker yet; waiting for the cluster")
+    try:
+        result = trainer.fit()
+        if result.error is not None:
+            raise result.error
+    except Exception as exc:  # Ray Train wraps worker errors: give a user error its status back
+        user = user_error_in(exc)
+        if user is not None:
+            raise user from None
+        raise
     if result.checkpoint is None:
         raise RuntimeError(f"fit {method_name}: the run {run_name} ended without a checkpoint")
     with result.checkpoint.as_directory() as directory:
