@@ -187,7 +187,7 @@ def test_16bit_images_are_refused_not_clipped(tmp_path, payload, bits):
     assert decode_image(_png(np.dstack([rgb, rgb[..., :1]]))).shape == (4, 4, 4)
 
 
-def test_16bit_tiff_and_float_images_are_refused_by_imagefolder(tmp_path):
+def test_imagefolder_refuses_16bit_and_float_images(tmp_path):
     from ue_dist.data.converters import convert_imagefolder
     for cls in ("cat", "dog"):
         (tmp_path / "imgs" / cls).mkdir(parents=True)
@@ -288,3 +288,64 @@ def test_shard_bytes_unchanged_for_valid_samples(tmp_path):
                 info.uname = info.gname = "ue_dist"
                 tar.addfile(info, io.BytesIO(payload))
     assert buf.getvalue() == data
+
+
+# 7. options and paths: one line, exit 2, the option or path named ------------------------------
+@pytest.mark.parametrize("argv,pattern", [
+    (["--shard-size", "0"], r"--shard-size must be >= 1 .*got 0"),
+    (["--shard-size", "-3"], r"--shard-size must be >= 1 .*got -3"),
+    (["--image-size", "0"], r"--image-size must be >= 1 .*got 0"),
+    (["--image-size", "-5"], r"--image-size must be >= 1 .*got -5"),
+    (["--n", "0"], r"--n must be at least 20, got 0"),
+    (["--n", "-4"], r"--n must be at least 20, got -4"),
+    (["--seed", "-1"], r"--seed must be >= 0, got -1"),
+])
+def test_convert_options_are_checked(tmp_path, capsys, argv, pattern):
+    import re
+    assert cli(["convert", "synthetic", str(tmp_path / "out"), "--n", "40", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("ue-dist convert: error: ")
+    assert re.search(pattern, err), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_convert_paths_are_checked(tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    np.save(tmp_path / "y.npy", np.arange(4))
+    cases = [
+        (["imagefolder", str(afile), str(tmp_path / "o")], f"input '{afile}' is a file, not a folder"),
+        (["imagefolder", str(tmp_path / "nope"), str(tmp_path / "o")], "'" + str(tmp_path / "nope")
+         + "' does not exist"),
+        (["numpy", str(tmp_path), str(tmp_path / "y.npy"), str(tmp_path / "o")],
+         f"input '{tmp_path}' is a folder, not a .npy file"),
+        (["synthetic", str(afile), "--n", "40"], f"output '{afile}' is an existing file"),
+        (["synthetic", str(afile / "sub"), "--n", "40"], f"lies under '{afile}', which is a file"),
+        (["digits", str(afile)], f"output '{afile}' is an existing file"),
+    ]
+    for argv, needle in cases:
+        assert cli(["convert", *argv]) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and needle in err, (argv, err)
+    assert afile.read_text() == "x" and sorted(os.listdir(tmp_path)) == ["afile", "y.npy"]
+
+
+def test_info_on_a_file_names_it(tmp_path, capsys):
+    write_samples(str(tmp_path / "ds"), [Sample("a", np.zeros((4, 4, 3), np.uint8), 0)])
+    shard = tmp_path / "ds" / "shard-000000.tar"
+    assert cli(["info", str(shard)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"'{shard}' is a file, not a folder of shards" in err
+    assert cli(["info", str(tmp_path / "ds"), "--json"]) == 0
+    assert '"samples": 1' in capsys.readouterr().out
+
+
+def test_write_samples_refuses_bad_shard_size_and_file_output(tmp_path):
+    from ue_dist.data.storage import StorageError
+    from ue_dist.errors import UserError
+    one = [Sample("a", np.zeros((4, 4, 3), np.uint8), 0)]
+    with pytest.raises(UserError, match="--shard-size must be >= 1"):
+        write_samples(str(tmp_path / "ds"), one, shard_size=0)
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(StorageError, match="is an existing file"):
+        write_samples(str(tmp_path / "f"), one)

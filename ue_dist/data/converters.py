@@ -284,8 +284,10 @@ def _safe_key(text: str) -> str:
 def imagefolder_arrays(path: str, image_size: int | None = None, test_fraction: float = 0.2,
                        seed: int = 0) -> tuple[Splits, dict[str, list[str]], list[str]]:
     """``PATH/<class>/<image>`` (or ``PATH/train/<class>`` + ``PATH/test/<class>``)."""
+    if not os.path.exists(path):
+        raise ConvertError(f"imagefolder: {path!r} does not exist")
     if not os.path.isdir(path):
-        raise ConvertError(f"imagefolder: {path!r} is not a folder")
+        raise ConvertError(f"imagefolder: {path!r} is a file, not a folder")
     has_splits = os.path.isdir(os.path.join(path, "train")) and os.path.isdir(os.path.join(path, "test"))
     roots = {"train": os.path.join(path, "train"), "test": os.path.join(path, "test")} if has_splits \
         else {"all": path}
@@ -363,7 +365,8 @@ def numpy_arrays(x_path: str, y_path: str, test_fraction: float = 0.2, seed: int
         x = np.load(x_path, allow_pickle=False)
         y = np.load(y_path, allow_pickle=False)
     except Exception as exc:
-        raise ConvertError(f"numpy: cannot load {x_path!r} / {y_path!r}: {exc}") from None
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise ConvertError(f"numpy: cannot load {x_path!r} / {y_path!r}: {reason}") from None
     if x.ndim == 3:
         x = x[..., None]
     if x.ndim != 4 or x.shape[3] not in (1, 3, 4):

@@ -84,8 +84,8 @@ def write_samples(url: str, samples: list[Sample], *, shard_size: int = DEFAULT_
     Everything is validated before the first byte is written; if a write fails, the shards this
     call wrote are removed again, so a dataset appears whole or not at all.
     """
-    if shard_size < 1:
-        raise ValueError(f"--shard-size must be >= 1, got {shard_size}")
+    if int(shard_size) < 1:
+        raise ShardError(f"--shard-size must be >= 1 (samples per shard), got {shard_size}")
     if not samples:
         raise ShardError(f"nothing to write to {url!r}: no samples")
     seen: set[str] = set()
@@ -100,6 +100,8 @@ def write_samples(url: str, samples: list[Sample], *, shard_size: int = DEFAULT_
                              "(mixed image shapes)")
     storage.check_writable_root(url, storage_options)
     fs, path = storage.get_fs(url, storage_options)
+    if fs.isfile(path):
+        raise storage.StorageError(f"{url!r} is an existing file, not a folder for shards")
     if fs.exists(path) and not overwrite:
         existing = [e for e in fs.ls(path, detail=False) if str(e).endswith(".tar")]
         if existing:

@@ -255,6 +255,9 @@ def list_shards(url: str, storage_options: Mapping[str, Any] | None = None) -> l
         raise storage.StorageError(f"{url!r} does not exist") from None
     except Exception as exc:  # e.g. NoSuchBucket surfaces here
         raise storage.StorageError(f"cannot list {url!r}: {exc}") from exc
+    if len(entries) == 1 and str(entries[0]).rstrip("/") == path.rstrip("/") and fs.isfile(path):
+        raise storage.StorageError(f"{url!r} is a file, not a folder of shards; pass the folder "
+                                   "that holds the shards (e.g. OUT/train)")
     names = sorted(posixpath.basename(e.rstrip("/")) for e in entries)
     return [storage.join(url, n) for n in names
             if n.endswith(SHARD_SUFFIX) and not n.startswith((".", "_"))]
