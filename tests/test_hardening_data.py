@@ -349,3 +349,19 @@ def test_write_samples_refuses_bad_shard_size_and_file_output(tmp_path):
     (tmp_path / "f").write_text("x")
     with pytest.raises(StorageError, match="is an existing file"):
         write_samples(str(tmp_path / "f"), one)
+
+
+@pytest.mark.parametrize("members,pattern", [
+    ([("a.png", _png()), ("a.cls", b"99999999999999999999999")], r"sample 'a': label .* 64 bits"),
+    ([("a.png", _png()), ("a.cls", b"1"), ("a.json", b"[1, 2]")], r"a.json holds a list, not a JSON"),
+])
+def test_oversized_labels_and_non_object_meta(tmp_path, members, pattern):
+    _refusal(_shard(tmp_path / "m.tar", members), pattern)
+
+
+def test_error_messages_are_one_line():
+    assert str(ShardError("shard x: a\nb\r\nc")) == "shard x: a b c"
+    assert str(ConvertError("imagefolder: /p/bad\nname.png is not decodable")) == \
+        "imagefolder: /p/bad name.png is not decodable"
+    import pickle as _pickle  # Ray ships these across processes
+    assert str(_pickle.loads(_pickle.dumps(ShardError("a\nb")))) == "a b"

@@ -24,7 +24,10 @@ from ue_dist.errors import UserError
 
 
 class ConvertError(UserError, ValueError):
-    pass
+    """Input a converter cannot use; one line (line breaks, e.g. in file names, become spaces)."""
+
+    def __init__(self, message: object = "", *args: object):
+        super().__init__(" ".join(part.strip() for part in str(message).splitlines()), *args)
 
 
 Splits = dict[str, tuple[np.ndarray, np.ndarray]]

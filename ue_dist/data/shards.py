@@ -236,12 +236,18 @@ def parse_shard(data: bytes, name: str) -> list[Sample]:
                              "integer") from None
         if label < 0:
             raise ShardError(f"shard {name}, sample {key!r}: label {label} is negative")
+        if label >= 2 ** 63:
+            raise ShardError(f"shard {name}, sample {key!r}: label {label_raw[:20]!r}... does not "
+                             "fit in 64 bits")
         meta: dict[str, Any] = {}
         if "json" in members:
             try:
                 meta = json.loads(members["json"].decode())
             except (ValueError, UnicodeDecodeError):
                 raise ShardError(f"shard {name}, sample {key!r}: {key}.json is not valid JSON") from None
+            if not isinstance(meta, dict):
+                raise ShardError(f"shard {name}, sample {key!r}: {key}.json holds a "
+                                 f"{type(meta).__name__}, not a JSON object")
         samples.append(Sample(key, image, label, meta))
     return samples
 
