@@ -5,6 +5,7 @@ Every command that fits or trains resolves its settings here and prints what it 
 from __future__ import annotations
 
 import json
+import math
 from fractions import Fraction
 from typing import Any, Mapping, Sequence
 
@@ -28,7 +29,8 @@ def check_keys(got: Any, valid: Any, where: str, error: type[Exception] = Settin
 
 
 def parse_radius(value: Any, name: str = "eps") -> float:
-    """Parse ``8/255``, ``0.03`` or a number into a float radius (must be >= 0)."""
+    """Parse ``8/255``, ``0.03`` or a number into a float radius: finite and >= 0 (NaN and inf are
+    always refused). Bounds that depend on the setting are ``check_radius``'s."""
     if isinstance(value, bool):
         raise SettingsError(f"{name}: expected a number or a fraction like 8/255, got {value!r}")
     if isinstance(value, (int, float)):
@@ -37,11 +39,56 @@ def parse_radius(value: Any, name: str = "eps") -> float:
         text = str(value).strip()
         try:
             out = float(Fraction(text)) if "/" in text else float(text)
-        except (ValueError, ZeroDivisionError):
+        except (ValueError, ZeroDivisionError, OverflowError):
             raise SettingsError(
                 f"{name}: expected a number or a fraction like 8/255, got {value!r}") from None
-    if out != out or out < 0:
-        raise SettingsError(f"{name}: must be a non-negative number, got {value!r}")
+    if not math.isfinite(out) or out < 0:
+        raise SettingsError(f"{name}: must be a finite number >= 0, got {value!r}")
+    return out
+
+
+def is_radius(key: str) -> bool:
+    """Settings that are radii: ``eps``, ``*_eps`` (adv_eps, at_eps, eval_eps), ``rho*``."""
+    return key == "eps" or key.endswith("_eps") or key.startswith("rho")
+
+
+def check_radius(key: str, value: Any, settings: Mapping[str, Any] | None = None,
+                 what: str = "settings") -> float | None:
+    """The one place radii are validated (``resolve_settings`` and ``Method`` call it).
+
+    * ``eps`` (the protection's radius): an L-inf radius on the [0, 1] pixel scale, so in
+      (0, 1]; with ``norm: l2`` (bayes) an L2 radius, which may exceed 1: finite and > 0.
+    * ``*_eps`` / ``rho*`` (adversarial-training radii of source models and victims, evaluation
+      radii): L-inf, in [0, 1]; 0 turns the adversary off; None where the default allows it.
+
+    NaN and inf are always refused; the message names the setting and the valid range.
+    """
+    if value is None and key != "eps":
+        return None
+    where = f"{key} for {what}"
+    if value is None or isinstance(value, bool):
+        raise SettingsError(f"{where} must be a number or a fraction like 8/255, got {value!r}")
+    radius = parse_radius(value, key) if not isinstance(value, (int, float)) else float(value)
+    l2 = key == "eps" and str((settings or {}).get("norm", "linf")).lower() == "l2"
+    if key == "eps" and l2:
+        ok, valid = math.isfinite(radius) and radius > 0, "a finite number > 0 (an L2 radius)"
+    elif key == "eps":
+        ok, valid = math.isfinite(radius) and 0 < radius <= 1, \
+            "a finite number in (0, 1] (an L-inf radius on the [0, 1] pixel scale, e.g. 8/255)"
+    else:
+        ok, valid = math.isfinite(radius) and 0 <= radius <= 1, \
+            "a finite number in [0, 1] (an L-inf radius on the [0, 1] pixel scale; 0 = off)"
+    if not ok:
+        raise SettingsError(f"{where} must be {valid}, got {value!r}")
+    return radius
+
+
+def validate_radii(settings: Mapping[str, Any], what: str = "settings") -> dict[str, Any]:
+    """``settings`` with every radius parsed and checked by ``check_radius``."""
+    out = dict(settings)
+    for key in out:
+        if is_radius(key):
+            out[key] = check_radius(key, out[key], out, what)
     return out
 
 
@@ -120,11 +167,7 @@ def resolve_settings(presets: Mapping[str, Mapping[str, Any]], preset: str = "pa
     for key, value in raw.items():
         settings[key] = _coerce(key, value, settings[key])
     settings.update(typed)
-    for key in settings:
-        if key == "eps" or key.endswith("_eps") or key.startswith("rho"):
-            if settings[key] is not None:
-                settings[key] = parse_radius(settings[key], key)
-    return settings
+    return validate_radii(settings, what)
 
 
 def format_settings(settings: Mapping[str, Any]) -> str:

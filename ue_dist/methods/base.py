@@ -22,7 +22,7 @@ from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import torch
 
-from ue_dist.core.config import SettingsError, resolve_settings
+from ue_dist.core.config import SettingsError, resolve_settings, validate_radii
 from ue_dist.core.context import FitContext
 from ue_dist.data import storage
 from ue_dist.data.imageset import ImageSet
@@ -54,9 +54,9 @@ class Method:
         return resolve_settings(cls.presets, preset, overrides, what=f"method {cls.name!r}")
 
     def validate_settings(self) -> None:
-        """Raise ``SettingsError`` naming the option; subclasses extend."""
-        if not self.eps > 0:
-            raise SettingsError(f"eps must be > 0 for method {self.name!r}, got {self.eps}")
+        """Raise ``SettingsError`` naming the option; subclasses extend. Radii (eps, *_eps, rho*)
+        are checked by ``core.config.check_radius``, also for settings given without a preset."""
+        validate_radii(self.settings, f"method {self.name!r}")
 
     # the two verbs ------------------------------------------------------------------------------
     def fit(self, train: ImageSet, ctx: FitContext) -> dict[str, Any]:
