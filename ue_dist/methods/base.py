@@ -77,6 +77,9 @@ class Method:
 
     def check_state(self, state: Mapping[str, Any], image_shape: Sequence[int] | None = None,
                     source: str = "state") -> None:
+        if getattr(self, "_finite_state", None) is not state:  # once per state object
+            validate_state(state, source)
+            self._finite_state = state
         got = state.get("method")
         if got != self.name:
             raise StateError(f"{source} was fitted by method {got!r}, not {self.name!r}")
@@ -87,6 +90,27 @@ class Method:
         if fitted_eps is not None and abs(float(fitted_eps) - self.eps) > 1e-9 and \
                 getattr(self, "eps_fixed_by_state", False):
             raise StateError(f"{source} was fitted for eps={fitted_eps}, but eps={self.eps} was asked")
+
+    def check_loadable(self, state: Mapping[str, Any], source: str = "state") -> None:
+        """Materialise ``state`` once on the CPU (``load``): a state that lacks a key the method
+        needs, or holds a value of the wrong type or shape, fails here with a ``StateError``
+        naming ``source``, not with a KeyError in a worker. The driver calls it before any worker
+        starts."""
+        named = _named(source)
+        try:
+            self.load(state, "cpu")
+        except StateError as exc:
+            if source in str(exc):
+                raise
+            raise StateError(f"{named}: {_first_line(exc)}") from None
+        except UserError:
+            raise
+        except KeyError as exc:
+            raise StateError(f"{named} cannot be used by method {self.name!r}: it lacks the key "
+                             f"{exc.args[0]!r} (not a complete {self.name} state?)") from None
+        except (TypeError, ValueError, RuntimeError, IndexError, AttributeError) as exc:
+            raise StateError(f"{named} cannot be used by method {self.name!r}: "
+                             f"{type(exc).__name__}: {_first_line(exc)}") from None
 
 
 # registry ------------------------------------------------------------------------------------
@@ -130,6 +154,42 @@ def build_method(name: str, preset: str = "paper",
 
 
 # state I/O ------------------------------------------------------------------------------------
+def _named(source: str) -> str:
+    return "state" if source in ("", "state") else f"state file {source!r}"
+
+
+def _first_line(exc: BaseException, limit: int = 300) -> str:
+    text = " ".join((str(exc).strip().splitlines() or [""])[0].split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def validate_state(state: Mapping[str, Any], source: str = "state") -> None:
+    """Every tensor in ``state`` (through dicts, lists and tuples) and every number outside its
+    ``settings`` is finite: a NaN / inf state (a diverged fit, a corrupt file) is refused with a
+    ``StateError`` naming ``source`` and the entry."""
+    import math
+
+    def walk(obj: Any, where: str) -> None:
+        if isinstance(obj, torch.Tensor):
+            if (obj.is_floating_point() or obj.is_complex()) and obj.numel():
+                finite = torch.isfinite(obj)
+                if not bool(finite.all()):
+                    raise StateError(f"{_named(source)}: {where or 'the state'} holds "
+                                     f"{int((~finite).sum())} NaN/inf value(s) of {obj.numel()} "
+                                     "(a diverged fit or a corrupt file); refit it")
+        elif isinstance(obj, Mapping):
+            for key, value in obj.items():
+                if not (where == "" and key == "settings"):  # settings are validated as settings
+                    walk(value, f"{where}.{key}" if where else repr(key))
+        elif isinstance(obj, (list, tuple)):
+            for i, value in enumerate(obj):
+                walk(value, f"{where}[{i}]")
+        elif isinstance(obj, float) and not math.isfinite(obj):
+            raise StateError(f"{_named(source)}: {where or 'the state'} is {obj} (not finite)")
+
+    walk(state, "")
+
+
 def save_state(state: Mapping[str, Any], url: str,
                storage_options: Mapping[str, Any] | None = None) -> None:
     buffer = io.BytesIO()
@@ -145,10 +205,21 @@ def load_state(url: str, storage_options: Mapping[str, Any] | None = None) -> di
     try:
         state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated, not a torch file, pickled code ...
-        raise StateError(f"state file {url!r} cannot be read ({type(exc).__name__}: {exc}); "
-                         "is it truncated or not a ue_dist state?") from None
+        # torch's own text advises weights_only=False, i.e. running the file's code: not repeated.
+        text = str(exc)
+        if "weights only" in text.lower() or "weights_only" in text or "GLOBAL" in text:
+            import re
+
+            wants = re.search(r"GLOBAL ([\w.]+)", text)
+            raise StateError(
+                f"state file {url!r} was refused: it holds objects a ue_dist state never holds "
+                f"(pickled code or classes{', e.g. ' + wants.group(1) if wants else ''}), so it "
+                "was not loaded; use a state written by `ue-dist fit`") from None
+        raise StateError(f"state file {url!r} cannot be read ({type(exc).__name__}: "
+                         f"{_first_line(exc, 160)}); is it truncated or not a ue_dist state?") from None
     if not isinstance(state, dict) or "method" not in state:
         raise StateError(f"state file {url!r} is not a ue_dist fitted state")
+    validate_state(state, url)
     return state
 
 
