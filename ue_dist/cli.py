@@ -399,11 +399,11 @@ def _run_options(p: argparse.ArgumentParser) -> None:
                 "(every step resumable). Exit status 3 when shards were skipped as unreadable.",
          _run_options)
 def _run_cmd(args: argparse.Namespace) -> int:
-    from ue_dist.runtime.jobs import load_spec, run_job
+    from ue_dist.runtime.jobs import load_spec, printable_spec, run_job
 
     spec = load_spec(args.spec)
     if args.check:
-        emit(args, spec)
+        emit(args, printable_spec(spec))  # credentials in storage_options are shown as ***
         return 0
     result = run_job(spec, progress=lambda m: print(m, file=sys.stderr, flush=True))
     emit(args, result)

@@ -262,6 +262,14 @@ def load_spec(path: str) -> dict[str, Any]:
     return spec
 
 
+def printable_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """``spec`` as ``ue-dist run --check`` prints it: the values of secret-looking keys (key,
+    secret, token, password, session, credential, in any nesting: ``storage_options.secret``,
+    ``client_kwargs.aws_session_token``, an inline sweep's options) and URL passwords are
+    ``***``. The spec itself is unchanged (running it still uses the real values)."""
+    return storage.mask_secrets(dict(spec))
+
+
 # running ----------------------------------------------------------------------------------------
 def _has_shards(url: str, so: Mapping[str, Any]) -> bool:
     from ue_dist.data.shards import list_shards
@@ -352,4 +360,4 @@ def run_job(spec: Mapping[str, Any], progress: Callable[[str], None] = print) ->
             "steps": steps, "ok": ok}
 
 
-__all__ = ["JobSpecError", "STEPS", "load_spec", "run_job", "validate_spec"]
+__all__ = ["JobSpecError", "STEPS", "load_spec", "printable_spec", "run_job", "validate_spec"]
