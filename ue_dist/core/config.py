@@ -79,7 +79,8 @@ def check_radius(key: str, value: Any, settings: Mapping[str, Any] | None = None
         ok, valid = math.isfinite(radius) and 0 <= radius <= 1, \
             "a finite number in [0, 1] (an L-inf radius on the [0, 1] pixel scale; 0 = off)"
     if not ok:
-        raise SettingsError(f"{where} must be {valid}, got {value!r}")
+        why = " (a radius is non-negative)" if radius < 0 else ""
+        raise SettingsError(f"{where} must be {valid}, got {value!r}{why}")
     return radius
 
 
