@@ -213,9 +213,13 @@ def _protect_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpus-per-actor", type=float, default=0.5,
                    help="CPUs per actor, fractional allowed (default 0.5)")
     p.add_argument("--batch-size", type=int, default=256, help="images per perturb call")
-    p.add_argument("--mode", choices=["incremental", "overwrite"], default="incremental",
-                   help="incremental (default): skip shards the ledger says are done; "
-                        "overwrite: redo every shard")
+    p.add_argument("--mode", choices=["incremental", "overwrite", "sync"], default="incremental",
+                   help="incremental (default): skip shards the ledger says are done and whose "
+                        "source is unchanged; overwrite: redo every shard; sync: incremental, "
+                        "and remove outputs whose source shard is gone")
+    p.add_argument("--wait-for-lease", type=float, default=0.0, metavar="SECONDS",
+                   help="if another run is writing DST, wait up to SECONDS for it (default 0: "
+                        "refuse at once)")
     p.add_argument("--watch", action="store_true",
                    help="keep listing SRC and protect new shards as they land (Ctrl-C to stop)")
     p.add_argument("--poll-seconds", type=float, default=30.0, help="listing interval with --watch")
@@ -239,7 +243,7 @@ def _protect_cmd(args: argparse.Namespace) -> int:
                       cpus_per_actor=args.cpus_per_actor, batch_size=args.batch_size,
                       mode=args.mode, watch=args.watch, poll_seconds=args.poll_seconds,
                       max_polls=args.max_polls, stop_file=args.stop_file,
-                      storage_options=storage_options(args),
+                      storage_options=storage_options(args), wait_for_lease=args.wait_for_lease,
                       progress=lambda m: print(m, file=sys.stderr, flush=True))
     emit(args, summary)
     if summary["bad_shards"]:
