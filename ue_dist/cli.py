@@ -66,14 +66,26 @@ def print_settings(what: str, settings: dict[str, Any]) -> None:
 # --- convert, info (data layer) ---------------------------------------------------------------
 def _configure_convert(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", metavar="SOURCE",
-                   help="digits | synthetic | cifar10 | cifar100 | imagefolder | numpy")
+                   help="digits | synthetic | cifar10 | cifar100 | imagefolder | numpy | "
+                        "fashion-mnist | idx")
     p.add_argument("paths", nargs="+", metavar="PATH",
                    help="digits/synthetic: OUT; cifar10/cifar100/imagefolder: PATH OUT; "
-                        "numpy: X.npy Y.npy OUT. Writes OUT/train and OUT/test shards")
+                        "numpy: X.npy Y.npy OUT; fashion-mnist: [DIR] OUT (DIR, any fsspec URL, "
+                        "holds the four IDX files; default: where `apt-get install "
+                        "dataset-fashion-mnist` puts them, /usr/share/datasets/fashion-mnist); "
+                        "idx: IMAGES LABELS [TEST_IMAGES TEST_LABELS] OUT (MNIST-format files, "
+                        ".gz or not; one pair is split like numpy). Writes OUT/train and OUT/test")
     p.add_argument("--n", type=int, default=5000, help="synthetic: number of samples (default 5000)")
     p.add_argument("--image-size", type=int, default=None,
-                   help="resize images to SIZE x SIZE (digits default 32; others keep their size)")
-    p.add_argument("--native", action="store_true", help="digits: keep the native 8x8 images")
+                   help="resize images to SIZE x SIZE (digits, fashion-mnist, idx default 32; "
+                        "others keep their size)")
+    p.add_argument("--native", action="store_true",
+                   help="keep the original size: digits 8x8 (3 channels), fashion-mnist/idx "
+                        "28x28x1 grayscale. Without it these grayscale sources become 32x32x3, "
+                        "the CIFAR shape every victim and method expects")
+    p.add_argument("--channels", type=int, default=None, metavar="{1,3}",
+                   help="digits, fashion-mnist, idx: 1 (grayscale) or 3 (gray repeated; "
+                        "default, 1 with --native for fashion-mnist/idx)")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/test split (default 0)")
     p.add_argument("--overwrite", action="store_true", help="replace shards already in OUT")
@@ -86,8 +98,9 @@ def _configure_convert(p: argparse.ArgumentParser) -> None:
 def _convert(args: argparse.Namespace) -> int:
     from ue_dist.runtime.data_jobs import convert
     result = convert(args.source, args.paths, n=args.n, image_size=args.image_size,
-                     native=args.native, shard_size=args.shard_size, seed=args.seed,
-                     overwrite=args.overwrite, storage_options=storage_options(args))
+                     native=args.native, channels=args.channels, shard_size=args.shard_size,
+                     seed=args.seed, overwrite=args.overwrite,
+                     storage_options=storage_options(args))
     emit(args, result, lambda r: "\n".join(
         f"{split}: {r[split]['samples']} samples in {r[split]['shards']} shard(s) -> {r[split]['url']}"
         for split in ("train", "test") if split in r))
@@ -200,6 +213,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 # protect
 def _protect_options(p: argparse.ArgumentParser) -> None:
+    from ue_dist.runtime.protect import MODES
     p.add_argument("src", metavar="SRC", help="folder/prefix of input shards (*.tar), any fsspec URL")
     p.add_argument("dst", metavar="DST", help="output prefix (not inside SRC); a ledger in "
                                               "DST/_ledger records the committed shards")
@@ -213,7 +227,7 @@ def _protect_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpus-per-actor", type=float, default=0.5,
                    help="CPUs per actor, fractional allowed (default 0.5)")
     p.add_argument("--batch-size", type=int, default=256, help="images per perturb call")
-    p.add_argument("--mode", choices=["incremental", "overwrite", "sync"], default="incremental",
+    p.add_argument("--mode", choices=MODES, default="incremental",
                    help="incremental (default): skip shards the ledger says are done and whose "
                         "source is unchanged; overwrite: redo every shard; sync: incremental, "
                         "and remove outputs whose source shard is gone")
@@ -384,7 +398,8 @@ def _sweep(args: argparse.Namespace) -> int:
     checked = validate_spec(spec)
     print_settings("victim (sweep)", checked["victim_settings"])
     if args.check:
-        emit(args, checked)
+        from ue_dist.data.storage import mask_secrets
+        emit(args, mask_secrets(checked))  # credentials in storage_options are shown as ***
         return 0
     result = run_sweep(spec, args.storage, progress=lambda m: print(m, file=sys.stderr, flush=True))
     emit(args, result, _sweep_text)

@@ -255,12 +255,7 @@ def parse_shard(data: bytes, name: str) -> list[Sample]:
 def list_shards(url: str, storage_options: Mapping[str, Any] | None = None) -> list[str]:
     """Sorted URLs of the ``*.tar`` shards directly under ``url`` (temp/hidden files excluded)."""
     fs, path = storage.get_fs(url, storage_options)
-    try:
-        entries = fs.ls(path, detail=False)
-    except FileNotFoundError:
-        raise storage.StorageError(f"{url!r} does not exist") from None
-    except Exception as exc:  # e.g. NoSuchBucket surfaces here
-        raise storage.StorageError(f"cannot list {url!r}: {exc}") from exc
+    entries = storage.ls(url, storage_options)  # a missing bucket/prefix, dead endpoint: named
     if len(entries) == 1 and str(entries[0]).rstrip("/") == path.rstrip("/") and fs.isfile(path):
         raise storage.StorageError(f"{url!r} is a file, not a folder of shards; pass the folder "
                                    "that holds the shards (e.g. OUT/train)")

@@ -486,6 +486,10 @@ def read_bytes(url: str, storage_options: Mapping[str, Any] | None = None) -> by
     return _retrying(lambda: fs.cat_file(path), url, "read", storage_options, fs=fs)
 
 
+#: Stores where an object appears only when its upload completes (no rename needed, no folders).
+OBJECT_STORES = ("s3", "s3a", "gs", "gcs", "az", "abfs")
+
+
 @contextmanager
 def atomic_write(url: str, storage_options: Mapping[str, Any] | None = None) -> Iterator[Any]:
     """Open ``url`` for binary writing so that it appears whole or not at all.
@@ -496,12 +500,14 @@ def atomic_write(url: str, storage_options: Mapping[str, Any] | None = None) -> 
     """
     fs, path = get_fs(url, storage_options)
     parent = posixpath.dirname(path)
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
-    if protocol_of(url) in ("s3", "s3a", "gs", "gcs", "az", "abfs"):
+    if protocol_of(url) in OBJECT_STORES:
+        # No makedirs: object stores have no folders, and s3fs's makedirs creates a missing
+        # bucket, which would turn a mistyped bucket name into a new bucket.
         with fs.open(path, "wb") as f:
             yield f
         return
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
     tmp = posixpath.join(parent, f".{posixpath.basename(path)}.tmp-{uuid.uuid4().hex}")
     try:
         with fs.open(tmp, "wb") as f:

@@ -187,8 +187,9 @@ def validate_spec(raw: Mapping[str, Any], base: str = ".") -> dict[str, Any]:
     prot = spec.get("protect") or {}
     _check_keys(prot, SECTION_KEYS["protect"], "protect")
     mode = prot.get("mode", "incremental")
-    if mode not in ("incremental", "overwrite"):
-        raise JobSpecError(f"protect.mode must be incremental or overwrite, got {mode!r}")
+    from ue_dist.runtime.protect import MODES
+    if mode not in MODES:
+        raise JobSpecError(f"protect.mode must be one of {', '.join(MODES)}, got {mode!r}")
     out["protect"] = {
         "dst": _path(prot["dst"], base, "protect.dst") if prot.get("dst")
         else storage.join(root, "protected", "train"),

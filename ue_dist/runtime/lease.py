@@ -92,8 +92,8 @@ class Lease:
         """Conditional create: True when this call made the object."""
         fs, path = storage.get_fs(self.url, self.storage_options)
         parent = path.rsplit("/", 1)[0]
-        if parent:
-            fs.makedirs(parent, exist_ok=True)
+        if parent and storage.protocol_of(self.url) not in storage.OBJECT_STORES:
+            fs.makedirs(parent, exist_ok=True)  # (s3fs's makedirs would create a missing bucket)
         try:
             fs.pipe_file(path, self._body(self.clock()), mode="create")
         except FileExistsError:

@@ -78,9 +78,8 @@ def read_record(dst_url: str, name: str,
 
 def _list_names(url: str, suffix: str, storage_options: Mapping[str, Any] | None) -> dict[str, str]:
     """``{file name: path}`` of the files directly under ``url`` ending in ``suffix``."""
-    fs, path = storage.get_fs(url, storage_options)
     try:
-        entries = fs.ls(path, detail=False)
+        entries = storage.ls(url, storage_options)
     except FileNotFoundError:
         return {}
     out = {}
@@ -100,8 +99,6 @@ def committed(dst_url: str, storage_options: Mapping[str, Any] | None = None,
     ``expect_hash``, a record made with other settings raises ``LedgerError``. Names in ``skip``
     (already known, e.g. by a watcher's earlier polls) are not read again.
     """
-    fs, _ = storage.get_fs(dst_url, storage_options)
-    fs.invalidate_cache()  # watch mode lists repeatedly; s3fs caches listings
     records = _list_names(ledger_url(dst_url), ".json", storage_options)
     outputs = _list_names(dst_url, ".tar", storage_options)
     done: dict[str, dict[str, Any]] = {}
@@ -128,11 +125,9 @@ def source_fingerprints(src_url: str, storage_options: Mapping[str, Any] | None 
     The fingerprint is what the store says changes with the content: the size, and the ETag
     where the store has one (S3, GCS), else the modification time (local disks).
     """
-    fs, path = storage.get_fs(src_url, storage_options)
-    fs.invalidate_cache()
     out: dict[str, dict[str, Any]] = {}
     try:
-        entries = fs.ls(path, detail=True)
+        entries = storage.ls(src_url, storage_options, detail=True)
     except FileNotFoundError:
         return out
     for entry in entries:
