@@ -67,7 +67,7 @@ def test_cli_check_prints_the_resolved_spec(capsys, monkeypatch):
     ({"method": {"name": "no-such"}}, r"unknown method 'no-such'.*classwise"),
     ({"method": {"name": "classwise", "overrides": {"epz": 1}}}, r"unknown setting 'epz'.*eps"),
     ({"protect": {"fraction": 2}}, r"protect.fraction must lie in \[0.0, 1.0\]"),
-    ({"protect": {"mode": "append"}}, r"protect.mode must be incremental or overwrite"),
+    ({"protect": {"mode": "append"}}, r"protect.mode must be one of incremental, overwrite, sync"),
     ({"protect": {"dst": "d/train/prot"}}, r"lies inside the input"),
     ({"evaluate": {"preset": "paper", "overrides": {"archh": "x"}}}, r"archh"),
     ({"root": "${NO_SUCH_VAR_UE}/x"}, r"\$\{NO_SUCH_VAR_UE\} is not set"),
