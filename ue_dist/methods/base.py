@@ -18,7 +18,7 @@ the protected images, never by the method.
 from __future__ import annotations
 
 import io
-from typing import Any, Callable, ClassVar, Mapping, Sequence
+from typing import Any, ClassVar, Mapping, Sequence
 
 import torch
 
@@ -86,10 +86,6 @@ class Method:
         if image_shape is not None and list(state.get("image_shape", [])) != list(image_shape):
             raise StateError(f"{source} was fitted on images of shape {state.get('image_shape')} "
                              f"(C,H,W), but the data have shape {list(image_shape)}")
-        fitted_eps = state.get("settings", {}).get("eps")
-        if fitted_eps is not None and abs(float(fitted_eps) - self.eps) > 1e-9 and \
-                getattr(self, "eps_fixed_by_state", False):
-            raise StateError(f"{source} was fitted for eps={fitted_eps}, but eps={self.eps} was asked")
 
     def check_loadable(self, state: Mapping[str, Any], source: str = "state") -> None:
         """Materialise ``state`` once on the CPU (``load``): a state that lacks a key the method
@@ -222,15 +218,3 @@ def load_state(url: str, storage_options: Mapping[str, Any] | None = None) -> di
     validate_state(state, url)
     return state
 
-
-def state_for(method: Method, url: str | None, train: ImageSet | None,
-              storage_options: Mapping[str, Any] | None = None,
-              fit: Callable[[], dict[str, Any]] | None = None) -> dict[str, Any]:
-    """Load and validate a state, or fit one when ``url`` is None and ``fit`` is given."""
-    if url is None:
-        if fit is None:
-            raise StateError(f"method {method.name!r} needs --state (a fitted state URL)")
-        return fit()
-    state = load_state(url, storage_options)
-    method.check_state(state, train.image_shape if train is not None else None, source=url)
-    return state
