@@ -169,7 +169,3 @@ def resolve_settings(presets: Mapping[str, Mapping[str, Any]], preset: str = "pa
         settings[key] = _coerce(key, value, settings[key])
     settings.update(typed)
     return validate_radii(settings, what)
-
-
-def format_settings(settings: Mapping[str, Any]) -> str:
-    return json.dumps(dict(settings), sort_keys=True, default=str)
