@@ -172,16 +172,3 @@ def fit_method(method_name: str, train_url: str, state_url: str, *, preset: str 
     progress(f"[ue-dist] fit {method_name}: state written to {state_url}")
     return {"state": state_url, "run_name": run_name, "storage_path": storage_path,
             "metrics": dict(result.metrics or {}), "method": method_name}
-
-
-def fit_local(method_name: str, train, *, preset: str = "paper",
-              overrides: Sequence[str] | Mapping[str, Any] = (), device: str | None = None):
-    """Fit in this process (no Ray): notebooks, tests and the sweep's per-trial fits."""
-    from ue_dist.core.context import LocalContext
-
-    method = build_method(method_name, preset, overrides)
-    torch.manual_seed(int(method.settings.get("seed", 0)))
-    state = method.fit(train, LocalContext(device=device, seed=int(method.settings.get("seed", 0))))
-    return method, state
-
-
