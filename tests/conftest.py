@@ -76,12 +76,6 @@ def s3_bucket(moto_s3):
 
 
 @pytest.fixture(scope="session")
-def s3_server(moto_s3):
-    """The endpoint URL of the session's moto server."""
-    return moto_s3["endpoint"]
-
-
-@pytest.fixture(scope="session")
 def ray_local():
     """One local Ray for the whole session (2 CPUs; actors take fractions). Tests that need Ray
     in this process use this fixture and never shut Ray down themselves."""
