@@ -432,8 +432,9 @@ def _run_cmd(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # allow_abbrev=False everywhere: otherwise `fit --train X` parses as `--train-fraction X`.
     parser = argparse.ArgumentParser(
-        prog="ue-dist",
+        prog="ue-dist", allow_abbrev=False,
         description="Protect image datasets with unlearnable examples (Bayes-error maximisation, "
                     "REM/EM/TAP, GUE), at bucket scale on Ray, and judge the protection by "
                     "training victim models.")
@@ -441,7 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name, help_text, configure, run in _COMMANDS:
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)
         configure(p)
         p.set_defaults(_run=run)
     return parser

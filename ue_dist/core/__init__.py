@@ -1,1 +1,1 @@
-"""Pure-torch building blocks: no Ray here (see DESIGN.md, layers)."""
+"""Pure-torch building blocks: no Ray here (layers: docs/architecture.md)."""
