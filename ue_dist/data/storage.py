@@ -399,14 +399,6 @@ def protocol_of(url: str) -> str:
     return url.split("://", 1)[0] if "://" in url else "file"
 
 
-def to_url(fs, path: str) -> str:
-    """Inverse of ``get_fs``: a URL with the filesystem's protocol."""
-    proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    if proto in ("file", "local"):
-        return path
-    return f"{proto}://{path}" if "://" not in path else path
-
-
 def absolute(url: str) -> str:
     """Plain local paths made absolute: Ray workers do not share the driver's working directory."""
     return url if "://" in url else os.path.abspath(url)
@@ -568,6 +560,6 @@ def ls(url: str, storage_options: Mapping[str, Any] | None = None,
 
 __all__ = ["StorageError", "get_fs", "join", "normalise", "resolved", "refuse_inside", "atomic_write",
            "read_bytes", "write_bytes", "exists", "parse_storage_options", "check_writable_root",
-           "fsspec", "protocol_of", "to_url"]
+           "fsspec", "protocol_of"]
 __all__ += ["StorageNotFoundError", "StoragePermissionError", "StorageUnreachableError",
             "StorageTransientError", "storage_error", "is_transient", "ls", "mask_secrets"]
