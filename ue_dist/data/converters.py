@@ -5,10 +5,12 @@ behind; keys are stable (derived from the source's own order or file names) and 
 """
 from __future__ import annotations
 
+import gzip
 import io
 import os
 import pickle
 import re
+import struct
 import tarfile
 import zlib
 from typing import Any, Callable, Mapping
@@ -43,15 +45,19 @@ def _samples(prefix: str, images: np.ndarray, labels: np.ndarray,
 def write_splits(out: str, splits: Mapping[str, tuple[np.ndarray, np.ndarray]], name: str,
                  shard_size: int = DEFAULT_SHARD_SIZE, storage_options=None,
                  overwrite: bool = False, keys: Mapping[str, list[str]] | None = None,
-                 num_classes: int | None = None) -> dict[str, Any]:
+                 num_classes: int | None = None,
+                 extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Write each split under ``OUT/<split>``; ``extra`` (e.g. class names) goes into every
+    split's manifest and into the returned result."""
     k = num_classes or int(max(int(y.max()) for _, y in splits.values()) + 1)
-    result: dict[str, Any] = {"out": out, "source": name}
+    result: dict[str, Any] = {"out": out, "source": name, **dict(extra or {})}
     for split, (images, labels) in splits.items():
         url = storage.join(out, split)
         shards = write_samples(url, _samples(f"{name}-{split}", images, labels,
                                              (keys or {}).get(split)),
                                shard_size=shard_size, num_classes=k, storage_options=storage_options,
-                               overwrite=overwrite, extra={"source": name, "split": split})
+                               overwrite=overwrite,
+                               extra={**dict(extra or {}), "source": name, "split": split})
         result[split] = {"url": url, "samples": int(len(labels)), "shards": len(shards)}
     return result
 
@@ -63,8 +69,9 @@ def _maybe_resize(splits: Splits, image_size: int | None) -> Splits:
 
 
 # digits ----------------------------------------------------------------------------------------
-def convert_digits(out: str, image_size: int | None = 32, seed: int = 0, **kw: Any) -> dict:
-    return write_splits(out, digits_arrays(image_size, seed=seed), "digits", **kw)
+def convert_digits(out: str, image_size: int | None = 32, seed: int = 0, channels: int = 3,
+                   **kw: Any) -> dict:
+    return write_splits(out, digits_arrays(image_size, channels=channels, seed=seed), "digits", **kw)
 
 
 # synthetic -------------------------------------------------------------------------------------
@@ -402,7 +409,240 @@ def convert_numpy(x_path: str, y_path: str, out: str, seed: int = 0, image_size:
                         "numpy", **kw)
 
 
+# IDX (MNIST format): Fashion-MNIST, MNIST, KMNIST, EMNIST ---------------------------------------
+#: IDX type byte -> element type; ``idx_array`` reads only 0x08 (what image and label files use).
+IDX_TYPES = {0x08: "unsigned byte", 0x09: "signed byte", 0x0B: "int16", 0x0C: "int32",
+             0x0D: "float32", 0x0E: "float64"}
+
+
+def _reason(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def idx_array(url: str, storage_options: Mapping[str, Any] | None = None, *,
+              ndim: int | None = None, what: str = "idx") -> np.ndarray:
+    """One IDX file (the MNIST format) as a uint8 array of the shape its header gives.
+
+    The format: two zero bytes, a type byte (only 0x08 = unsigned byte is accepted), the number of
+    dimensions, then one big-endian int32 size per dimension and the data in C order. The file is
+    read through fsspec (any URL ``storage.read_bytes`` takes); gzip is detected by its magic bytes
+    (1f 8b), not by the name. A wrong magic number, another type, a truncated or overlong body,
+    a gzip that does not decompress or (with ``ndim``) another number of dimensions raise a
+    one-line ``ConvertError`` naming the file.
+    """
+    try:
+        blob = storage.read_bytes(url, storage_options)
+    except FileNotFoundError:
+        raise ConvertError(f"{what}: {url} does not exist") from None
+    except (storage.StorageError, OSError) as exc:
+        raise ConvertError(f"{what}: cannot read {url} ({_reason(exc)})") from None
+    if blob[:2] == b"\x1f\x8b":
+        try:
+            blob = gzip.decompress(blob)
+        except (OSError, EOFError, zlib.error) as exc:
+            raise ConvertError(f"{what}: {url} is gzip-compressed but does not decompress "
+                               f"({_reason(exc)})") from None
+    if len(blob) < 4 or blob[0] != 0 or blob[1] != 0 or blob[3] == 0:
+        raise ConvertError(f"{what}: {url} is not an IDX file (magic number "
+                           f"0x{blob[:4].hex() or 'empty'}, expected 0x0000 then type and "
+                           "number of dimensions, e.g. 0x00000803 for images)")
+    type_code, nd = blob[2], blob[3]
+    if type_code != 0x08:
+        kind = IDX_TYPES.get(type_code, "an unknown type")
+        raise ConvertError(f"{what}: {url} holds IDX type 0x{type_code:02x} ({kind}); only 0x08 "
+                           "(unsigned byte) images and labels are supported")
+    if ndim is not None and nd != ndim:
+        expected = "labels: one dimension (N)" if ndim == 1 else \
+            "images: three dimensions (N x rows x columns)" if ndim == 3 else f"{ndim} dimensions"
+        raise ConvertError(f"{what}: {url} has {nd} dimension(s); expected {expected}")
+    header = 4 + 4 * nd
+    if len(blob) < header:
+        raise ConvertError(f"{what}: {url} is truncated: {len(blob)} bytes, shorter than its "
+                           f"{header}-byte header")
+    dims = struct.unpack(f">{nd}I", blob[4:header])
+    size = 1
+    for d in dims:
+        size *= d
+    body = len(blob) - header
+    shape = " x ".join(map(str, dims))
+    if body < size:
+        raise ConvertError(f"{what}: {url} is truncated: the header says {shape} = {size} bytes "
+                           f"of data, the file holds {body}")
+    if body > size:
+        raise ConvertError(f"{what}: {url} has {body - size} bytes after the {shape} = {size} "
+                           "bytes of data its header describes")
+    return np.frombuffer(blob, np.uint8, size, header).reshape(dims).copy()
+
+
+def idx_pair(images_url: str, labels_url: str, storage_options: Mapping[str, Any] | None = None,
+             what: str = "idx") -> tuple[np.ndarray, np.ndarray]:
+    """An images file (N x rows x columns) and its labels file (N): ``(N x H x W x 1, int64 N)``."""
+    images = idx_array(images_url, storage_options, ndim=3, what=what)
+    labels = idx_array(labels_url, storage_options, ndim=1, what=what)
+    if len(images) != len(labels):
+        raise ConvertError(f"{what}: {images_url} holds {len(images)} images but {labels_url} "
+                           f"holds {len(labels)} labels")
+    if not len(images):
+        raise ConvertError(f"{what}: {images_url} holds no images")
+    return images[..., None], labels.astype(np.int64)
+
+
+def _image_format(images: np.ndarray, image_size: int | None, channels: int) -> np.ndarray:
+    """Grayscale N x H x W x 1 resized as digits are (``sources._resize``, bilinear) and, with
+    ``channels=3``, repeated to three channels."""
+    if image_size is not None:
+        images = _resize(images, image_size)
+    return np.repeat(images, 3, axis=3) if channels == 3 else images
+
+
+FASHION_MNIST_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+                       "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                         "Sneaker", "Bag", "Ankle boot"]
+#: Where ``convert fashion-mnist OUT`` looks, in order: Debian/Ubuntu's ``dataset-fashion-mnist``
+#: package installs the four .gz files into the first; the others are common download places.
+FASHION_MNIST_DIRS = ["/usr/share/datasets/fashion-mnist", "/usr/local/share/datasets/fashion-mnist",
+                      "~/.keras/datasets/fashion-mnist", "~/data/fashion-mnist"]
+FASHION_MNIST_HOWTO = ("get them with `apt-get install dataset-fashion-mnist` (Debian/Ubuntu, "
+                       "into /usr/share/datasets/fashion-mnist) or download the four files from "
+                       "the dataset's page, github.com/zalandoresearch/fashion-mnist, into a "
+                       "folder and pass it: ue-dist convert fashion-mnist DIR OUT")
+
+
+def _find_idx(folder: str, stem: str, storage_options: Mapping[str, Any] | None) -> str | None:
+    """``folder/stem.gz`` or ``folder/stem`` (also the ``train-images.idx3-ubyte`` spelling of
+    some mirrors); whether it is compressed is decided later by its bytes, not by its name."""
+    dotted = stem.replace("-idx", ".idx", 1)
+    for name in (stem + ".gz", stem, dotted + ".gz", dotted):
+        url = storage.join(folder, name)
+        try:
+            if storage.exists(url, storage_options):
+                return url
+        except storage.StorageError as exc:
+            raise ConvertError(f"fashion-mnist: cannot look into {folder} ({_reason(exc)})") \
+                from None
+    return None
+
+
+def fashion_mnist_files(folder: str | None = None,
+                        storage_options: Mapping[str, Any] | None = None
+                        ) -> tuple[str, dict[str, tuple[str, str]]]:
+    """``(folder, {"train": (images, labels), "test": (...)})``: the four files in ``folder`` (a
+    path or fsspec URL) or, without one, in the first of ``FASHION_MNIST_DIRS`` holding all four."""
+    names = ", ".join(f"{s}[.gz]" for pair in FASHION_MNIST_FILES.values() for s in pair)
+    if folder is None:
+        searched = []
+        for candidate in FASHION_MNIST_DIRS:
+            path = os.path.expanduser(candidate)
+            if os.path.isdir(path):
+                found = {split: tuple(_find_idx(path, s, storage_options) for s in stems)
+                         for split, stems in FASHION_MNIST_FILES.items()}
+                if all(u for pair in found.values() for u in pair):
+                    return path, found  # type: ignore[return-value]
+            searched.append(path)
+        raise ConvertError(f"fashion-mnist: the four IDX files ({names}) are not in any of "
+                           f"{', '.join(searched)}; {FASHION_MNIST_HOWTO}")
+    if "://" not in folder:
+        if not os.path.exists(folder):
+            raise ConvertError(f"fashion-mnist: folder {folder!r} does not exist; "
+                               f"{FASHION_MNIST_HOWTO}")
+        if not os.path.isdir(folder):
+            raise ConvertError(f"fashion-mnist: {folder!r} is a file, not the folder holding "
+                               f"the four IDX files ({names})")
+    found = {split: tuple(_find_idx(folder, s, storage_options) for s in stems)
+             for split, stems in FASHION_MNIST_FILES.items()}
+    missing = [f"{s}[.gz]" for split, stems in FASHION_MNIST_FILES.items()
+               for s, u in zip(stems, found[split]) if u is None]
+    if missing:
+        raise ConvertError(f"fashion-mnist: folder {folder} lacks {', '.join(missing)}; "
+                           f"{FASHION_MNIST_HOWTO}")
+    return folder, found  # type: ignore[return-value]
+
+
+def fashion_mnist_arrays(folder: str | None = None, image_size: int | None = 32,
+                         channels: int = 3, storage_options: Mapping[str, Any] | None = None
+                         ) -> tuple[Splits, str, dict[str, tuple[str, str]]]:
+    """Fashion-MNIST's official split (60,000 train / 10,000 test, 28x28 grayscale, 10 classes)
+    in file order; ``(splits, folder, files)``. By default resized to 32x32 and repeated to 3
+    channels, like digits, so that every CIFAR-shaped victim and method applies;
+    ``image_size=None, channels=1`` keeps the native 28x28x1."""
+    folder, files = fashion_mnist_files(folder, storage_options)
+    raw = {split: idx_pair(*files[split], storage_options, what="fashion-mnist")
+           for split in ("train", "test")}
+    for split, (x, y) in raw.items():
+        if y.max() >= len(FASHION_MNIST_CLASSES):
+            raise ConvertError(f"fashion-mnist: {files[split][1]} holds label {int(y.max())}; "
+                               f"Fashion-MNIST has labels 0..{len(FASHION_MNIST_CLASSES) - 1}")
+    if raw["train"][0].shape[1:] != raw["test"][0].shape[1:]:
+        raise ConvertError(f"fashion-mnist: {files['train'][0]} holds "
+                           f"{'x'.join(map(str, raw['train'][0].shape[1:3]))} images, "
+                           f"{files['test'][0]} {'x'.join(map(str, raw['test'][0].shape[1:3]))}")
+    splits = {s: (_image_format(x, image_size, channels), y) for s, (x, y) in raw.items()}
+    return splits, folder, files
+
+
+def convert_fashion_mnist(out: str, folder: str | None = None, image_size: int | None = 32,
+                          channels: int = 3, **kw: Any) -> dict:
+    """``OUT/train`` (60,000) and ``OUT/test`` (10,000), keys ``fashion-mnist-train-000000`` ...
+    in file order; the class names go into the result and both manifests (``classes``)."""
+    splits, folder, files = fashion_mnist_arrays(folder, image_size, channels,
+                                                 kw.get("storage_options"))
+    storage.refuse_inside(out, folder)
+    result = write_splits(out, splits, "fashion-mnist", num_classes=len(FASHION_MNIST_CLASSES),
+                          extra={"classes": FASHION_MNIST_CLASSES}, **kw)
+    result["inputs"] = {split: list(pair) for split, pair in files.items()}
+    return result
+
+
+def idx_arrays(paths: list[str] | tuple[str, ...], test_fraction: float = 0.2, seed: int = 0,
+               image_size: int | None = 32, channels: int = 3,
+               storage_options: Mapping[str, Any] | None = None
+               ) -> tuple[Splits, dict[str, list[str]] | None]:
+    """Any MNIST-format data: ``[IMAGES, LABELS]`` (split into train/test like ``numpy``: seeded,
+    stratified where every class has two samples) or ``[IMAGES, LABELS, TEST_IMAGES,
+    TEST_LABELS]`` (the given split). Returns ``(splits, keys)``; with one pair the keys name
+    each sample's position in the file (``idx-000123``), with two pairs keys are the default
+    ``idx-train-000000`` ... (``None``)."""
+    if len(paths) not in (2, 4):
+        raise ConvertError(f"idx: expects IMAGES LABELS [TEST_IMAGES TEST_LABELS], got "
+                           f"{len(paths)} input(s)")
+    pairs = [idx_pair(paths[i], paths[i + 1], storage_options) for i in range(0, len(paths), 2)]
+    if len(pairs) == 2:
+        (x, y), (xt, yt) = pairs
+        if x.shape[1:] != xt.shape[1:]:
+            raise ConvertError(f"idx: {paths[0]} holds {x.shape[1]}x{x.shape[2]} images, "
+                               f"{paths[2]} {xt.shape[1]}x{xt.shape[2]}")
+        return {"train": (_image_format(x, image_size, channels), y),
+                "test": (_image_format(xt, image_size, channels), yt)}, None
+    x, y = pairs[0]
+    if len(y) < 2:
+        raise ConvertError(f"idx: {paths[0]} holds {len(y)} image; at least 2 are needed to "
+                           "split train/test (or pass TEST_IMAGES TEST_LABELS)")
+    from sklearn.model_selection import train_test_split
+    index = np.arange(len(y))
+    strat = y if np.unique(y, return_counts=True)[1].min() >= 2 else None
+    try:
+        tr, te = train_test_split(index, test_size=test_fraction, random_state=seed, stratify=strat)
+    except ValueError:  # fewer test samples than classes: no stratified split exists
+        tr, te = train_test_split(index, test_size=test_fraction, random_state=seed)
+    x = _image_format(x, image_size, channels)
+    return ({"train": (x[tr], y[tr]), "test": (x[te], y[te])},
+            {"train": [f"idx-{i:06d}" for i in tr], "test": [f"idx-{i:06d}" for i in te]})
+
+
+def convert_idx(paths: list[str] | tuple[str, ...], out: str, image_size: int | None = 32,
+                channels: int = 3, seed: int = 0, **kw: Any) -> dict:
+    for path in paths:
+        storage.refuse_inside(out, path)
+    splits, keys = idx_arrays(paths, seed=seed, image_size=image_size, channels=channels,
+                              storage_options=kw.get("storage_options"))
+    result = write_splits(out, splits, "idx", keys=keys, **kw)
+    result["inputs"] = list(paths)
+    return result
+
+
 CONVERTERS: dict[str, Callable[..., dict]] = {
     "digits": convert_digits, "synthetic": convert_synthetic, "cifar10": convert_cifar,
     "cifar100": convert_cifar, "imagefolder": convert_imagefolder, "numpy": convert_numpy,
+    "fashion-mnist": convert_fashion_mnist, "idx": convert_idx,
 }
