@@ -35,7 +35,8 @@ def add_json(p: argparse.ArgumentParser) -> None:
 
 
 def add_settings(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", choices=["paper", "quick"], default="paper",
+    from ue_dist.core.config import PRESETS
+    p.add_argument("--preset", choices=PRESETS, default="paper",
                    help="paper: the papers' settings (default); quick: sized to try on a laptop CPU")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one setting (repeatable); unknown keys are an error")
@@ -188,9 +189,10 @@ def _configure_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="out/demo", help="output folder or URL (default out/demo)")
     p.add_argument("--methods", default="em",
                    help="comma-separated methods to demonstrate (default: em)")
-    p.add_argument("--preset", choices=["paper", "quick"], default="quick",
+    from ue_dist.core.config import PRESETS
+    p.add_argument("--preset", choices=PRESETS, default="quick",
                    help="method settings (default quick: minutes on a laptop CPU)")
-    p.add_argument("--victim-preset", choices=["paper", "quick"], default="quick")
+    p.add_argument("--victim-preset", choices=PRESETS, default="quick")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one victim setting (repeatable)")
     add_storage_options(p)
