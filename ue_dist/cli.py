@@ -446,6 +446,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_text, configure, run in _COMMANDS:
         p = sub.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)
         configure(p)
+        p.add_argument("-v", "--verbose", action="store_true",
+                       help="show Ray's own log lines and worker output here (default: they go to "
+                            "a log file under $UE_DIST_LOG_DIR or ./runs/logs, named at the end)")
         p.set_defaults(_run=run)
     return parser
 
@@ -454,11 +457,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from ue_dist.errors import UserError
+    from ue_dist.runtime import console
+    if not args.verbose:
+        console.quiet(console.default_log_path(args.command))
     try:
         code = args._run(args)
     except UserError as exc:
         print(f"ue-dist {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        if console.log_path():
+            print(f"[ue-dist] Ray's own log lines: {console.log_path()} (-v shows them here)",
+                  file=sys.stderr)
     return int(code or 0)
 
 

@@ -59,7 +59,10 @@ def evaluate(train_url: str, test_url: str, settings: Mapping[str, Any], subset:
     @ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)
     def _task() -> dict[str, Any]:
         torch.set_num_threads(max(1, int(num_cpus)))
+        from ue_dist.runtime.console import worker_print
+        tag = "/".join(train_url.rstrip("/").split("/")[-2:])  # e.g. data/train, protected/em
         return _evaluate_local(train_url, test_url, settings, subset, storage_options,
-                               "cuda" if num_gpus > 0 else "cpu", None)
+                               "cuda" if num_gpus > 0 else "cpu",
+                               lambda message: worker_print(f"{tag}: {message}"))
 
     return ray.get(_task.remote())

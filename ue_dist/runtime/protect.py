@@ -436,6 +436,8 @@ def _run_pipeline(pending: list[tuple[str, Any]], run: _Run, lease: Lease, say: 
                                          user_error_in)
 
     ensure_ray()
+    from ue_dist.runtime import console
+    console.hush()  # ray.data installs console handlers of its own on import
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # the driver prints its own progress lines
     ctx.print_on_execution_start = False

@@ -16,6 +16,9 @@ class ResourceError(UserError, RuntimeError):
 
 def ensure_ray(num_cpus: int | None = None, address: str | None = None) -> None:
     """Join the cluster named by ``address``/``RAY_ADDRESS`` or start a local one (laptop mode)."""
+    from ue_dist.runtime import console
+
+    console.hush()  # `import ray` installed console handlers on Ray's loggers
     if ray.is_initialized():
         return
     kwargs: dict[str, Any] = {"ignore_reinit_error": True, "log_to_driver": True}
@@ -26,7 +29,9 @@ def ensure_ray(num_cpus: int | None = None, address: str | None = None) -> None:
         kwargs["include_dashboard"] = False
         if num_cpus is not None:
             kwargs["num_cpus"] = num_cpus
+    console.native_stderr_to_log()
     ray.init(**kwargs)
+    console.hush()  # with the CLI's default (no -v): Ray's console output goes to the log file
 
 
 def started_here() -> bool:

@@ -35,7 +35,8 @@ class RayTrainContext(FitContext):
     """
 
     def __init__(self, device: torch.device, seed: int, metrics_log_interval_s: float = 30.0) -> None:
-        super().__init__(device=device, seed=seed)
+        from ue_dist.runtime.console import worker_print
+        super().__init__(device=device, seed=seed, log=worker_print)
         self.history: list[dict[str, Any]] = []
         self.metrics_log_interval_s = metrics_log_interval_s
         self._last_metrics_log = time.monotonic()
