@@ -13,7 +13,6 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 from hypothesis.extra.numpy import arrays
-from PIL import Image
 
 from ue_dist.core.config import SettingsError, parse_radius, resolve_settings
 from ue_dist.core.context import LocalContext
