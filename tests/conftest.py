@@ -8,27 +8,13 @@ string: credential tests search outputs for it. ``s3_bucket`` gives each test a 
 from __future__ import annotations
 
 import os
-import socket
 import uuid
 
 import pytest
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
-
-_HANDED_OUT: set[int] = set()
-
-
-def free_port() -> int:
-    """A free local port never handed out before in this process: the OS may return a port it
-    just released, and Ray refuses two of its components configured with the same port."""
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port not in _HANDED_OUT:
-            _HANDED_OUT.add(port)
-            return port
+from helpers import free_port  # noqa: E402  (after the Ray variable: helpers imports ue_dist)
 
 
 @pytest.fixture(scope="session")

@@ -7,26 +7,18 @@ the machine, including other users' ones).
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
-import shutil
-import signal
-import subprocess
-import sys
-import tempfile
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import free_port
+from helpers import submit, two_node_cluster
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
-BIN = Path(sys.executable).parent
 SECRET_PATTERNS = [re.compile(p) for p in (
     r"AKIA[0-9A-Z]{16}", r"ASIA[0-9A-Z]{16}",
     r"(?i)aws_secret_access_key\s*[:=]\s*['\"]?[A-Za-z0-9/+=]{16,}",
@@ -129,111 +121,6 @@ def test_no_secrets_inline_in_cluster_configs_and_job_specs():
 
 
 # a real two-node cluster --------------------------------------------------------------------------
-def _pids_mentioning(text: str) -> list[int]:
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and int(entry) != os.getpid():
-            try:
-                with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    if text.encode() in f.read():
-                        out.append(int(entry))
-            except OSError:
-                pass
-    return out
-
-
-def _stop_node(proc: subprocess.Popen, temp_dir: str) -> None:
-    """Stop one ``ray start --block`` and everything it started: its process group, then any
-    process still naming our private temp dir. Never touches other Ray instances."""
-    for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
-        deadline = time.time() + wait
-        while time.time() < deadline and proc.poll() is None:
-            time.sleep(0.2)
-    for pid in _pids_mentioning(temp_dir):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    with contextlib.suppress(Exception):
-        proc.wait(timeout=5)
-
-
-@contextlib.contextmanager
-def two_node_cluster(log_dir: Path, env_extra: dict | None = None):
-    """Head (1 CPU, dashboard) + worker (1 CPU) on 127.0.0.1; yields addresses and env.
-
-    Every port is chosen free (a default one could clash with another Ray on this machine). The
-    temp dir is private and short: Ray's unix socket paths must stay under ~107 characters,
-    which a pytest tmp_path would exceed.
-    """
-    temp_dir = tempfile.mkdtemp(prefix="uer", dir="/tmp")
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", PATH=f"{BIN}:{os.environ.get('PATH', '')}",
-               RAY_USAGE_STATS_ENABLED="0", **(env_extra or {}))
-    env.pop("RAY_ADDRESS", None)
-    port, dash = free_port(), free_port()
-
-    def node_args():
-        return [f"--num-cpus=1", f"--temp-dir={temp_dir}", "--node-ip-address=127.0.0.1",
-                f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
-                f"--dashboard-agent-listen-port={free_port()}",
-                f"--dashboard-agent-grpc-port={free_port()}",
-                f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
-                "--disable-usage-stats", "--block"]
-
-    procs: list[subprocess.Popen] = []
-    try:
-        head_cmd = [str(BIN / "ray"), "start", "--head", f"--port={port}", f"--dashboard-port={dash}",
-                    "--include-dashboard=true", f"--ray-client-server-port={free_port()}",
-                    *node_args()]
-        procs.append(subprocess.Popen(head_cmd, env=env, start_new_session=True,
-                                      stdout=open(log_dir / "head.log", "w"), stderr=subprocess.STDOUT))
-        dashboard = f"http://127.0.0.1:{dash}"
-        _wait_for_nodes(dashboard, 1, procs, log_dir)
-        worker_cmd = [str(BIN / "ray"), "start", f"--address=127.0.0.1:{port}", *node_args()]
-        procs.append(subprocess.Popen(worker_cmd, env=env, start_new_session=True,
-                                      stdout=open(log_dir / "worker.log", "w"), stderr=subprocess.STDOUT))
-        _wait_for_nodes(dashboard, 2, procs, log_dir)
-        yield {"dashboard": dashboard, "gcs": f"127.0.0.1:{port}", "env": env, "temp_dir": temp_dir}
-    finally:
-        for proc in reversed(procs):
-            _stop_node(proc, temp_dir)
-        leftovers = _pids_mentioning(temp_dir)
-        shutil.rmtree(temp_dir, ignore_errors=True)
-        assert not leftovers, f"Ray processes left running: {leftovers}"
-
-
-def _wait_for_nodes(dashboard: str, n: int, procs, log_dir: Path, timeout: float = 240) -> None:
-    from ray.util.state import list_nodes
-
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        for p in procs:
-            if p.poll() is not None:
-                raise RuntimeError(f"ray start exited with {p.returncode}: "
-                                   + (log_dir / "head.log").read_text()[-2000:])
-        try:
-            alive = [x for x in list_nodes(address=dashboard, timeout=10) if x.state == "ALIVE"]
-            if len(alive) >= n:
-                return
-        except Exception:
-            pass
-        time.sleep(2)
-    raise TimeoutError(f"the Ray cluster did not reach {n} alive nodes in {timeout}s")
-
-
-def submit(cluster, working_dir: Path, entrypoint: list[str], timeout: int = 600,
-           runtime_env: dict | None = None):
-    """``ray job submit`` (waits and streams the job's logs); returns (completed process, job id)."""
-    job_id = f"uedist_{os.getpid()}_{int(time.time())}"
-    cmd = [str(BIN / "ray"), "job", "submit", "--address", cluster["dashboard"],
-           "--submission-id", job_id, "--working-dir", str(working_dir)]
-    if runtime_env:
-        cmd += ["--runtime-env-json", json.dumps(runtime_env)]
-    proc = subprocess.run(cmd + ["--", *entrypoint], env=cluster["env"], capture_output=True,
-                          text=True, timeout=timeout)
-    return proc, job_id
-
-
 @pytest.mark.system
 def test_two_node_cluster_runs_a_job_spec_through_the_jobs_api(tmp_path):
     from ray.job_submission import JobStatus, JobSubmissionClient

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from test_protect import check_consistent, fit_classwise, make_source, shard_bytes_by_name
+from helpers import check_consistent, fit_classwise, make_source, shard_bytes_by_name
 
 BIN = Path(sys.executable).parent
 # EM (quick) with a checkpoint every 20 of 120 steps and no early stop: a fit long enough to be

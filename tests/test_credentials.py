@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from test_protect import fit_classwise, make_source
+from helpers import fit_classwise, make_source, submit, two_node_cluster
 
 BIN = Path(sys.executable).parent
 
@@ -95,8 +95,6 @@ def test_protect_cli_on_s3_never_prints_or_writes_the_secret(moto_s3, s3_bucket,
 def test_ray_job_on_s3_keeps_the_secret_out_of_job_info_logs_and_outputs(moto_s3, s3_bucket,
                                                                           tmp_path):
     from ray.job_submission import JobStatus, JobSubmissionClient
-
-    from test_cluster import submit, two_node_cluster
 
     secret = moto_s3["secret"]
     src, dst, state = _prepare(s3_bucket)

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_protect import check_consistent, fit_classwise, make_source, shard_bytes_by_name
+from helpers import check_consistent, fit_classwise, make_source, shard_bytes_by_name
 from ue_dist.cli import main
 from ue_dist.data import storage
 from ue_dist.data.shards import Sample, list_shards, read_shard, write_shard

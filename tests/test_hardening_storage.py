@@ -32,7 +32,7 @@ from urllib.parse import urlsplit
 import pytest
 import torch
 
-from conftest import free_port
+from helpers import fit_classwise, free_port
 from ue_dist.data import storage
 
 FAST = {"config_kwargs": {"retries": {"total_max_attempts": 1}, "connect_timeout": 1}}
@@ -355,7 +355,6 @@ def test_protect_survives_a_transient_get_and_put_byte_identical(moto_s3, s3_buc
     run. botocore's own retries are off (total_max_attempts=1) so that storage's retries do it."""
     import s3fs
 
-    from test_protect import fit_classwise
     from ue_dist.data.shards import list_shards
     from ue_dist.runtime import ledger
     from ue_dist.runtime.protect import protect

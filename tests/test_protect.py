@@ -6,76 +6,20 @@ other processes that only see registered package methods.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 
 import numpy as np
 import pytest
 
+from helpers import (N_SHARDS, PER_SHARD, add_shard, check_consistent, fit_classwise,
+                     make_source, shard_bytes_by_name)
 from ue_dist.data import storage
-from ue_dist.data.dataset import write_samples
-from ue_dist.data.shards import Sample, list_shards, read_shard
-from ue_dist.data.sources import digits_arrays
-from ue_dist.methods.base import StateError, build_method, method_names, save_state
+from ue_dist.data.shards import list_shards, read_shard
+from ue_dist.methods.base import StateError, method_names
 from ue_dist.methods.protect import selected_for_protection
 from ue_dist.runtime import ledger
 from ue_dist.runtime.protect import protect
-
-N_SHARDS, PER_SHARD = 4, 24
-
-
-# helpers (also used by test_crash / test_credentials / the benchmark-free tests) ----------------
-def make_source(url, n_shards=N_SHARDS, per_shard=PER_SHARD, storage_options=None, start=0,
-                image_size=32):
-    images, labels = digits_arrays(image_size)["train"]
-    sl = slice(start, start + n_shards * per_shard)
-    samples = [Sample(f"digit-{start + i:05d}", img, int(lab), {"protected": False, "version": 1})
-               for i, (img, lab) in enumerate(zip(images[sl], labels[sl]))]
-    write_samples(url, samples, shard_size=per_shard, num_classes=10,
-                  storage_options=storage_options)
-    return samples
-
-
-def add_shard(src_url, name, start, per_shard=PER_SHARD, storage_options=None):
-    from ue_dist.data.shards import write_shard
-
-    images, labels = digits_arrays(32)["train"]
-    samples = [Sample(f"digit-{start + i:05d}", images[start + i], int(labels[start + i]), {})
-               for i in range(per_shard)]
-    write_shard(storage.join(src_url, name), samples, storage_options)
-
-
-def fit_classwise(state_url, storage_options=None, image_size=32, noise_seed=0):
-    from ue_dist.core.context import LocalContext
-    from ue_dist.data.imageset import ImageSet
-
-    images, labels = digits_arrays(image_size)["train"]
-    train = ImageSet.from_numpy_hwc(images[:200], labels[:200], num_classes=10)
-    method = build_method("classwise", "paper", [f"noise_seed={noise_seed}"])
-    save_state(method.fit(train, LocalContext(device="cpu", log=lambda m: None)), state_url,
-               storage_options)
-
-
-def shard_bytes_by_name(url, storage_options=None):
-    return {ledger.shard_name(u): storage.read_bytes(u, storage_options)
-            for u in list_shards(url, storage_options)}
-
-
-def check_consistent(src, dst, storage_options=None):
-    """DST holds one committed output per input shard: ledger and shard set match, no temps."""
-    src_names = [ledger.shard_name(u) for u in list_shards(src, storage_options)]
-    outputs = shard_bytes_by_name(dst, storage_options)
-    assert sorted(outputs) == sorted(src_names)
-    records = ledger.committed(dst, storage_options)
-    assert sorted(records) == sorted(src_names)
-    for name, data in outputs.items():
-        assert records[name]["sha256"] == hashlib.sha256(data).hexdigest(), name
-        assert records[name]["count"] == len(read_shard(storage.join(dst, name), storage_options))
-    fs, path = storage.get_fs(dst, storage_options)
-    leftovers = [p for p in fs.find(path) if ledger.TEMP_MARK in p]
-    assert not leftovers, leftovers
-    return outputs
 
 
 @pytest.fixture(scope="module")
