@@ -8,11 +8,14 @@ string: credential tests search outputs for it. ``s3_bucket`` gives each test a 
 from __future__ import annotations
 
 import os
+import tempfile
 import uuid
 
 import pytest
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# The CLI's log files of Ray's output (ue_dist.runtime.console) stay out of the checkout.
+os.environ.setdefault("UE_DIST_LOG_DIR", tempfile.mkdtemp(prefix="ue-dist-test-logs-"))
 
 from helpers import free_port  # noqa: E402  (after the Ray variable: helpers imports ue_dist)
 

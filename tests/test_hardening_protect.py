@@ -296,8 +296,8 @@ def test_user_error_inside_a_ray_train_worker_keeps_its_status(ray_local, tmp_pa
     code, err = _cli(capsys, "fit", "--method", "classwise", "--cpus-per-worker", "0.5",
                      "--storage", str(tmp_path / "runs"), train, str(tmp_path / "s.pt"))
     assert code == 2, err
-    last = err.strip().splitlines()[-1]
-    assert last.startswith("ue-dist fit: error:") and "shard-000001.tar" in last, last
+    errors = [line for line in err.splitlines() if line.startswith("ue-dist fit: error:")]
+    assert len(errors) == 1 and "shard-000001.tar" in errors[0], err
     assert not os.path.exists(tmp_path / "s.pt")
 
 

@@ -67,7 +67,11 @@ class _FileHandler(logging.Handler):
 
 def quiet(log_path: str) -> None:
     """From now on, Ray's console output goes to ``log_path`` (see the module docstring)."""
-    _state["log_path"] = log_path
+    with _lock:
+        if _state["file"] is not None:
+            _state["file"].close()  # a second command in one process starts afresh
+            _state["file"] = None
+        _state["log_path"] = log_path
     hush()
 
 

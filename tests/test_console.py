@@ -1,0 +1,65 @@
+"""The console: ue_dist's own lines once, Ray's chatter in a log file (``-v`` shows it)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers import fit_classwise, make_source
+from ue_dist.runtime import console
+
+BIN = Path(sys.executable).parent
+
+
+def test_router_shows_marked_lines_once_and_logs_the_rest(tmp_path, monkeypatch, capsys):
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    monkeypatch.setattr(console, "_state", {"log_path": str(tmp_path / "x.log"), "file": None})
+    saved = list(dispatcher.handlers)
+    try:
+        console.hush()
+        names = [name for name, _ in dispatcher.handlers]
+        assert "ue_dist_console" in names and "ray_print_logs" not in names
+        batch = {"pid": 7, "actor_name": "RayTrainWorker", "is_err": False,
+                 "lines": ["[ue-dist] em step 25/200 loss 1.5", "[ue-dist] em step 25/200 loss 1.5",
+                           "Checkpoint successfully created at: ...",
+                           "Failed to query Ray Train Controller actor state."]}
+        dispatcher.emit(batch)
+        err = capsys.readouterr().err
+        assert err == "[ue-dist] em step 25/200 loss 1.5\n"
+        logged = (tmp_path / "x.log").read_text()
+        assert "Checkpoint successfully created" in logged and "Failed to query" in logged
+        assert "em step" not in logged
+    finally:
+        dispatcher.handlers = saved
+        if console._state["file"] is not None:
+            console._state["file"].close()
+
+
+@pytest.mark.system
+def test_protect_console_has_no_ray_internals(tmp_path):
+    src, state = str(tmp_path / "src"), str(tmp_path / "state.pt")
+    make_source(src, n_shards=2, per_shard=12)
+    fit_classwise(state)
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
+               UE_DIST_LOG_DIR=str(tmp_path / "logs"))
+    env.pop("RAY_ADDRESS", None)
+
+    def run(*extra):
+        return subprocess.run([str(BIN / "ue-dist"), "protect", "--method", "classwise",
+                               "--state", state, src, str(tmp_path / f"dst{len(extra)}"), *extra],
+                              env=env, capture_output=True, text=True, timeout=300)
+
+    quiet = run()
+    assert quiet.returncode == 0, quiet.stderr
+    lines = quiet.stderr.strip().splitlines()
+    assert all(line.startswith(("[protect]", "[ue-dist]")) for line in lines), lines
+    assert len(lines) == len(set(lines)) and len(lines) <= 6, lines
+    assert lines[-1].startswith("[ue-dist] Ray's own log lines: ")
+    log = Path(lines[-1].split(": ", 1)[1].split(" (-v", 1)[0])
+    assert log.parent == tmp_path / "logs" and "Started a local Ray instance" in log.read_text()
+    verbose = run("-v")
+    assert verbose.returncode == 0 and "Started a local Ray instance" in verbose.stderr
