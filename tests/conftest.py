@@ -65,9 +65,11 @@ def s3_bucket(moto_s3):
 
 
 @pytest.fixture(scope="session")
-def ray_local():
+def ray_local(moto_s3):
     """One local Ray for the whole session (2 CPUs; actors take fractions). Tests that need Ray
-    in this process use this fixture and never shut Ray down themselves."""
+    in this process use this fixture and never shut Ray down themselves. It starts after the
+    moto variables are set, so every Ray worker reaches the S3 endpoint with the test keys,
+    whichever test happened to start Ray first."""
     import ray
 
     if not ray.is_initialized():

@@ -243,7 +243,7 @@ def test_settings_errors_and_warning():
         build_method("rem", "quick", ["steps_a=-1"])
     with pytest.raises(SettingsError, match="eot_samples must be a positive integer"):
         build_method("rem", "quick", ["eot_samples=0"])
-    with pytest.raises(SettingsError, match="eps must be > 0"):
+    with pytest.raises(SettingsError, match=r"eps for method 'em' must be a finite number in \(0, 1\]"):
         build_method("em", "quick", ["eps=0"])
     with pytest.raises(SettingsError, match="unknown setting 'rho_a'"):
         build_method("em", "quick", ["rho_a=2/255"])  # EM is the rho_a = 0 case
