@@ -259,15 +259,13 @@ class _Run:
             if name in self.bad and self.bad[name] == fingerprint:
                 continue
             record = done.get(name)
-            if mode != "overwrite" and record is not None:
-                if not ledger.source_changed(record, fingerprint):
-                    if self.summary["polls"] == 1:
-                        self.summary["shards_skipped"] += 1
-                    self.handled[name] = fingerprint
-                    continue
-                self.summary["sources_changed"].append(name)
-                say(f"[protect] source shard {name} changed since it was protected; redoing it")
-            elif name in self.handled:
+            committed_here = mode != "overwrite" and record is not None
+            if committed_here and not ledger.source_changed(record, fingerprint):
+                if self.summary["polls"] == 1:
+                    self.summary["shards_skipped"] += 1
+                self.handled[name] = fingerprint
+                continue
+            if committed_here or name in self.handled:  # done before, from another version
                 self.summary["sources_changed"].append(name)
                 say(f"[protect] source shard {name} changed since it was protected; redoing it")
             out.append((url, fingerprint))
