@@ -35,14 +35,16 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
+from ue_dist.core.adversarial import (AT_METHODS as ADV_METHODS, adversarial_examples,
+                                      adversarial_loss, evaluating, robust_accuracy)
 from ue_dist.core.augment import augment as augment_batch, default_augmentation
 from ue_dist.core.config import SettingsError, parse_radius, resolve_settings
 from ue_dist.core.context import FitContext, LocalContext
 from ue_dist.core.defenses import Defense, batch_augment, parse_defense, preprocess
 from ue_dist.core.models import build_model, check_arch
-from ue_dist.core.pgd import pgd
-from ue_dist.core.precision import (autocast, check_precision, prepare_model, resolve_precision,
-                                     upcast)
+from ue_dist.core.precision import check_precision, upcast
+from ue_dist.core.training import (Loss, Schedule, TrainLoop, constant_schedule, cosine_schedule,
+                                   step_schedule, uint8_fetch, unwrap)
 from ue_dist.data.imageset import ImageSet
 
 _COMMON: dict[str, Any] = {
@@ -63,7 +65,6 @@ VICTIM_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 SCHEDULES = ("cosine", "step", "none")
-ADV_METHODS = ("pgd", "trades")
 SUBSETS = ("all", "clean", "protected")
 
 
@@ -146,73 +147,53 @@ def check_compatible(train: ImageSet, test: ImageSet) -> None:
                             f"(training labels: {sorted(seen)})")
 
 
-# losses -----------------------------------------------------------------------------------------
-def _soft_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    # targets are class probabilities; fp32 logits (a no-op unless the forward ran in bf16)
-    return F.cross_entropy(upcast(logits), targets)
-
-
-def _adversarial(model: torch.nn.Module, x: torch.Tensor, targets: torch.Tensor, s: Mapping[str, Any],
-                 generator: torch.Generator | None) -> torch.Tensor:
-    """The PGD (Madry) or TRADES adversarial batch for ``x`` at radius ``adv_eps``."""
+# the victim's loss ------------------------------------------------------------------------------
+def victim_loss(s: Mapping[str, Any], defense: Defense, aug_kind: str, num_classes: int,
+                device: torch.device) -> Loss:
+    """Augmentation, the batch defence, then CE on the batch or PGD-AT / TRADES at ``adv_eps``."""
     eps = float(s["adv_eps"])
     step = float(s["adv_step_size"]) if s["adv_step_size"] is not None else eps / 4
-    was_training = model.training
-    model.eval()  # attack with running BN statistics, so the adversarial batch does not pollute them
-    if s["adv_method"] == "pgd":
-        delta = pgd(lambda z: _soft_ce(model(z), targets), x, eps=eps, step_size=step,
-                    steps=int(s["adv_steps"]), maximize=True, random_start=True, generator=generator)
-    else:  # TRADES: maximise KL(f(x) || f(x')) from a tiny Gaussian start
-        with torch.no_grad():
-            p_clean = F.softmax(upcast(model(x)), dim=1)
-        init = 0.001 * torch.randn(x.shape, generator=generator, device="cpu").to(x.device)
-        delta = pgd(lambda z: F.kl_div(F.log_softmax(upcast(model(z)), dim=1), p_clean,
-                                       reduction="sum"),
-                    x, eps=eps, step_size=step, steps=int(s["adv_steps"]), maximize=True,
-                    init=init)
-    model.train(was_training)
-    return (x + delta).detach()
+
+    def loss(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
+             generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        x = augment_batch(x, aug_kind, generator=generator)
+        targets = F.one_hot(y, num_classes).float()
+        x, targets = batch_augment(defense, x, targets, generator=generator)
+        if eps <= 0:
+            logits = upcast(net(x))
+            return F.cross_entropy(logits, targets), logits
+        bare = unwrap(net)  # no DDP hooks for the attack's forwards
+        # PGD's random start draws on the data's device; a CPU generator only works on CPU
+        with evaluating(bare):
+            x_adv = adversarial_examples(bare, x, targets, method=s["adv_method"], eps=eps,
+                                         step_size=step, steps=int(s["adv_steps"]),
+                                         generator=generator if device.type == "cpu" else None)
+        return adversarial_loss(net, x, x_adv.detach(), targets, method=s["adv_method"],
+                                beta=float(s["trades_beta"]))
+
+    return loss
 
 
 # evaluation -------------------------------------------------------------------------------------
-def _eval_slices(n: int, ctx: FitContext) -> torch.Tensor:
-    return ctx.shard_indices(n) if ctx.distributed else torch.arange(n)
-
-
 def evaluate_accuracy(model: torch.nn.Module, test: ImageSet, ctx: FitContext, batch_size: int = 500,
                       eps: float = 0.0, steps: int = 20, seed: int = 0,
                       precision: str = "fp32") -> float:
-    """Clean (``eps`` = 0) or PGD-``steps`` L-inf accuracy on ``test``, summed over workers;
-    model forwards under ``precision`` (the attack's delta stays fp32)."""
-    precision = resolve_precision(precision, ctx.device)
-    net = getattr(model, "module", model)  # no DDP hooks for evaluation / attacks
-    net.eval()
-    idx = _eval_slices(len(test), ctx)
-    generator = torch.Generator().manual_seed(seed + 7919) if ctx.device.type == "cpu" else None
-    correct = torch.zeros((), dtype=torch.long, device=ctx.device)
-    for start in range(0, len(idx), batch_size):
-        b = idx[start:start + batch_size]
-        x = ImageSet.to_float(test.images[b]).to(ctx.device)
-        y = test.labels[b].to(ctx.device)
-        with autocast(ctx.device, precision):
-            if eps > 0:
-                x = x + pgd(lambda z: F.cross_entropy(upcast(net(z)), y, reduction="sum"), x,
-                            eps=eps, step_size=eps / 4, steps=steps, generator=generator)
-            with torch.no_grad():
-                correct += (net(x).argmax(1) == y).sum()
-    total = ctx.all_reduce_mean(float(correct)) * ctx.world_size
-    return total / len(test)
+    """Clean (``eps`` = 0) or PGD-``steps`` L-inf accuracy on ``test``, summed over workers."""
+    idx = ctx.shard_indices(len(test)) if ctx.distributed else torch.arange(len(test))
+    correct = robust_accuracy(unwrap(model), test.images, test.labels, idx, device=ctx.device,
+                              batch_size=batch_size, eps=eps, steps=steps, seed=seed,
+                              precision=precision)
+    return ctx.all_reduce_mean(float(correct)) * ctx.world_size / len(test)
 
 
 # training ---------------------------------------------------------------------------------------
-def _scheduler(optimizer: torch.optim.Optimizer, s: Mapping[str, Any]):
+def _schedule(s: Mapping[str, Any]) -> Schedule:
     epochs = max(1, int(s["epochs"]))
     if s["schedule"] == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+        return cosine_schedule(epochs)
     if s["schedule"] == "step":
-        marks = sorted({max(1, int(round(m * epochs))) for m in s["milestones"]})
-        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=marks, gamma=0.1)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+        return step_schedule(sorted({max(1, int(round(m * epochs))) for m in s["milestones"]}))
+    return constant_schedule()
 
 
 def _fingerprint(s: Mapping[str, Any], train: ImageSet, test: ImageSet) -> str:
@@ -245,131 +226,71 @@ def train_victim(train: ImageSet, test: ImageSet, settings: Mapping[str, Any],
     check_compatible(train, test)
     ctx = ctx or LocalContext(seed=int(s["seed"]))
     defense: Defense = parse_defense(s["defense"])
-    device = ctx.device
     seed = int(s["seed"])
     num_classes = int(max(train.num_classes or 0, int(train.labels.max()) + 1,
                           int(test.labels.max()) + 1))
     channels, height, width = train.image_shape
-
     images = preprocess(defense, train.images)  # pre-processing defences act on the stored data
-    labels = train.labels
     aug_kind = default_augmentation(min(height, width)) if s["augment"] else "none"
-
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = build_model(s["arch"], num_classes, channels, min(height, width))
-    precision = resolve_precision(s["precision"], device)
-    # channels_last before DDP wraps it (bf16 / CUDA only; fp32 on CPU stays NCHW)
-    model = ctx.prepare_model(prepare_model(model.to(device), device, precision))
-    optimizer = torch.optim.SGD(model.parameters(), lr=float(s["lr"]),
-                                momentum=float(s["momentum"]),
-                                weight_decay=float(s["weight_decay"]))
-    scheduler = _scheduler(optimizer, s)
-    # one generator for order (identical on every worker), one for this worker's randomness
-    order_gen = torch.Generator().manual_seed(seed)
-    local_gen = torch.Generator().manual_seed(seed * 1000 + 1 + ctx.rank)
-    # PGD's random start draws on the data's device; a CPU generator only works on CPU
-    attack_gen = local_gen if device.type == "cpu" else None
-
-    per_epoch: list[dict[str, Any]] = []
-    start_epoch = 0
-    # a checkpoint resumes only the same victim (settings and data), never another one
+    loop = TrainLoop(model, ctx, n=len(train), batch_size=int(s["batch_size"]), seed=seed,
+                     lr=float(s["lr"]), momentum=float(s["momentum"]),
+                     weight_decay=float(s["weight_decay"]), precision=s["precision"],
+                     schedule=_schedule(s))
     fingerprint = _fingerprint(s, train, test)
-    resumed = ctx.resume()
-    if resumed is not None and resumed.get("kind") == "victim" and \
-            resumed.get("fingerprint") == fingerprint:
-        getattr(model, "module", model).load_state_dict(resumed["model"])
-        optimizer.load_state_dict(resumed["optimizer"])
-        scheduler.load_state_dict(resumed["scheduler"])
-        order_gen.set_state(resumed["order_gen"])
-        local_gen.set_state(resumed["local_gen"])
-        per_epoch = list(resumed["per_epoch"])
-        start_epoch = int(resumed["epoch"])
-        ctx.log(f"victim: resumed at epoch {start_epoch}")
-
-    n = len(labels)
-    per_worker_batch = max(1, int(s["batch_size"]) // ctx.world_size)
-    mine = ctx.shard_indices(n) if ctx.distributed else None
+    per_epoch = _resume(loop, ctx, fingerprint)
+    fetch = uint8_fetch(images, train.labels, ctx.device)
+    loss = victim_loss(s, defense, aug_kind, num_classes, ctx.device)
     seen, train_seconds = 0, 0.0
-    for epoch in range(start_epoch, int(s["epochs"])):
+    for epoch in range(loop.epoch, int(s["epochs"])):
         t0 = time.perf_counter()
-        model.train()
-        perm = torch.randperm(n, generator=order_gen)
-        if mine is not None:
-            # every worker takes the same number of steps (DDP all-reduces each one): the
-            # shorter shards wrap around to the start of the shared permutation
-            per = math.ceil(n / ctx.world_size)
-            perm = torch.cat([perm[mine], perm[:per - len(mine)]])
-        # running sums stay on the device: one host synchronisation per epoch, not per step
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), dtype=torch.long, device=device)
-        count = 0
-        for bstart in range(0, len(perm), per_worker_batch):
-            b = perm[bstart:bstart + per_worker_batch]
-            if len(b) < 2 and len(perm) >= 2:
-                continue  # a batch of one breaks batch norm; the sample returns next epoch
-            # uint8 to the device first; augmentation parameters come from the CPU generator
-            x = ImageSet.to_float(images[b].to(device))
-            y = labels[b].to(device)
-            x = augment_batch(x, aug_kind, generator=local_gen)
-            targets = F.one_hot(y, num_classes).float()
-            x, targets = batch_augment(defense, x, targets, generator=local_gen)
-            with autocast(device, precision):
-                if float(s["adv_eps"]) > 0:
-                    x_adv = _adversarial(getattr(model, "module", model), x, targets, s,
-                                         attack_gen)
-                if float(s["adv_eps"]) > 0 and s["adv_method"] == "trades":
-                    # one forward over [x; x_adv] (DDP allows one forward per backward)
-                    both = upcast(model(torch.cat([x, x_adv])))
-                    logits, logits_adv = both[:len(x)], both[len(x):]
-                    loss = _soft_ce(logits, targets) + float(s["trades_beta"]) * F.kl_div(
-                        F.log_softmax(logits_adv, 1), F.softmax(logits, 1), reduction="batchmean")
-                else:
-                    if float(s["adv_eps"]) > 0:
-                        x = x_adv
-                    logits = upcast(model(x))
-                    loss = _soft_ce(logits, targets)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum += loss.detach() * len(b)
-            correct += (logits.detach().argmax(1) == y).sum()
-            count += len(b)
-        seen += count
+        lr = loop.train_epoch(fetch, loss)
+        seen += loop.samples_seen
         train_seconds += time.perf_counter() - t0  # images/s counts training, not evaluation
-        lr = optimizer.param_groups[0]["lr"]
-        scheduler.step()
-        test_acc = evaluate_accuracy(model, test, ctx, int(s["eval_batch_size"]),
-                                     precision=precision)
-        record = {"epoch": epoch + 1, "test_acc": test_acc,
-                  "train_loss": ctx.all_reduce_mean(float(loss_sum) / max(count, 1)),
-                  "train_acc": ctx.all_reduce_mean(int(correct) / max(count, 1)), "lr": lr,
+        metrics = loop.take_metrics()
+        test_acc = evaluate_accuracy(loop.model, test, ctx, int(s["eval_batch_size"]),
+                                     precision=loop.precision)
+        record = {"epoch": epoch + 1, "test_acc": test_acc, **metrics, "lr": lr,
                   "seconds": time.perf_counter() - t0}
         per_epoch.append(record)
         ctx.log(f"victim epoch {epoch + 1}/{s['epochs']}: loss {record['train_loss']:.4f} "
                 f"train acc {record['train_acc']:.4f} test acc {test_acc:.4f}")
-        state = {"kind": "victim", "fingerprint": fingerprint, "epoch": epoch + 1, "per_epoch": copy.deepcopy(per_epoch),
-                 "model": {k: v.detach().contiguous().clone() for k, v in
-                           getattr(model, "module", model).state_dict().items()},
-                 "optimizer": copy.deepcopy(optimizer.state_dict()),
-                 "scheduler": scheduler.state_dict(),
-                 "order_gen": order_gen.get_state(), "local_gen": local_gen.get_state()}
-        ctx.report(dict(record), state)
+        ctx.report(dict(record), {"kind": "victim", "fingerprint": fingerprint,
+                                  "per_epoch": copy.deepcopy(per_epoch), "loop": loop.state_dict()})
         if on_epoch is not None:
             on_epoch(dict(record))
+    result = _final_result(loop, s, test, ctx, per_epoch)
+    result.update(train_size=len(train), test_size=len(test),
+                  images_per_s=(seen * ctx.world_size) / train_seconds
+                  if train_seconds > 0 and seen else math.nan)
+    if return_model:
+        result["model"] = loop.model
+    return result
 
+
+def _resume(loop: TrainLoop, ctx: FitContext, fingerprint: str) -> list[dict[str, Any]]:
+    """The per-epoch records so far; a checkpoint resumes only the same victim (settings and
+    data), never another one."""
+    resumed = ctx.resume()
+    if resumed is None or resumed.get("kind") != "victim" or "loop" not in resumed or \
+            resumed.get("fingerprint") != fingerprint:
+        return []
+    loop.load_state_dict(resumed["loop"])
+    ctx.log(f"victim: resumed at epoch {loop.epoch}")
+    return list(resumed["per_epoch"])
+
+
+def _final_result(loop: TrainLoop, s: Mapping[str, Any], test: ImageSet, ctx: FitContext,
+                  per_epoch: list[dict[str, Any]]) -> dict[str, Any]:
     robust_eps = s["eval_eps"] if s["eval_eps"] is not None else float(s["adv_eps"])
     robust_acc = None
     if s["eval_robust"] and robust_eps > 0:
-        robust_acc = evaluate_accuracy(model, test, ctx, int(s["eval_batch_size"]), eps=robust_eps,
-                                       steps=int(s["eval_steps"]), seed=seed, precision=precision)
+        robust_acc = evaluate_accuracy(loop.model, test, ctx, int(s["eval_batch_size"]),
+                                       eps=robust_eps, steps=int(s["eval_steps"]),
+                                       seed=int(s["seed"]), precision=loop.precision)
     final = per_epoch[-1]["test_acc"] if per_epoch else evaluate_accuracy(
-        model, test, ctx, int(s["eval_batch_size"]), precision=precision)
-    result = {"test_acc": final, "per_epoch": per_epoch, "robust_acc": robust_acc,
-              "robust_eps": robust_eps if robust_acc is not None else None,
-              "settings": dict(s), "train_size": n, "test_size": len(test),
-              "images_per_s": (seen * ctx.world_size) / train_seconds if train_seconds > 0 and seen
-              else math.nan}
-    if return_model:
-        result["model"] = getattr(model, "module", model)
-    return result
+        loop.model, test, ctx, int(s["eval_batch_size"]), precision=loop.precision)
+    return {"test_acc": final, "per_epoch": per_epoch, "robust_acc": robust_acc,
+            "robust_eps": robust_eps if robust_acc is not None else None, "settings": dict(s)}
