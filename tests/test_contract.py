@@ -86,6 +86,50 @@ def test_settings_presets_and_overrides():
         resolve_settings(presets, "paper", ["eps=-1"])
 
 
+@pytest.mark.parametrize("name", method_names())
+def test_every_method_declares_each_setting_once_and_its_presets_obey(name):
+    from ue_dist.methods.base import get_method
+
+    cls = get_method(name)
+    assert cls.declared, f"{name} declares no settings"
+    for preset, values in cls.presets.items():
+        assert set(values) == set(cls.declared), (name, preset)
+        build_method(name, preset)  # every preset passes its own declaration
+    with pytest.raises(SettingsError, match=f"unknown setting 'nope' for method '{name}'"):
+        build_method(name, "quick", ["nope=1"])
+    # --set text is parsed by the declared kind: a radius as a fraction, a bad int named
+    assert build_method(name, "quick", ["eps=4/255"]).eps == pytest.approx(4 / 255)
+    ints = [k for k, s in cls.declared.items() if s.kind == "int" and s.low == 1]
+    if ints:
+        with pytest.raises(SettingsError, match=f"{ints[0]}.*expected an integer"):
+            build_method(name, "quick", [f"{ints[0]}=two"])
+        with pytest.raises(SettingsError, match=f"{ints[0]} for method '{name}' must be an integer >= 1"):
+            build_method(name, "quick", {ints[0]: 0})
+
+
+def test_declared_kinds_bounds_and_seed_key():
+    from ue_dist.core.settings import Setting, check_declared, parse_text, seed_key
+    from ue_dist.methods.base import get_method
+
+    declared = {"eps": Setting("radius"), "lr": Setting("float", above=0), "n": Setting("int", low=1),
+                "flag": Setting("bool"), "sigma": Setting("float", optional=True),
+                "kind": Setting("str", choices=("a", "b")), "seed": Setting("seed")}
+    good = {"eps": "8/255", "lr": 0.1, "n": 3, "flag": True, "sigma": None, "kind": "a", "seed": 0}
+    out = check_declared(declared, good, "test")
+    assert out["eps"] == pytest.approx(8 / 255) and out["n"] == 3 and isinstance(out["n"], int)
+    for key, bad in [("lr", 0), ("n", 1.5), ("flag", "yes"), ("kind", "c"), ("seed", -1),
+                     ("eps", float("nan")), ("lr", float("inf"))]:
+        with pytest.raises(SettingsError, match=key):
+            check_declared(declared, {**good, key: bad}, "test")
+    with pytest.raises(SettingsError, match="lack seed"):
+        check_declared(declared, {k: v for k, v in good.items() if k != "seed"}, "test")
+    assert parse_text("sigma", "none", declared["sigma"]) is None
+    assert parse_text("flag", "off", declared["flag"]) is False
+    assert seed_key(declared) == "seed"
+    assert get_method("classwise").seed_key() == "noise_seed"
+    assert get_method("gue").seed_key() is None  # GUE is seeded by the run (ctx.seed)
+
+
 def test_torchvision_imports_in_a_fresh_process():
     code = ("import ue_dist, torchvision, torch; "
             "m = torchvision.models.resnet18(num_classes=3); "

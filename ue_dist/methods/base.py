@@ -24,6 +24,7 @@ import torch
 
 from ue_dist.core.config import SettingsError, resolve_settings, validate_radii
 from ue_dist.core.context import FitContext
+from ue_dist.core.settings import Setting, check_declared, resolve_declared, seed_key
 from ue_dist.data import storage
 from ue_dist.data.imageset import ImageSet
 from ue_dist.errors import UserError
@@ -39,6 +40,8 @@ class Method:
     name: ClassVar[str] = ""
     paper: ClassVar[str] = ""
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
+    #: every setting, declared once (``core.settings.Setting``): kinds, bounds, help
+    declared: ClassVar[dict[str, Setting]] = {}
     #: False for methods whose ``fit`` learns nothing (the state carries settings only).
     needs_fit: ClassVar[bool] = True
 
@@ -51,12 +54,26 @@ class Method:
     @classmethod
     def resolve(cls, preset: str = "paper",
                 overrides: Sequence[str] | Mapping[str, Any] = ()) -> dict[str, Any]:
+        if cls.declared:
+            return resolve_declared(cls.declared, cls.presets, preset, overrides,
+                                    what=f"method {cls.name!r}")
         return resolve_settings(cls.presets, preset, overrides, what=f"method {cls.name!r}")
 
+    @classmethod
+    def seed_key(cls) -> str | None:
+        """The declared setting that seeds the method (``seed``, ``noise_seed``), if any."""
+        return seed_key(cls.declared)
+
     def validate_settings(self) -> None:
-        """Raise ``SettingsError`` naming the option; subclasses extend. Radii (eps, *_eps, rho*)
-        are checked by ``core.config.check_radius``, also for settings given without a preset."""
-        validate_radii(self.settings, f"method {self.name!r}")
+        """Raise ``SettingsError`` naming the option. Declared settings are checked against the
+        declaration (kinds, bounds, radii by ``core.config.check_radius``); subclasses add only
+        checks that involve several settings. A method without a declaration gets its radii
+        (eps, *_eps, rho*) checked by name."""
+        what = f"method {self.name!r}"
+        if self.declared:
+            self.settings = check_declared(self.declared, self.settings, what)
+        else:
+            validate_radii(self.settings, what)
 
     # the two verbs ------------------------------------------------------------------------------
     def fit(self, train: ImageSet, ctx: FitContext) -> dict[str, Any]:

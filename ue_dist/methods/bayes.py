@@ -32,17 +32,19 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ue_dist.core.augment import augment as augment_batch, default_augmentation
+from ue_dist.core.augment import default_augmentation
 from ue_dist.core.bayes_error import (check_embeddings, max_posterior_sum, median_sigma)
 from ue_dist.core.config import SettingsError
-from ue_dist.core.context import FitContext
+from ue_dist.core.context import FitContext, LocalContext
 from ue_dist.core.distributed import (all_gather_no_grad, all_gather_with_grad, all_reduce_sum,
                                       is_distributed)
-from ue_dist.core.models import build_model
+from ue_dist.core.models import ARCHITECTURES, build_model
 from ue_dist.core.pgd import NORMS, project
+from ue_dist.core.settings import Setting, choice, count, non_negative, positive, positive_int
+from ue_dist.core.training import (TrainLoop, cosine_schedule, cpu_state_dict, cross_entropy_loss,
+                                   uint8_fetch)
 from ue_dist.data.imageset import ImageSet
 from ue_dist.methods.base import Method, StateError, load_state, register
 
@@ -61,14 +63,6 @@ def embed(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         h = net.layer4(net.layer3(net.layer2(net.layer1(h))))
         return torch.flatten(net.avgpool(h), 1)
     raise ValueError(f"no embedding for a {type(net).__name__}; use small-cnn or a resnet")
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
-def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().clone() for k, v in _unwrap(model).state_dict().items()}
 
 
 def _sigma_neighbours(n: int, setting: int) -> int:
@@ -241,29 +235,24 @@ class BayesErrorMaximisation(Method):
                   "chunk": 2048},
     }
 
-    def validate_settings(self) -> None:
-        super().validate_settings()
-        s = self.settings
-        if s["norm"] not in NORMS:
-            raise SettingsError(f"norm must be one of {', '.join(NORMS)}, got {s['norm']!r}")
-        if s["step_rule"] not in STEP_RULES:
-            raise SettingsError(f"step_rule must be one of {', '.join(STEP_RULES)}, "
-                                f"got {s['step_rule']!r}")
-        for key in ("steps", "embed_epochs", "bank_size", "chunk", "embed_batch_size"):
-            if int(s[key]) < (0 if key in ("steps", "embed_epochs") else 1):
-                raise SettingsError(f"{key} must be a positive integer, got {s[key]!r}")
-        for key in ("step_size", "embed_lr"):
-            if not float(s[key]) > 0:
-                raise SettingsError(f"{key} must be > 0, got {s[key]!r}")
-        if s["sigma"] is not None:
-            try:
-                sigma = float(s["sigma"])
-            except (TypeError, ValueError):
-                raise SettingsError(f"sigma must be a number > 0 or none, got {s['sigma']!r}") from None
-            if not (math.isfinite(sigma) and sigma > 0):
-                raise SettingsError(f"sigma must be a finite number > 0, got {s['sigma']!r}")
-        if int(s["retrain_every"]) < 0 or int(s["block_size"]) < 0:
-            raise SettingsError("retrain_every and block_size must be >= 0")
+    declared = {
+        "eps": Setting("radius", "radius of the perturbation (L-inf, or L2 with norm=l2)"),
+        "norm": choice(*NORMS), "step_rule": choice(*STEP_RULES, help="sign (PGA), gradient, adam"),
+        "steps": count("ascent steps"), "step_size": positive("ascent step size"),
+        "arch": choice(*sorted(ARCHITECTURES), help="the embedding model"),
+        "embed_epochs": count(), "embed_batch_size": positive_int(), "embed_lr": positive(),
+        "embed_momentum": non_negative(), "embed_weight_decay": non_negative(),
+        "embed_augment": Setting("bool", "crop+flip while training the embedding"),
+        "embedding_state": Setting("str", "a fitted bayes state whose embedding to reuse"),
+        "sigma": Setting("float", "kernel bandwidth (none: from the data)", above=0,
+                         optional=True),
+        "sigma_neighbours": count("neighbour rank of the data bandwidth (0: sqrt(n))"),
+        "bank_size": positive_int("clean embeddings kept for the streaming mode"),
+        "chunk": positive_int("images embedded at once"),
+        "block_size": count("kernel block rows (0: automatic)"),
+        "retrain_every": count("authors' variant: retrain the embedding every k steps (0: off)"),
+        "retrain_epochs": count(), "seed": Setting("seed"),
+    }
 
     # fit -----------------------------------------------------------------------------------------
     def fit(self, train: ImageSet, ctx: FitContext) -> dict[str, Any]:
@@ -285,7 +274,7 @@ class BayesErrorMaximisation(Method):
         sigma = float(s["sigma"]) if s["sigma"] is not None else median_sigma(
             bank, nearest=_sigma_neighbours(bank.shape[0], s["sigma_neighbours"]))
         ctx.log(f"[bayes] bank {tuple(bank.shape)}, sigma {sigma:.4g}")
-        return self.new_state(train, arch=s["arch"], model_state=_cpu_state(model),
+        return self.new_state(train, arch=s["arch"], model_state=cpu_state_dict(model),
                               bank=bank.cpu(), bank_labels=bank_labels.cpu(), sigma=sigma)
 
     def _embedding_weights(self, url: str, train: ImageSet) -> dict[str, torch.Tensor]:
@@ -306,57 +295,26 @@ class BayesErrorMaximisation(Method):
         return weights
 
     def _train_embedding(self, model: nn.Module, train: ImageSet, ctx: FitContext) -> nn.Module:
+        """The clean classifier whose penultimate layer is the embedding (the shared loop)."""
         s = self.settings
         epochs = int(s["embed_epochs"])
-        model = ctx.prepare_model(model)
-        opt = torch.optim.SGD(model.parameters(), lr=float(s["embed_lr"]),
-                              momentum=float(s["embed_momentum"]),
-                              weight_decay=float(s["embed_weight_decay"]), nesterov=False)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs))
-        start = 0
+        loop = TrainLoop(model, ctx, n=len(train), batch_size=int(s["embed_batch_size"]),
+                         seed=int(s["seed"]), lr=float(s["embed_lr"]),
+                         momentum=float(s["embed_momentum"]),
+                         weight_decay=float(s["embed_weight_decay"]),
+                         schedule=cosine_schedule(epochs))
         resumed = ctx.resume()
-        if resumed and resumed.get("embed_epoch") is not None:
-            _unwrap(model).load_state_dict(resumed["model_state"])
-            opt.load_state_dict(resumed["optimizer"])
-            sched.load_state_dict(resumed["scheduler"])
-            start = int(resumed["embed_epoch"]) + 1
+        if resumed and "loop" in resumed:
+            loop.load_state_dict(resumed["loop"])
         kind = default_augmentation(train.image_shape[1]) if s["embed_augment"] else "none"
-        n = len(train)
-        per_rank = max(1, int(s["embed_batch_size"]) // ctx.world_size)
-        for epoch in range(start, epochs):
-            model.train()
-            gen = torch.Generator().manual_seed(int(s["seed"]) * 1000 + epoch)
-            order = torch.randperm(n, generator=gen)
-            mine = order[ctx.shard_indices(n)]
-            aug_gen = torch.Generator().manual_seed(int(s["seed"]) * 7919 + epoch * 31 + ctx.rank)
-            # equal step counts on every rank (DDP): drop the ragged tail
-            steps = math.ceil(n / ctx.world_size) // per_rank if ctx.distributed else \
-                math.ceil(n / per_rank)
-            loss_sum, correct, seen = 0.0, 0, 0
-            for b in range(max(1, steps)):
-                idx = mine[b * per_rank:(b + 1) * per_rank]
-                if idx.numel() == 0:
-                    idx = mine[:per_rank]
-                x = ImageSet.to_float(train.images[idx]).to(ctx.device)
-                y = train.labels[idx].to(ctx.device)
-                if kind != "none":
-                    x = augment_batch(x, kind, generator=aug_gen)
-                logits = model(x)
-                loss = F.cross_entropy(logits, y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                loss_sum += float(loss.detach()) * len(idx)
-                correct += int((logits.argmax(1) == y).sum())
-                seen += len(idx)
-            sched.step()
-            metrics = {"embed_epoch": epoch, "loss": ctx.all_reduce_mean(loss_sum / max(1, seen)),
-                       "train_acc": ctx.all_reduce_mean(correct / max(1, seen))}
-            ctx.report(metrics, {"embed_epoch": epoch, "model_state": _cpu_state(model),
-                                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict()})
-            ctx.log(f"[bayes] embedding epoch {epoch + 1}/{epochs} loss {metrics['loss']:.4f} "
+        fetch = uint8_fetch(train.images, train.labels, ctx.device)
+        for epoch in range(loop.epoch, epochs):
+            loop.train_epoch(fetch, cross_entropy_loss(kind))
+            metrics = {"embed_epoch": epoch, **loop.take_metrics()}
+            ctx.report(metrics, {"embed_epoch": epoch, "loop": loop.state_dict()})
+            ctx.log(f"[bayes] embedding epoch {epoch + 1}/{epochs} loss {metrics['train_loss']:.4f} "
                     f"acc {metrics['train_acc']:.3f}")
-        return _unwrap(model)
+        return loop.model
 
     @torch.no_grad()
     def _bank(self, model: nn.Module, train: ImageSet, device: torch.device):
@@ -468,22 +426,18 @@ class BayesErrorMaximisation(Method):
                          retrain=retrain, retrain_every=int(s["retrain_every"]))
 
     def _retrainer(self, model: nn.Module, labels: torch.Tensor) -> Callable[[int, torch.Tensor], None]:
-        """The authors' variant: fine-tune the embedding model on the current images."""
+        """The authors' variant: fine-tune the embedding model on the current images (SGD at a
+        tenth of ``embed_lr``, momentum 0.9, ``retrain_epochs`` epochs of the shared loop)."""
         s = self.settings
 
         def retrain(step: int, x_now: torch.Tensor) -> None:
-            model.requires_grad_(True).train()
-            opt = torch.optim.SGD(model.parameters(), lr=float(s["embed_lr"]) * 0.1, momentum=0.9)
-            gen = torch.Generator().manual_seed(int(s["seed"]) + step)
-            bs = int(s["embed_batch_size"])
+            model.requires_grad_(True)
+            y = labels.to(x_now.device)
+            loop = TrainLoop(model, LocalContext(device=x_now.device, log=lambda _m: None),
+                             n=x_now.shape[0], batch_size=int(s["embed_batch_size"]),
+                             seed=int(s["seed"]) + step, lr=float(s["embed_lr"]) * 0.1)
             for _ in range(int(s["retrain_epochs"])):
-                order = torch.randperm(x_now.shape[0], generator=gen)
-                for i in range(0, len(order), bs):
-                    idx = order[i:i + bs]
-                    loss = F.cross_entropy(model(x_now[idx]), labels[idx].to(x_now.device))
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
+                loop.train_epoch(lambda idx: (x_now[idx], y[idx]), cross_entropy_loss())
             model.eval().requires_grad_(False)
 
         return retrain

@@ -23,8 +23,8 @@ from typing import Any, Mapping
 
 import torch
 
-from ue_dist.core.config import SettingsError
 from ue_dist.core.context import FitContext
+from ue_dist.core.settings import Setting
 from ue_dist.data.imageset import ImageSet
 from ue_dist.methods.base import Method, StateError, register
 
@@ -39,11 +39,8 @@ class ClasswiseNoise(Method):
     }
     needs_fit = True
 
-    def validate_settings(self) -> None:
-        super().validate_settings()
-        if not isinstance(self.settings.get("noise_seed"), int):
-            raise SettingsError(f"noise_seed must be an integer for method 'classwise', "
-                                f"got {self.settings.get('noise_seed')!r}")
+    declared = {"eps": Setting("radius", "L-inf radius of the class patterns"),
+                "noise_seed": Setting("seed", "draws the class patterns")}
 
     def fit(self, train: ImageSet, ctx: FitContext) -> dict[str, Any]:
         gen = torch.Generator().manual_seed(int(self.settings["noise_seed"]))

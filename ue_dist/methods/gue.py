@@ -39,12 +39,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from ue_dist.core.adversarial import adversarial_examples, adversarial_loss
 from ue_dist.core.config import SettingsError, parse_radius
 from ue_dist.core.context import FitContext, format_metrics
 from ue_dist.core.models import ARCHITECTURES, SmallCNN, WithNormalize, build_model
-from ue_dist.core.pgd import pgd
-from ue_dist.core.precision import (check_precision, in_precision, prepare_model,
-                                     resolve_precision)
+from ue_dist.core.precision import PRECISIONS, in_precision, prepare_model, resolve_precision
+from ue_dist.core.settings import Setting, choice, count, fraction, non_negative, positive_int
 from ue_dist.core.unet import UNetGenerator
 from ue_dist.data.imageset import ImageSet
 from ue_dist.methods.base import Method, StateError, register
@@ -79,33 +79,22 @@ def follower_objective(model: Model, x: torch.Tensor, y: torch.Tensor, settings:
                        generator: torch.Generator | None = None) -> torch.Tensor:
     """``J_c``: the victim's training loss on perturbed images ``x`` (gradients flow into ``x``).
 
-    ``ce``: standard training. ``trades``: CE + beta KL(f(x) || f(x + d)), d from PGD on the KL.
-    ``pgd``: CE at the PGD adversarial example (Madry). The adversary is the shared PGD, run on a
-    detached copy of ``x``, so ``x + d`` still carries the generator's gradient through ``x``.
+    ``ce``: standard training. ``trades`` / ``pgd``: the shared adversarial training of
+    ``core.adversarial`` (TRADES with ``at_beta``, or CE at the PGD example) at radius
+    ``at_eps``; the adversary works on a detached copy of ``x``, so ``x + d`` still carries the
+    generator's gradient through ``x``.
     """
-    kind = settings.get("follower_loss", "ce")
+    kind = settings["follower_loss"]
     if kind == "ce":
         return F.cross_entropy(model(x), y)
-    radius = float(settings["at_eps"])
-    step = at_step_size(settings)
-    steps = int(settings["at_steps"])
-    if kind == "trades":
-        with torch.no_grad():
-            target = F.softmax(model(x.detach()), dim=1)
-
-        def kl(z: torch.Tensor) -> torch.Tensor:
-            return F.kl_div(F.log_softmax(model(z), dim=1), target, reduction="sum")
-
-        d = pgd(kl, x, eps=radius, step_size=step, steps=steps, generator=generator)
-        logits = model(torch.cat([x, x + d]))
-        clean, adv = logits[:len(x)], logits[len(x):]
-        robust = F.kl_div(F.log_softmax(adv, dim=1), F.softmax(clean, dim=1), reduction="batchmean")
-        return F.cross_entropy(clean, y) + float(settings["at_beta"]) * robust
-    if kind == "pgd":
-        d = pgd(lambda z: F.cross_entropy(model(z), y, reduction="sum"), x, eps=radius,
-                step_size=step, steps=steps, generator=generator)
-        return F.cross_entropy(model(x + d), y)
-    raise SettingsError(f"follower_loss must be one of {', '.join(FOLLOWER_LOSSES)}, got {kind!r}")
+    if kind not in FOLLOWER_LOSSES:
+        raise SettingsError(f"follower_loss must be one of {', '.join(FOLLOWER_LOSSES)}, "
+                            f"got {kind!r}")
+    x_adv = adversarial_examples(model, x, y, method=kind, eps=float(settings["at_eps"]),
+                                 step_size=at_step_size(settings),
+                                 steps=int(settings["at_steps"]), generator=generator)
+    loss, _ = adversarial_loss(model, x, x_adv, y, method=kind, beta=float(settings["at_beta"]))
+    return loss
 
 
 def at_step_size(settings: Mapping[str, Any]) -> float:
@@ -174,7 +163,7 @@ def bome_step(gen: nn.Module, cls: nn.Module, gen_opt: torch.optim.Optimizer,
     """
     gen.train()
     cls.train()
-    precision = resolve_precision(settings.get("precision", "fp32"), x.device)
+    precision = resolve_precision(settings["precision"], x.device)
     gen_fn = in_precision(gen, x.device, precision)
     cls_fn = in_precision(cls, x.device, precision)
     w_params = [p for p in gen.parameters() if p.requires_grad]
@@ -206,7 +195,7 @@ def bome_step(gen: nn.Module, cls: nn.Module, gen_opt: torch.optim.Optimizer,
     j_a = leader_objective(cls_fn(x), y, str(settings["leader_loss"]))
     g_l = _mean_across_workers(torch.autograd.grad(j_a, theta), ctx)
     leader_norm = math.sqrt(float(_sq(g_l)))
-    clip = float(settings.get("leader_grad_clip", 0.0) or 0.0)
+    clip = float(settings["leader_grad_clip"])
     if clip > 0 and leader_norm > clip:  # the "CE(clip)" ablation of Figure 5
         g_l = [g * (clip / leader_norm) for g in g_l]
 
@@ -285,6 +274,28 @@ _COMMON = {
 }
 
 
+_DECLARED: dict[str, Setting] = {
+    "eps": Setting("radius", "L-inf radius of the generator's output"),
+    "width": positive_int("U-Net base width"), "arch": choice(*sorted(ARCHITECTURES)),
+    "epochs": count(), "batch_size": positive_int("global batch, split over the workers"),
+    "follower_loss": choice(*FOLLOWER_LOSSES, help="ce (GUE), trades or pgd (GUE-AT)"),
+    "leader_loss": choice(*LEADER_LOSSES), "leader_grad_clip": non_negative("0: off"),
+    "at_eps": Setting("radius", "the follower's adversarial radius"), "at_steps": count(),
+    "at_step_size": Setting("any", "none/auto: at_eps / 4, or a radius"),
+    "at_beta": non_negative("TRADES beta"), "eta": non_negative("BOME barrier eta"),
+    "inner_steps": count("Adam steps to theta^T"), "inner_lr": non_negative(),
+    "gen_lr": non_negative(), "gen_momentum": non_negative(), "gen_weight_decay": non_negative(),
+    "cls_lr": non_negative(),
+    "train_fraction": fraction("seeded subset the generator sees"),
+    "val_fraction": Setting("float", "held out of the seen data for selection", low=0, below=1),
+    "split_seed": count("seeds the train/val/unseen split (the fit's own seed is the run's)"),
+    "select_every": count("epochs between selection checks (0: keep the last)"),
+    "select_epochs": count(), "select_arch": choice(*sorted(ARCHITECTURES)),
+    "cls_width": count("small-CNN follower width (0: the arch's default)"),
+    "log_every": positive_int(), "precision": choice(*PRECISIONS),
+}
+
+
 def _preset(**kw: Any) -> dict[str, Any]:
     out = dict(_COMMON)
     out.update(kw)
@@ -311,121 +322,39 @@ class Gue(Method):
                          select_arch="small-cnn"),
     }
 
+    declared = _DECLARED
+
     def validate_settings(self) -> None:
         super().validate_settings()
         s = self.settings
-        for key in ("width", "cls_width", "epochs", "batch_size", "inner_steps", "at_steps", "select_every",
-                    "select_epochs", "log_every", "split_seed"):
-            if not isinstance(s.get(key), int) or isinstance(s.get(key), bool) or s[key] < 0:
-                raise SettingsError(f"{key} must be a non-negative integer for method "
-                                    f"{self.name!r}, got {s.get(key)!r}")
-        for key in ("width", "batch_size", "log_every"):
-            if s[key] < 1:
-                raise SettingsError(f"{key} must be >= 1 for method {self.name!r}, got {s[key]}")
-        for key in ("eta", "inner_lr", "gen_lr", "cls_lr", "gen_momentum", "gen_weight_decay",
-                    "leader_grad_clip", "at_beta"):
-            try:
-                value = float(s[key])
-            except (TypeError, ValueError):
-                raise SettingsError(f"{key} must be a number, got {s[key]!r}") from None
-            if not value >= 0:
-                raise SettingsError(f"{key} must be >= 0 for method {self.name!r}, got {value}")
-        if not 0.0 < float(s["train_fraction"]) <= 1.0:
-            raise SettingsError(f"train_fraction must lie in (0, 1], got {s['train_fraction']}")
-        if not 0.0 <= float(s["val_fraction"]) < 1.0:
-            raise SettingsError(f"val_fraction must lie in [0, 1), got {s['val_fraction']}")
-        if s["leader_loss"] not in LEADER_LOSSES:
-            raise SettingsError(f"leader_loss must be one of {', '.join(LEADER_LOSSES)}, "
-                                f"got {s['leader_loss']!r}")
-        if s["follower_loss"] not in FOLLOWER_LOSSES:
-            raise SettingsError(f"follower_loss must be one of {', '.join(FOLLOWER_LOSSES)}, "
-                                f"got {s['follower_loss']!r}")
         if s["follower_loss"] != "ce":
             if not float(s["at_eps"]) > 0:
                 raise SettingsError(f"at_eps must be > 0 when follower_loss={s['follower_loss']!r}")
             at_step_size(s)
-        check_precision(s.get("precision", "fp32"))
-        for key in ("arch", "select_arch"):
-            if s[key] not in ARCHITECTURES:
-                raise SettingsError(f"{key} must be one of {', '.join(sorted(ARCHITECTURES))}, "
-                                    f"got {s[key]!r}")
 
     # fit ----------------------------------------------------------------------------------------
     def fit(self, train: ImageSet, ctx: FitContext) -> dict[str, Any]:
         s = self.settings
-        c, h, _ = train.image_shape
-        k = int(train.num_classes)
-        if k < 2:
-            raise SettingsError(f"method {self.name!r} needs at least 2 classes, got {k}")
+        if int(train.num_classes) < 2:
+            raise SettingsError(f"method {self.name!r} needs at least 2 classes, got "
+                                f"{int(train.num_classes)}")
         split = split_indices(len(train), float(s["train_fraction"]), float(s["val_fraction"]),
                               int(s["split_seed"]))
         fit_idx = split["fit"]
         if len(fit_idx) == 0:
             raise SettingsError(f"train_fraction={s['train_fraction']} and val_fraction="
                                 f"{s['val_fraction']} leave no images to fit on ({len(train)} given)")
-        local_idx = fit_idx[ctx.shard_indices(len(fit_idx))]
-        device = ctx.device
-
-        torch.manual_seed(ctx.seed)  # same init on every worker (DDP also broadcasts rank 0's)
-        precision = resolve_precision(s.get("precision", "fp32"), device)
-        # channels_last (bf16 / CUDA) before DDP wraps the modules
-        gen_m = ctx.prepare_model(prepare_model(
-            UNetGenerator(c, self.eps, int(s["width"])).to(device), device, precision))
-        cls_m = ctx.prepare_model(prepare_model(
-            build_classifier(s["arch"], k, c, h, int(s["cls_width"])).to(device), device,
-            precision))
-        gen, cls = _unwrap(gen_m), _unwrap(cls_m)
-        gen_opt = torch.optim.SGD(gen.parameters(), lr=float(s["gen_lr"]),
-                                  momentum=float(s["gen_momentum"]),
-                                  weight_decay=float(s["gen_weight_decay"]))
-        cls_opt = torch.optim.SGD(cls.parameters(), lr=float(s["cls_lr"]))
-
-        start_epoch, step = 0, 0
-        best: dict[str, Any] = {"score": None, "epoch": None, "generator": None}
-        resumed = ctx.resume()
-        if resumed is not None and resumed.get("training"):
-            self.check_state(resumed, train.image_shape, source="resumed checkpoint")
-            tr = resumed["training"]
-            gen.load_state_dict(tr["generator"])
-            cls.load_state_dict(tr["classifier"])
-            gen_opt.load_state_dict(tr["gen_opt"])
-            cls_opt.load_state_dict(tr["cls_opt"])
-            start_epoch, step = int(tr["epoch"]), int(tr["step"])
-            best = {"score": tr.get("best_score"), "epoch": tr.get("best_epoch"),
-                    "generator": tr.get("best_generator")}
-            ctx.log(f"[{self.name}] resumed at epoch {start_epoch}")
-
-        global_batch = int(s["batch_size"])
-        local_batch = max(1, math.ceil(global_batch / ctx.world_size))
-        steps_per_epoch = max(1, math.ceil(len(fit_idx) / global_batch))  # same on every worker
-        rng = torch.Generator().manual_seed(ctx.seed * 1000003 + ctx.rank)
-        pgd_gen = torch.Generator(device=device).manual_seed(ctx.seed + 17 * ctx.rank + 1)
+        players = self._players(train, ctx)
+        start_epoch, step, best = self._resume(players, train, ctx)
+        gen = players["gen"]
+        steps_per_epoch = max(1, math.ceil(len(fit_idx) / int(s["batch_size"])))  # same on every worker
         ctx.log(f"[{self.name}] fitting on {len(fit_idx)} images ({len(split['val'])} held out for "
                 f"selection, {len(split['unseen'])} never seen), {steps_per_epoch} steps/epoch")
-
         epochs = int(s["epochs"])
         for epoch in range(start_epoch, epochs):
-            # reseeded per epoch, so a run resumed from a checkpoint replays the same batches
-            rng.manual_seed(ctx.seed * 1000003 + ctx.rank * 7919 + epoch)
-            pgd_gen.manual_seed(ctx.seed * 1000033 + ctx.rank * 7919 + epoch + 1)
-            order = local_idx[torch.randperm(len(local_idx), generator=rng)]
-            if len(order) == 0:
-                order = local_idx  # pragma: no cover - more workers than images
-            epoch_metrics: dict[str, float] = {}
-            for i in range(steps_per_epoch):
-                pos = (torch.arange(local_batch) + i * local_batch) % max(1, len(order))
-                idx = order[pos]
-                x = ImageSet.to_float(train.images[idx]).to(device)
-                y = train.labels[idx].to(device)
-                m = bome_step(gen, cls, gen_opt, cls_opt, x, y, s, ctx, pgd_gen)
-                step += 1
-                for key, v in m.items():
-                    epoch_metrics[key] = epoch_metrics.get(key, 0.0) + v / steps_per_epoch
-                if step % int(s["log_every"]) == 0:
-                    ctx.report({"step": step, "epoch": epoch + 1, **m})
+            record, step = self._epoch(players, train, fit_idx[ctx.shard_indices(len(fit_idx))],
+                                       epoch, step, steps_per_epoch, ctx)
             _sync_buffers(gen, ctx)
-            record = {"epoch": epoch + 1, "step": step,
-                      **{f"epoch_{k}": v for k, v in epoch_metrics.items()}}
             every = int(s["select_every"])
             if every > 0 and len(split["val"]) > 0 and ((epoch + 1) % every == 0 or epoch + 1 == epochs):
                 score = self._selection_score(gen, train, split, ctx)
@@ -434,12 +363,75 @@ class Gue(Method):
                     best = {"score": score, "epoch": epoch + 1, "generator": _cpu_state(gen)}
             ctx.log(f"[{self.name}] " + format_metrics(record))
             checkpoint = self._state(train, gen, best, split) | {"training": {
-                "generator": _cpu_state(gen), "classifier": _cpu_state(cls),
-                "gen_opt": gen_opt.state_dict(), "cls_opt": cls_opt.state_dict(),
+                "generator": _cpu_state(gen), "classifier": _cpu_state(players["cls"]),
+                "gen_opt": players["gen_opt"].state_dict(),
+                "cls_opt": players["cls_opt"].state_dict(),
                 "epoch": epoch + 1, "step": step, "best_score": best["score"],
                 "best_epoch": best["epoch"], "best_generator": best["generator"]}}
             ctx.report(record, state=checkpoint)
         return self._state(train, gen, best, split)
+
+    def _players(self, train: ImageSet, ctx: FitContext) -> dict[str, Any]:
+        """The leader (U-Net generator) and the follower (classifier), bare, with their SGD."""
+        s = self.settings
+        c, h, _ = train.image_shape
+        device = ctx.device
+        torch.manual_seed(ctx.seed)  # same init on every worker (DDP also broadcasts rank 0's)
+        precision = resolve_precision(s["precision"], device)
+        # channels_last (bf16 / CUDA) before DDP wraps the modules
+        gen = _unwrap(ctx.prepare_model(prepare_model(
+            UNetGenerator(c, self.eps, int(s["width"])).to(device), device, precision)))
+        cls = _unwrap(ctx.prepare_model(prepare_model(
+            build_classifier(s["arch"], int(train.num_classes), c, h, int(s["cls_width"]))
+            .to(device), device, precision)))
+        return {"gen": gen, "cls": cls,
+                "gen_opt": torch.optim.SGD(gen.parameters(), lr=float(s["gen_lr"]),
+                                           momentum=float(s["gen_momentum"]),
+                                           weight_decay=float(s["gen_weight_decay"])),
+                "cls_opt": torch.optim.SGD(cls.parameters(), lr=float(s["cls_lr"]))}
+
+    def _resume(self, players: dict[str, Any], train: ImageSet,
+                ctx: FitContext) -> tuple[int, int, dict[str, Any]]:
+        """(start epoch, step, best generator so far) from the context's checkpoint."""
+        resumed = ctx.resume()
+        if resumed is None or not resumed.get("training"):
+            return 0, 0, {"score": None, "epoch": None, "generator": None}
+        self.check_state(resumed, train.image_shape, source="resumed checkpoint")
+        tr = resumed["training"]
+        for key, saved in (("gen", "generator"), ("cls", "classifier"), ("gen_opt", "gen_opt"),
+                           ("cls_opt", "cls_opt")):
+            players[key].load_state_dict(tr[saved])
+        ctx.log(f"[{self.name}] resumed at epoch {int(tr['epoch'])}")
+        return int(tr["epoch"]), int(tr["step"]), {
+            "score": tr.get("best_score"), "epoch": tr.get("best_epoch"),
+            "generator": tr.get("best_generator")}
+
+    def _epoch(self, players: dict[str, Any], train: ImageSet, local_idx: torch.Tensor,
+               epoch: int, step: int, steps_per_epoch: int,
+               ctx: FitContext) -> tuple[dict[str, Any], int]:
+        """One epoch of BOME steps over this worker's images; (the epoch's record, step)."""
+        s = self.settings
+        local_batch = max(1, math.ceil(int(s["batch_size"]) / ctx.world_size))
+        # reseeded per epoch, so a run resumed from a checkpoint replays the same batches
+        rng = torch.Generator().manual_seed(ctx.seed * 1000003 + ctx.rank * 7919 + epoch)
+        pgd_gen = torch.Generator(device=ctx.device).manual_seed(
+            ctx.seed * 1000033 + ctx.rank * 7919 + epoch + 1)
+        order = local_idx[torch.randperm(len(local_idx), generator=rng)]
+        if len(order) == 0:
+            order = local_idx  # pragma: no cover - more workers than images
+        sums: dict[str, float] = {}
+        for i in range(steps_per_epoch):
+            idx = order[(torch.arange(local_batch) + i * local_batch) % max(1, len(order))]
+            x = ImageSet.to_float(train.images[idx]).to(ctx.device)
+            y = train.labels[idx].to(ctx.device)
+            m = bome_step(players["gen"], players["cls"], players["gen_opt"], players["cls_opt"],
+                          x, y, s, ctx, pgd_gen)
+            step += 1
+            for key, v in m.items():
+                sums[key] = sums.get(key, 0.0) + v / steps_per_epoch
+            if step % int(s["log_every"]) == 0:
+                ctx.report({"step": step, "epoch": epoch + 1, **m})
+        return {"epoch": epoch + 1, "step": step, **{f"epoch_{k}": v for k, v in sums.items()}}, step
 
     def _state(self, train: ImageSet, gen: nn.Module, best: Mapping[str, Any],
                split: Mapping[str, torch.Tensor]) -> dict[str, Any]:
@@ -471,7 +463,7 @@ class Gue(Method):
         victim_settings = resolve_victim_settings("quick", {
             "arch": self.settings["select_arch"], "epochs": int(self.settings["select_epochs"]),
             "seed": int(ctx.seed), "eval_robust": False,
-            "precision": str(self.settings.get("precision", "fp32"))})
+            "precision": str(self.settings["precision"])})
         # every worker scores the same (synchronised) generator the same way: no broadcast needed
         quiet = LocalContext(device=ctx.device, seed=int(ctx.seed), log=lambda _msg: None)
         result = train_victim(poisoned, val_set, victim_settings, ctx=quiet)
@@ -529,7 +521,7 @@ class Gue(Method):
         gen = gen.to(device).eval()
         for p in gen.parameters():
             p.requires_grad_(False)
-        prepare_model(gen, device, str(self.settings.get("precision", "fp32")))
+        prepare_model(gen, device, str(self.settings["precision"]))
         return {"generator": gen, "eps": float(state["eps"])}
 
     @torch.no_grad()
@@ -540,7 +532,7 @@ class Gue(Method):
                              f"got {images.shape[1]}")
         device = next(gen.parameters()).device
         images = images.to(device)
-        precision = resolve_precision(self.settings.get("precision", "fp32"), device)
+        precision = resolve_precision(self.settings["precision"], device)
         # eps * tanh is computed in fp32 in any precision: |delta| <= eps holds
         delta = in_precision(gen, device, precision)(images)
         # labels are not used: the generator maps images to perturbations (works on new data)

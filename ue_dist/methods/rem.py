@@ -26,7 +26,6 @@ Shapes: images ``B x C x H x W`` float in [0, 1], labels ``B`` int64 in ``[0, nu
 from __future__ import annotations
 
 import hashlib
-import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
@@ -35,14 +34,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ue_dist.core.adversarial import adversarial_examples
 from ue_dist.core.augment import (AugParams, apply_params, augment, resolve_augmentation,
                                   sample_params)
 from ue_dist.core.config import SettingsError
 from ue_dist.core.context import FitContext
 from ue_dist.core.models import ARCHITECTURES, build_model
 from ue_dist.core.pgd import pgd
-from ue_dist.core.precision import (autocast, check_precision, prepare_model, resolve_precision,
-                                     upcast)
+from ue_dist.core.training import (Loss, TrainLoop, cpu_state_dict, decay_every_schedule,
+                                   uint8_fetch, unwrap)
+from ue_dist.core.precision import PRECISIONS, autocast, prepare_model, resolve_precision, upcast
+from ue_dist.core.settings import (Setting, choice, count, fraction, non_negative, positive,
+                                   positive_int)
 from ue_dist.data.imageset import ImageSet
 from ue_dist.methods.base import Method, StateError, register
 
@@ -130,11 +133,6 @@ def robust_error_minimizing_noise(model: nn.Module, x: torch.Tensor, y: torch.Te
 # source-model training shared by REM, EM and TAP
 # -------------------------------------------------------------------------------------------------
 
-def _step_generator(seed: int, rank: int, step: int) -> torch.Generator:
-    # one generator per (seed, worker, step): a resumed run draws exactly what the original would
-    return torch.Generator().manual_seed((seed * 1_000_003 + rank * 10_007 + step) % (2**63))
-
-
 def batch_generator(seed: int, images: torch.Tensor, labels: torch.Tensor) -> torch.Generator:
     """A generator seeded by the batch's content: the same batch gives the same noise wherever
     and in whatever order it is processed (Ray actors, retries)."""
@@ -145,27 +143,29 @@ def batch_generator(seed: int, images: torch.Tensor, labels: torch.Tensor) -> to
     return torch.Generator().manual_seed(int.from_bytes(h.digest(), "big") % (2**63))
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
-def _cpu_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    # contiguous: a channels_last (bf16) run checkpoints the same NCHW tensors as an fp32 run
-    return {k: v.detach().to("cpu").contiguous().clone()
-            for k, v in _unwrap(model).state_dict().items()}
-
-
-def _cpu_copy(obj: Any) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu").clone()
-    if isinstance(obj, dict):
-        return {k: _cpu_copy(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_cpu_copy(v) for v in obj)
-    return obj
-
-
 NoiseFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor]
+
+
+def source_model_loss(noise_fn: NoiseFn | None, *, rho_a: float, step_a: float, steps_a: int,
+                      augmentation: str) -> Loss:
+    """Algorithm 1's inner step on a batch: ``t(x + noise_fn(x)) + da`` (noise and ``da`` from
+    the model in eval mode, so one sample's noise does not see the others), then CE."""
+    def loss(net: nn.Module, x: torch.Tensor, y: torch.Tensor,
+             gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        model = unwrap(net)
+        model.eval()
+        if noise_fn is not None:
+            x = x + noise_fn(model, x, y, gen)
+        x = augment(x, augmentation, gen)
+        if rho_a > 0 and steps_a > 0:
+            with torch.enable_grad():
+                x = adversarial_examples(model, x, y, method="pgd", eps=rho_a, step_size=step_a,
+                                         steps=steps_a, generator=gen)
+        net.train()
+        out = upcast(net(x.detach()))
+        return F.cross_entropy(out, y), out
+
+    return loss
 
 
 def train_source_model(method: Method, train: ImageSet, ctx: FitContext,
@@ -177,107 +177,79 @@ def train_source_model(method: Method, train: ImageSet, ctx: FitContext,
 
     ``noise_fn(model, x, y, generator)`` gives ``du`` (None: clean training, TAP); ``rho_a > 0``
     adds PGD adversarial examples; ``stop_acc > 0`` stops once the mean training accuracy of the
-    last ``log_every`` steps reaches it. Data are sharded over workers, the model is wrapped by
-    ``ctx.prepare_model``; every ``checkpoint_every`` steps a resumable state goes to
-    ``ctx.report``, and ``ctx.resume()`` continues from the last one. The setting
-    ``precision`` (default fp32) runs the model step and the PGD-AT forwards under bf16
-    autocast with a channels_last model; ``noise_fn`` chooses its own precision.
+    last ``log_every`` steps reaches it. ``train_steps`` steps of the shared training loop
+    (``core.training``: batches from epochs of a seeded permutation, DDP over ``ctx``'s
+    workers, lr ``lr * lr_decay ** (step // lr_decay_every)``); every ``checkpoint_every``
+    steps a resumable state goes to ``ctx.report``, and ``ctx.resume()`` continues from the
+    last one. ``precision`` (default fp32) runs the model step and the PGD-AT forwards under
+    bf16 autocast with a channels_last model; ``noise_fn`` chooses its own precision.
     """
     s = method.settings
     if len(train) == 0:
         raise SettingsError(f"method {method.name!r}: the training set is empty")
     channels, height, _ = train.image_shape
-    num_classes = int(train.num_classes)
-    device = ctx.device
-    seed = int(s.get("seed", 0)) + int(ctx.seed)
+    seed = int(s["seed"]) + int(ctx.seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # identical initial weights on every worker
-        model = build_model(s["arch"], num_classes, channels, height).to(device)
-    precision = resolve_precision(s.get("precision", "fp32"), device)
-    prepare_model(model, device, precision)  # channels_last for bf16 / CUDA, before DDP
-    opt = torch.optim.SGD(model.parameters(), lr=s["lr"], momentum=s["momentum"],
-                          weight_decay=s["weight_decay"])
-    start = 0
-    ckpt = ctx.resume()
-    if ckpt is not None:
-        method.check_state(ckpt, train.image_shape, source="checkpoint")
-        if ckpt.get("fit_done"):  # the run had already finished (or stopped early)
-            return dict(ckpt)
-        model.load_state_dict(ckpt["model"])
-        if "optimizer" in ckpt:
-            opt.load_state_dict(ckpt["optimizer"])
-        start = int(ckpt.get("fit_step", 0))
-        ctx.log(f"{method.name}: resuming source-model training at step {start}")
-    net = ctx.prepare_model(model)
+        model = build_model(s["arch"], int(train.num_classes), channels, height)
+    loop = TrainLoop(model, ctx, n=len(train), batch_size=int(s["batch_size"]), seed=seed,
+                     lr=float(s["lr"]), momentum=float(s["momentum"]),
+                     weight_decay=float(s["weight_decay"]), precision=s["precision"],
+                     schedule=decay_every_schedule(s["lr_decay_every"], s["lr_decay"]),
+                     schedule_per="step")
+    done = _resume_source_model(method, loop, train, ctx)
+    if done is not None:
+        return done
+    fetch = uint8_fetch(train.images, train.labels, ctx.device)
+    loss = source_model_loss(noise_fn, rho_a=rho_a, step_a=step_a, steps_a=steps_a,
+                             augmentation=augmentation)
+    total, log_every = int(s["train_steps"]), max(1, int(s["log_every"]))
+    ckpt_every = int(s["checkpoint_every"])
 
-    idx = ctx.shard_indices(len(train))
-    if len(idx) == 0:
-        raise SettingsError(f"method {method.name!r}: worker {ctx.rank} got no training samples "
-                            f"({len(train)} samples for {ctx.world_size} workers)")
-    images, labels = train.images[idx], train.labels[idx]
-    n = len(idx)
-    per_worker = max(1, min(n, math.ceil(int(s["batch_size"]) / ctx.world_size)))
-    total = int(s["train_steps"])
-    log_every = max(1, int(s.get("log_every", 50)))
-    ckpt_every = int(s.get("checkpoint_every", 0))
+    def state_now(resumable: bool, **more: Any) -> dict[str, Any]:
+        payload: dict[str, Any] = dict(model=cpu_state_dict(loop.model), fit_step=loop.step, **more)
+        if resumable:  # the model is stored once, beside the loop's other state
+            payload["loop"] = {k: v for k, v in loop.state_dict().items() if k != "model"}
+        return method.new_state(train, **payload, **(extra_state or {}))
 
-    def state_now(step: int, resumable: bool, **more: Any) -> dict[str, Any]:
-        payload: dict[str, Any] = dict(model=_cpu_state_dict(model), fit_step=step, **more)
-        if resumable:  # a copy: the live momentum buffers keep changing after this report
-            payload["optimizer"] = _cpu_copy(opt.state_dict())
-        payload.update(extra_state or {})
-        return method.new_state(train, **payload)
-
-    losses: list[torch.Tensor] = []
-    accs: list[torch.Tensor] = []
-    step = start
-    stopped = False
-    metrics: dict[str, Any] = {}
-    while step < total and not stopped:
-        lr = float(s["lr"]) * float(s["lr_decay"]) ** (step // max(1, int(s["lr_decay_every"])))
-        for group in opt.param_groups:
-            group["lr"] = lr
-        gen = _step_generator(seed, ctx.rank, step)
-        pick = torch.randperm(n, generator=gen)[:per_worker]
-        x = images[pick].to(device).float().div_(255.0)
-        y = labels[pick].to(device)
-        model.eval()  # PGD with running statistics: noise of one sample does not see the others
-        if noise_fn is not None:
-            x = x + noise_fn(model, x, y, gen)
-        x = augment(x, augmentation, gen)
-        if rho_a > 0 and steps_a > 0:
-            with torch.enable_grad(), autocast(device, precision):
-                x = x + pgd(_ce_sum(model, y), x, eps=rho_a, step_size=step_a, steps=steps_a,
-                            maximize=True, random_start=True, generator=gen)
-        net.train()
-        with autocast(device, precision):
-            out = upcast(net(x.detach()))
-        loss = F.cross_entropy(out, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.detach())
-        accs.append((out.detach().argmax(1) == y).float().mean())
-        step += 1
+    stopped, metrics = False, {}
+    while loop.step < total and not stopped:
+        lr = loop.lr
+        loop.train_step(fetch, loss)
+        step = loop.step
         logged = step % log_every == 0 or step == total
         if logged:
-            mean_loss = ctx.all_reduce_mean(torch.stack(losses).mean().item())
-            mean_acc = ctx.all_reduce_mean(torch.stack(accs).mean().item())
-            losses.clear()
-            accs.clear()
-            metrics = {"step": step, "lr": lr, "train_loss": mean_loss, "train_acc": mean_acc}
+            metrics = {"step": step, "lr": lr, **loop.take_metrics()}
             # the same decision on every worker: the accuracy is averaged over all of them
-            stopped = stop_acc > 0 and mean_acc >= stop_acc
-            ctx.log(f"{method.name} step {step}/{total} lr {lr:.4g} loss {mean_loss:.4f} "
-                    f"acc {mean_acc:.3f}" + (" -> stop (train accuracy >= stop_acc)" if stopped else ""))
+            stopped = stop_acc > 0 and metrics["train_acc"] >= stop_acc
+            ctx.log(f"{method.name} step {step}/{total} lr {lr:.4g} loss {metrics['train_loss']:.4f} "
+                    f"acc {metrics['train_acc']:.3f}"
+                    + (" -> stop (train accuracy >= stop_acc)" if stopped else ""))
         if ckpt_every > 0 and step % ckpt_every == 0 and step < total and not stopped:
-            ctx.report(metrics if logged else {"step": step}, state_now(step, resumable=True))
+            ctx.report(metrics if logged else {"step": step}, state_now(resumable=True))
         elif logged:
             ctx.report(metrics)
-    final = state_now(step, resumable=False, fit_done=True, fit_stopped_early=bool(stopped),
+    final = state_now(resumable=False, fit_done=True, fit_stopped_early=bool(stopped),
                       fit_metrics={k: float(v) for k, v in metrics.items()})
     ctx.report({**metrics, "done": True}, final)
     return final
+
+
+def _resume_source_model(method: Method, loop: TrainLoop, train: ImageSet,
+                         ctx: FitContext) -> dict[str, Any] | None:
+    """Continue from the context's checkpoint; the final state if that run had finished."""
+    ckpt = ctx.resume()
+    if ckpt is None:
+        return None
+    method.check_state(ckpt, train.image_shape, source="checkpoint")
+    if ckpt.get("fit_done"):  # the run had already finished (or stopped early)
+        return dict(ckpt)
+    if "loop" not in ckpt:
+        ctx.log(f"{method.name}: the checkpoint predates the shared training loop; starting over")
+        return None
+    loop.load_state_dict({**ckpt["loop"], "model": ckpt["model"]})
+    ctx.log(f"{method.name}: resuming source-model training at step {loop.step}")
+    return None
 
 
 # -------------------------------------------------------------------------------------------------
@@ -304,52 +276,38 @@ def _schedule(arch: str, steps: int, batch: int, every: int) -> dict[str, Any]:
             "weight_decay": 5e-4, "lr_decay_every": every, "lr_decay": 0.1}
 
 
+_SOURCE_MODEL: dict[str, Setting] = {
+    "eps": Setting("radius", "L-inf radius of the noise on the [0, 1] scale", high=1),
+    "arch": choice(*sorted(ARCHITECTURES), help="source-model architecture"),
+    "train_steps": positive_int("SGD steps of the source model"),
+    "batch_size": positive_int("global batch, split over the workers"),
+    "lr": positive("initial learning rate"),
+    "momentum": non_negative(), "weight_decay": non_negative(),
+    "lr_decay_every": positive_int("steps between learning-rate decays"),
+    "lr_decay": non_negative("factor of each decay"),
+    "seed": Setting("seed", "weights, batch order and noise draws"),
+    "log_every": count("steps between log lines"),
+    "checkpoint_every": count("steps between resumable checkpoints (0: none)"),
+    "precision": choice(*PRECISIONS, help="autocast of the model forwards"),
+}
+_NOISE: dict[str, Setting] = {
+    "steps_u": positive_int("PGD descent steps on the noise (K_u)"),
+    "step_frac_u": positive("noise step size as a fraction of eps"),
+    "stop_acc": fraction("stop once the training accuracy reaches it (0: off)", above=None),
+}
+_AUGMENTATION = choice("auto", "crop-flip", "flip", "none", help="EOT / training augmentation")
+
+
 class SourceModelMethod(Method):
     """Shared parts of methods whose state is one trained classifier (REM, EM, TAP)."""
 
     def validate_settings(self) -> None:
         super().validate_settings()
-        s = self.settings
         if self.eps >= 1:
             raise SettingsError(f"eps must be < 1 (images are on the [0, 1] scale), got {self.eps}")
-        if s["arch"] not in ARCHITECTURES:
-            raise SettingsError(f"arch {s['arch']!r} is not known; valid: "
-                                f"{', '.join(sorted(ARCHITECTURES))}")
-        for key in ("train_steps", "batch_size", "lr_decay_every"):
-            self._positive_int(key)
-        for key in ("lr",):
-            if not float(s[key]) > 0:
-                raise SettingsError(f"{key} must be > 0 for method {self.name!r}, got {s[key]}")
-        for key in ("momentum", "weight_decay", "lr_decay"):
-            if float(s[key]) < 0:
-                raise SettingsError(f"{key} must be >= 0 for method {self.name!r}, got {s[key]}")
-        for key in ("log_every", "checkpoint_every"):
-            if int(s.get(key, 0)) < 0:
-                raise SettingsError(f"{key} must be >= 0 for method {self.name!r}, got {s[key]}")
-        check_precision(s.get("precision", "fp32"))
-        if "augmentation" in s:
-            try:
-                resolve_augmentation(str(s["augmentation"]), 32)
-            except ValueError:
-                raise SettingsError(f"augmentation {s['augmentation']!r} is not known for method "
-                                    f"{self.name!r}; valid: auto, crop-flip, flip, none") from None
-
-    def _positive_int(self, key: str) -> int:
-        value = self.settings[key]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value \
-                or int(value) <= 0:
-            raise SettingsError(f"{key} must be a positive integer for method {self.name!r}, "
-                                f"got {value!r}")
-        return int(value)
-
-    def _positive_float(self, key: str) -> float:
-        value = float(self.settings[key])
-        if not value > 0:
-            raise SettingsError(f"{key} must be > 0 for method {self.name!r}, got {value!r}")
-        return value
 
     def _augmentation(self, image_size: int) -> str:
-        return resolve_augmentation(str(self.settings.get("augmentation", "none")), image_size)
+        return resolve_augmentation(str(self.settings.get("augmentation", "none")), image_size)  # EM: none
 
     # state ------------------------------------------------------------------------------------
     def check_state(self, state: Mapping[str, Any], image_shape: Sequence[int] | None = None,
@@ -375,7 +333,7 @@ class SourceModelMethod(Method):
             raise StateError(f"state weights do not fit {state['settings']['arch']!r}: {exc}") from None
         device = torch.device(device)
         model.to(device).eval().requires_grad_(False)
-        prepare_model(model, device, str(self.settings.get("precision", "fp32")))
+        prepare_model(model, device, str(self.settings["precision"]))
         return LoadedModel(model, (channels, height, width), num_classes, device,
                            {k: v for k, v in state.items() if k in ("permutation",)})
 
@@ -417,28 +375,24 @@ class REM(SourceModelMethod):
                   "log_every": 25, "checkpoint_every": 50, "precision": "fp32"},
     }
 
+    declared = {**_SOURCE_MODEL, **_NOISE,
+                "rho_a": Setting("radius", "PGD-AT radius of the source model (0: off)"),
+                "steps_a": count("PGD ascent steps on da (K_a)"),
+                "step_frac_a": positive("da step size as a fraction of rho_a"),
+                "eot_samples": positive_int("EOT views per descent step (J)"),
+                "augmentation": _AUGMENTATION}
+
     def validate_settings(self) -> None:
         super().validate_settings()
-        s = self.settings
-        self._positive_int("steps_u")
-        self._positive_float("step_frac_u")
-        if "eot_samples" in s:  # EM has no EOT
-            self._positive_int("eot_samples")
-        rho_a = float(s.get("rho_a", 0.0))
-        if rho_a < 0:
-            raise SettingsError(f"rho_a must be >= 0, got {rho_a}")
-        if rho_a > 0:
-            self._positive_int("steps_a")
-            self._positive_float("step_frac_a")
-            if rho_a >= self.eps:
-                warnings.warn(
-                    f"rho_a={rho_a:.5g} >= rho_u=eps={self.eps:.5g}: with an adversarial radius at "
-                    "least as large as the noise radius, the inner max can undo any defensive "
-                    "noise, so min_du max_da loss >= the clean loss (REM paper, Sec. 4.1) and the "
-                    "noise cannot suppress learning; use rho_a < eps", stacklevel=3)
-        stop = float(s.get("stop_acc", 0.0))
-        if not 0.0 <= stop <= 1.0:
-            raise SettingsError(f"stop_acc must lie in [0, 1] (0 = off), got {stop}")
+        rho_a = float(self.settings["rho_a"])
+        if rho_a > 0 and int(self.settings["steps_a"]) < 1:
+            raise SettingsError(f"steps_a must be >= 1 when rho_a > 0 (method {self.name!r})")
+        if rho_a >= self.eps:
+            warnings.warn(
+                f"rho_a={rho_a:.5g} >= rho_u=eps={self.eps:.5g}: with an adversarial radius at "
+                "least as large as the noise radius, the inner max can undo any defensive "
+                "noise, so min_du max_da loss >= the clean loss (REM paper, Sec. 4.1) and the "
+                "noise cannot suppress learning; use rho_a < eps", stacklevel=3)
 
     # the objective's settings --------------------------------------------------------------
     def noise_kwargs(self, image_size: int) -> dict[str, Any]:
@@ -453,7 +407,7 @@ class REM(SourceModelMethod):
 
     def fit(self, train: ImageSet, ctx: FitContext) -> dict[str, Any]:
         kw = self.noise_kwargs(train.image_shape[1])
-        precision = str(self.settings.get("precision", "fp32"))
+        precision = str(self.settings["precision"])
 
         def noise(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                   gen: torch.Generator) -> torch.Tensor:
@@ -463,16 +417,16 @@ class REM(SourceModelMethod):
         # model step on t(x + du) + da (Algorithm 1, lines 17-19)
         return train_source_model(self, train, ctx, noise, rho_a=kw["rho_a"], step_a=kw["step_a"],
                                   steps_a=kw["steps_a"], augmentation=kw["augmentation"],
-                                  stop_acc=float(self.settings.get("stop_acc", 0.0)))
+                                  stop_acc=float(self.settings["stop_acc"]))
 
     def perturb(self, loaded: LoadedModel, images: torch.Tensor,
                 labels: torch.Tensor) -> torch.Tensor:
         x, y = self._inputs(loaded, images, labels)
         if len(x) == 0:
             return torch.zeros_like(images, dtype=torch.float32)
-        gen = batch_generator(int(self.settings.get("seed", 0)), x, y)
+        gen = batch_generator(int(self.settings["seed"]), x, y)
         delta = robust_error_minimizing_noise(loaded.model, x, y, generator=gen,
-                                              precision=str(self.settings.get("precision", "fp32")),
+                                              precision=str(self.settings["precision"]),
                                               **self.noise_kwargs(loaded.image_shape[1]))
         return delta.to(images.device)
 
@@ -495,6 +449,11 @@ class EM(REM):
                   "steps_u": 10, "step_frac_u": 0.2, "stop_acc": 0.99, "seed": 0,
                   "log_every": 25, "checkpoint_every": 50, "precision": "fp32"},
     }
+
+    declared = {**_SOURCE_MODEL, **_NOISE}
+
+    def validate_settings(self) -> None:
+        SourceModelMethod.validate_settings(self)  # no rho_a: nothing of REM's to cross-check
 
     def noise_kwargs(self, image_size: int) -> dict[str, Any]:
         return {"eps": self.eps, "step_u": self.eps * float(self.settings["step_frac_u"]),

@@ -21,10 +21,11 @@ from ue_dist.core.config import SettingsError
 from ue_dist.core.context import FitContext
 from ue_dist.core.pgd import pgd
 from ue_dist.core.precision import autocast, resolve_precision, upcast
+from ue_dist.core.settings import choice, positive, positive_int
 from ue_dist.data.imageset import ImageSet
 from ue_dist.methods.base import StateError, register
-from ue_dist.methods.rem import (LoadedModel, SourceModelMethod, _schedule, batch_generator,
-                                 train_source_model)
+from ue_dist.methods.rem import (_AUGMENTATION, _SOURCE_MODEL, LoadedModel, SourceModelMethod,
+                                 _schedule, batch_generator, train_source_model)
 
 TARGETS = ("shift", "permutation")
 
@@ -61,14 +62,12 @@ class TAP(SourceModelMethod):
                   "precision": "fp32"},
     }
 
-    def validate_settings(self) -> None:
-        super().validate_settings()
-        self._positive_int("steps")
-        self._positive_float("step_frac")
-        self._positive_int("eot_samples")
-        if self.settings["target"] not in TARGETS:
-            raise SettingsError(f"target {self.settings['target']!r} is not known for method "
-                                f"'tap'; valid: {', '.join(TARGETS)}")
+    declared = {**_SOURCE_MODEL,
+                "steps": positive_int("PGD steps towards the target class"),
+                "step_frac": positive("step size as a fraction of eps"),
+                "eot_samples": positive_int("EOT views per step"),
+                "augmentation": _AUGMENTATION,
+                "target": choice(*TARGETS, help="the wrong class: y+1 mod K, or a derangement")}
 
     def fit(self, train: ImageSet, ctx: FitContext) -> dict[str, Any]:
         perm = label_permutation(int(train.num_classes), self.settings["target"],

@@ -1,0 +1,214 @@
+"""Declared settings: each method (and the victim) states every setting once, typed, with its
+bounds; validation, ``--set key=value`` parsing, radii (``8/255``) and the seed field all come
+from the declaration.
+
+A declaration is a mapping ``name -> Setting`` (plain dataclasses; the values themselves stay a
+flat dict, the form states, job specs and Tune trials already carry). ``check_declared`` is the
+whole generic validation: unknown or missing keys, types, choices, bounds, radii through
+``core.config.check_radius``. A method's own ``validate_settings`` keeps only what involves
+several settings at once (REM's ``rho_a < eps`` warning, GUE-AT's follower loss).
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from ue_dist.core.config import SettingsError, check_radius, parse_radius
+
+KINDS = ("int", "float", "bool", "str", "radius", "seed", "list", "any")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting: its kind, what it means, and the values it may take.
+
+    ``kind``: ``int``, ``float``, ``bool``, ``str``, ``radius`` (a float from ``8/255`` or a
+    number, checked by ``check_radius``), ``seed`` (a non-negative integer; a method's seed is
+    the setting of this kind), ``list`` or ``any``. ``low`` / ``high`` are inclusive bounds,
+    ``above`` / ``below`` exclusive ones; ``choices`` the allowed strings; ``optional`` allows
+    None (``none`` on the command line).
+    """
+
+    kind: str
+    help: str = ""
+    choices: tuple[str, ...] = ()
+    low: float | None = None
+    above: float | None = None
+    high: float | None = None
+    below: float | None = None
+    optional: bool = False
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown setting kind {self.kind!r}; valid: {', '.join(KINDS)}")
+
+
+def positive_int(help: str = "") -> Setting:
+    return Setting("int", help, low=1)
+
+
+def count(help: str = "") -> Setting:
+    return Setting("int", help, low=0)
+
+
+def positive(help: str = "") -> Setting:
+    return Setting("float", help, above=0)
+
+
+def non_negative(help: str = "") -> Setting:
+    return Setting("float", help, low=0)
+
+
+def fraction(help: str = "", above: float | None = 0.0) -> Setting:
+    return Setting("float", help, above=above, high=1.0) if above is not None else \
+        Setting("float", help, low=0.0, high=1.0)
+
+
+def choice(*choices: str, help: str = "") -> Setting:
+    return Setting("str", help, choices=tuple(choices))
+
+
+def seed_key(declared: Mapping[str, Setting]) -> str | None:
+    """The name of the declared seed (``seed``, ``noise_seed``, ...), or None."""
+    keys = [k for k, s in declared.items() if s.kind == "seed"]
+    return keys[0] if keys else None
+
+
+# parsing text (``--set key=value``) -----------------------------------------------------------
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def parse_text(key: str, raw: str, setting: Setting) -> Any:
+    """``--set key=value`` text as the declared kind (checked later by ``check_declared``)."""
+    text = raw.strip()
+    if setting.optional and text.lower() in ("none", "null", ""):
+        return None
+    kind = setting.kind
+    try:
+        if kind == "bool":
+            if text.lower() in _TRUE + _FALSE:
+                return text.lower() in _TRUE
+            raise ValueError
+        if kind in ("int", "seed"):
+            return int(text)
+        if kind == "radius":
+            return parse_radius(text, f"--set {key}")
+        if kind == "float":
+            return parse_radius(text, f"--set {key}") if "/" in text else float(text)
+    except ValueError:
+        raise SettingsError(f"--set {key}: expected {_describe(setting)}, got {raw!r}") from None
+    if kind == "list":
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = [v for v in text.split(",") if v]
+        return value
+    if kind == "any":
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            return text
+    return text
+
+
+# checking values ------------------------------------------------------------------------------
+def _describe(setting: Setting) -> str:
+    if setting.choices:
+        return "one of " + ", ".join(setting.choices)
+    return {"int": "an integer", "seed": "an integer >= 0", "float": "a number",
+            "radius": "a number or a fraction like 8/255", "bool": "true or false",
+            "list": "a list", "str": "a string", "any": "a value"}[setting.kind]
+
+
+def _bounds(setting: Setting) -> str:
+    parts = []
+    if setting.low is not None:
+        parts.append(f">= {setting.low:g}")
+    if setting.above is not None:
+        parts.append(f"> {setting.above:g}")
+    if setting.high is not None:
+        parts.append(f"<= {setting.high:g}")
+    if setting.below is not None:
+        parts.append(f"< {setting.below:g}")
+    return " and ".join(parts)
+
+
+def check_value(key: str, value: Any, setting: Setting, settings: Mapping[str, Any],
+                what: str) -> Any:
+    """``value`` as the declared kind, or a ``SettingsError`` naming ``key`` and ``what``."""
+    if value is None and (setting.optional or setting.kind == "any"):
+        return None
+    if setting.kind == "radius":
+        return check_radius(key, value, settings, what)
+    bad = SettingsError(f"{key} for {what} must be {_describe(setting)}"
+                        + (f" {_bounds(setting)}" if _bounds(setting) else "") + f", got {value!r}")
+    # numbers are kept as given (an int stays an int): the settings are part of the state's bytes
+    kind = setting.kind
+    if kind in ("int", "seed"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                not math.isfinite(value) or int(value) != value or (kind == "seed" and value < 0):
+            raise bad
+    elif kind == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise bad
+        if isinstance(value, str):
+            try:
+                value = parse_radius(value, key) if "/" in value else float(value)
+            except ValueError:
+                raise bad from None
+        if not math.isfinite(value):
+            raise bad
+    elif kind == "bool":
+        if not isinstance(value, bool):
+            raise bad
+    elif kind == "str":
+        if not isinstance(value, str) or (setting.choices and value not in setting.choices):
+            raise bad
+    elif kind == "list":
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        value = list(value)
+    if kind in ("int", "float"):
+        if (setting.low is not None and value < setting.low) or \
+                (setting.above is not None and not value > setting.above) or \
+                (setting.high is not None and value > setting.high) or \
+                (setting.below is not None and not value < setting.below):
+            raise bad
+    return value
+
+
+def check_declared(declared: Mapping[str, Setting], settings: Mapping[str, Any],
+                   what: str) -> dict[str, Any]:
+    """``settings`` checked against ``declared``: every key declared and present, every value
+    of its kind and in its bounds (ints stay ints, radii become floats)."""
+    unknown = sorted(set(settings) - set(declared))
+    if unknown:
+        raise SettingsError(f"unknown setting(s) {', '.join(map(repr, unknown))} for {what}; "
+                            f"valid: {', '.join(sorted(declared))}")
+    missing = sorted(set(declared) - set(settings))
+    if missing:
+        raise SettingsError(f"settings for {what} lack {', '.join(missing)} (start from a preset)")
+    return {key: check_value(key, settings[key], declared[key], settings, what)
+            for key in settings}
+
+
+def resolve_declared(declared: Mapping[str, Setting], presets: Mapping[str, Mapping[str, Any]],
+                     preset: str, overrides: Any, what: str) -> dict[str, Any]:
+    """``presets[preset]`` plus overrides (``["key=value", ...]`` text parsed by the declared
+    kind, or a mapping of typed values from job specs and Tune trials), checked."""
+    from ue_dist.core.config import parse_overrides
+
+    if preset not in presets:
+        raise SettingsError(f"unknown preset {preset!r} for {what}; "
+                            f"valid: {', '.join(sorted(presets))}")
+    settings = dict(presets[preset])
+    given = dict(overrides) if isinstance(overrides, Mapping) else parse_overrides(overrides)
+    for key, value in given.items():
+        if key not in declared:
+            raise SettingsError(f"unknown setting {key!r} for {what}; "
+                                f"valid: {', '.join(sorted(declared))}")
+        settings[key] = value if isinstance(overrides, Mapping) else \
+            parse_text(key, value, declared[key])
+    return check_declared(declared, settings, what)
