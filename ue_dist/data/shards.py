@@ -272,6 +272,34 @@ def read_shard(url: str, storage_options: Mapping[str, Any] | None = None) -> li
     return parse_shard(data, url)
 
 
+
+def first_image_shape(url: str, storage_options: Mapping[str, Any] | None = None,
+                      chunk: int = 1 << 16) -> tuple[int, ...] | None:
+    """``(H, W, C)`` of the first image of shard ``url`` (None: the shard holds no image), read
+    only as far as that image: a shape check before the shard is protected does not read it
+    whole a second time. Raises ``ShardError`` when no image can be decoded from the archive."""
+    size = int(chunk)
+    while True:
+        data = storage.read_prefix(url, size, storage_options)
+        complete = len(data) < size
+        try:
+            with tarfile.open(fileobj=io.BytesIO(data), mode="r|") as tar:
+                for member in tar:
+                    if member.isfile() and \
+                            _split_member(member.name)[1] in IMAGE_EXTS + READ_ONLY_EXTS:
+                        f = tar.extractfile(member)
+                        return decode_image(f.read() if f is not None else b"").shape
+        except ShardError as exc:
+            raise ShardError(f"shard {url}: first image is a {exc}") from None
+        except Exception as exc:  # a cut-off prefix, or a shard that is not an archive
+            if complete:
+                raise ShardError(f"shard {url}: no decodable first image ({_one_line(exc)})") \
+                    from None
+        else:
+            if complete:
+                return None
+        size *= 4
+
 def write_shard(url: str, samples: list[Sample],
                 storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Write one shard atomically; returns ``{"count", "sha256", "bytes"}``."""
