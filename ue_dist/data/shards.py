@@ -200,56 +200,61 @@ def parse_shard(data: bytes, name: str) -> list[Sample]:
     if not groups:
         raise ShardError(f"shard {name}: no samples found (not a WebDataset tar?)")
     samples: list[Sample] = []
-    shape = None
     for key, members in groups.items():
-        image_ext = next((e for e in IMAGE_EXTS + READ_ONLY_EXTS if e in members), None)
-        if image_ext is None:
-            dotted = [member_names[key][e] for e in sorted(members)
-                      if "." in e and e.rsplit(".", 1)[1] in IMAGE_EXTS + READ_ONLY_EXTS]
-            if dotted:
-                raise ShardError(f"shard {name}, sample {key!r}: sample keys may not contain dots "
-                                 f"(member {dotted[0]!r} reads as key {key!r} with extension "
-                                 f"{_split_member(dotted[0])[1]!r}: WebDataset splits at the "
-                                 "first dot)")
-            raise ShardError(f"shard {name}, sample {key!r}: no image member "
-                             f"(expected {key}.png); has {sorted(members)}")
-        try:
-            image = decode_image(members[image_ext])
-        except ShardError as exc:
-            raise ShardError(f"shard {name}, sample {key!r}: {key}.{image_ext} is a {exc}") \
-                from None
-        except Exception as exc:
-            raise ShardError(f"shard {name}, sample {key!r}: {key}.{image_ext} is not a decodable "
-                             f"image ({type(exc).__name__})") from None
-        if shape is None:
-            shape = image.shape
-        elif image.shape != shape:
-            raise ShardError(f"shard {name}, sample {key!r}: image shape {image.shape} differs "
-                             f"from {shape} of earlier samples (mixed image shapes)")
-        label_raw = members.get("cls")
-        if label_raw is None:
-            raise ShardError(f"shard {name}, sample {key!r}: missing label ({key}.cls)")
-        try:
-            label = int(label_raw.decode().strip())
-        except ValueError:
-            raise ShardError(f"shard {name}, sample {key!r}: label {label_raw[:20]!r} is not an "
-                             "integer") from None
-        if label < 0:
-            raise ShardError(f"shard {name}, sample {key!r}: label {label} is negative")
-        if label >= 2 ** 63:
-            raise ShardError(f"shard {name}, sample {key!r}: label {label_raw[:20]!r}... does not "
-                             "fit in 64 bits")
-        meta: dict[str, Any] = {}
-        if "json" in members:
-            try:
-                meta = json.loads(members["json"].decode())
-            except (ValueError, UnicodeDecodeError):
-                raise ShardError(f"shard {name}, sample {key!r}: {key}.json is not valid JSON") from None
-            if not isinstance(meta, dict):
-                raise ShardError(f"shard {name}, sample {key!r}: {key}.json holds a "
-                                 f"{type(meta).__name__}, not a JSON object")
-        samples.append(Sample(key, image, label, meta))
+        shape = samples[0].image.shape if samples else None
+        samples.append(_decode_sample(name, key, members, member_names[key], shape))
     return samples
+
+
+def _decode_sample(name: str, key: str, members: Mapping[str, bytes],
+                   member_names: Mapping[str, str], shape: tuple[int, ...] | None) -> Sample:
+    """One sample of shard ``name`` from its members (``{extension: bytes}``), validated; its
+    image must have ``shape``, that of the shard's earlier samples (None: the first sample)."""
+    image_ext = next((e for e in IMAGE_EXTS + READ_ONLY_EXTS if e in members), None)
+    if image_ext is None:
+        dotted = [member_names[e] for e in sorted(members)
+                  if "." in e and e.rsplit(".", 1)[1] in IMAGE_EXTS + READ_ONLY_EXTS]
+        if dotted:
+            raise ShardError(f"shard {name}, sample {key!r}: sample keys may not contain dots "
+                             f"(member {dotted[0]!r} reads as key {key!r} with extension "
+                             f"{_split_member(dotted[0])[1]!r}: WebDataset splits at the "
+                             "first dot)")
+        raise ShardError(f"shard {name}, sample {key!r}: no image member "
+                         f"(expected {key}.png); has {sorted(members)}")
+    try:
+        image = decode_image(members[image_ext])
+    except ShardError as exc:
+        raise ShardError(f"shard {name}, sample {key!r}: {key}.{image_ext} is a {exc}") \
+            from None
+    except Exception as exc:
+        raise ShardError(f"shard {name}, sample {key!r}: {key}.{image_ext} is not a decodable "
+                         f"image ({type(exc).__name__})") from None
+    if shape is not None and image.shape != shape:
+        raise ShardError(f"shard {name}, sample {key!r}: image shape {image.shape} differs "
+                         f"from {shape} of earlier samples (mixed image shapes)")
+    label_raw = members.get("cls")
+    if label_raw is None:
+        raise ShardError(f"shard {name}, sample {key!r}: missing label ({key}.cls)")
+    try:
+        label = int(label_raw.decode().strip())
+    except ValueError:
+        raise ShardError(f"shard {name}, sample {key!r}: label {label_raw[:20]!r} is not an "
+                         "integer") from None
+    if label < 0:
+        raise ShardError(f"shard {name}, sample {key!r}: label {label} is negative")
+    if label >= 2 ** 63:
+        raise ShardError(f"shard {name}, sample {key!r}: label {label_raw[:20]!r}... does not "
+                         "fit in 64 bits")
+    meta: dict[str, Any] = {}
+    if "json" in members:
+        try:
+            meta = json.loads(members["json"].decode())
+        except (ValueError, UnicodeDecodeError):
+            raise ShardError(f"shard {name}, sample {key!r}: {key}.json is not valid JSON") from None
+        if not isinstance(meta, dict):
+            raise ShardError(f"shard {name}, sample {key!r}: {key}.json holds a "
+                             f"{type(meta).__name__}, not a JSON object")
+    return Sample(key, image, label, meta)
 
 
 def list_shards(url: str, storage_options: Mapping[str, Any] | None = None) -> list[str]:
@@ -271,6 +276,33 @@ def read_shard(url: str, storage_options: Mapping[str, Any] | None = None) -> li
         raise ShardError(f"shard {url} does not exist") from None
     return parse_shard(data, url)
 
+
+def first_image_shape(url: str, storage_options: Mapping[str, Any] | None = None,
+                      chunk: int = 1 << 16) -> tuple[int, ...] | None:
+    """``(H, W, C)`` of the first image of shard ``url`` (None: the shard holds no image), read
+    only as far as that image: a shape check before the shard is protected does not read it
+    whole a second time. Raises ``ShardError`` when no image can be decoded from the archive."""
+    size = int(chunk)
+    while True:
+        data = storage.read_prefix(url, size, storage_options)
+        complete = len(data) < size
+        try:
+            with tarfile.open(fileobj=io.BytesIO(data), mode="r|") as tar:
+                for member in tar:
+                    if member.isfile() and \
+                            _split_member(member.name)[1] in IMAGE_EXTS + READ_ONLY_EXTS:
+                        f = tar.extractfile(member)
+                        return decode_image(f.read() if f is not None else b"").shape
+        except ShardError as exc:
+            raise ShardError(f"shard {url}: first image is a {exc}") from None
+        except Exception as exc:  # a cut-off prefix, or a shard that is not an archive
+            if complete:
+                raise ShardError(f"shard {url}: no decodable first image ({_one_line(exc)})") \
+                    from None
+        else:
+            if complete:
+                return None
+        size *= 4
 
 def write_shard(url: str, samples: list[Sample],
                 storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:

@@ -478,6 +478,14 @@ def read_bytes(url: str, storage_options: Mapping[str, Any] | None = None) -> by
     return _retrying(lambda: fs.cat_file(path), url, "read", storage_options, fs=fs)
 
 
+
+def read_prefix(url: str, size: int, storage_options: Mapping[str, Any] | None = None) -> bytes:
+    """The first ``size`` bytes of the object (all of it when it is shorter); retried and
+    classified like ``read_bytes``."""
+    fs, path = get_fs(url, storage_options)
+    return _retrying(lambda: fs.cat_file(path, start=0, end=int(size)), url, "read",
+                     storage_options, fs=fs)
+
 #: Stores where an object appears only when its upload completes (no rename needed, no folders).
 OBJECT_STORES = ("s3", "s3a", "gs", "gcs", "az", "abfs")
 

@@ -211,10 +211,22 @@ def save_state(state: Mapping[str, Any], url: str,
 
 
 def load_state(url: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Read, parse and validate the state file at ``url``."""
+    state = state_from_bytes(read_state_bytes(url, storage_options), url)
+    validate_state(state, url)
+    return state
+
+
+def read_state_bytes(url: str, storage_options: Mapping[str, Any] | None = None) -> bytes:
     try:
-        raw = storage.read_bytes(url, storage_options)
+        return storage.read_bytes(url, storage_options)
     except FileNotFoundError:
         raise StateError(f"state file {url!r} does not exist") from None
+
+
+def state_from_bytes(raw: bytes, url: str) -> dict[str, Any]:
+    """Parse the bytes of a state file (``weights_only``) without validating the values:
+    ``load_state`` validates, ``Method.check_state`` does so once per state object."""
     try:
         state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated, not a torch file, pickled code ...
@@ -232,6 +244,5 @@ def load_state(url: str, storage_options: Mapping[str, Any] | None = None) -> di
                          f"{_first_line(exc, 160)}); is it truncated or not a ue_dist state?") from None
     if not isinstance(state, dict) or "method" not in state:
         raise StateError(f"state file {url!r} is not a ue_dist fitted state")
-    validate_state(state, url)
     return state
 

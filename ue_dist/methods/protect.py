@@ -1,7 +1,8 @@
 """Applying a fitted method to images: batches, the epsilon contract, and which samples to protect.
 
-Shared by streaming protection (Ray Data actors), sweeps and the demo, so that every path writes
-exactly the same bytes for the same inputs, state and seed.
+The per-batch primitives that ``ue_dist.pipeline`` composes for every protection path (Ray Data
+actors, sweeps, the joint Bayes mode), so that every path writes exactly the same bytes for the
+same inputs, state and seed; methods may use ``protect_uint8`` during a fit (GUE).
 """
 from __future__ import annotations
 

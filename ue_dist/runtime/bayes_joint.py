@@ -67,12 +67,21 @@ def protect_jointly(state: Mapping[str, Any], images: torch.Tensor, labels: torc
     ``images``: uint8 or [0, 1] float ``N x C x H x W``; ``fixed``: bool ``N`` (kept clean).
     Ray must be initialised by the caller (``ue_dist.runtime.ray_env.ensure_ray``).
     """
-    import ray.train
+    method = build_method("bayes", preset, overrides)  # validates settings in the driver
+    method.check_state(state, list(images.shape[1:]))
+    return _run_joint(state, images, labels, preset=preset, overrides=overrides, fixed=fixed,
+                      num_workers=num_workers, use_gpu=use_gpu, cpus_per_worker=cpus_per_worker,
+                      storage_path=storage_path, seed=seed)
+
+
+def _run_joint(state: Mapping[str, Any], images: torch.Tensor, labels: torch.Tensor, *,
+               preset: str, overrides: Sequence[str] | Mapping[str, Any],
+               fixed: torch.Tensor | None, num_workers: int, use_gpu: bool,
+               cpus_per_worker: float, storage_path: str | None, seed: int) -> dict[str, Any]:
+    """``protect_jointly`` for a state the caller has checked against the images."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    method = build_method("bayes", preset, overrides)  # validates settings in the driver
-    method.check_state(state, list(images.shape[1:]))
     if images.shape[0] < 2:
         raise SettingsError(f"joint protection needs at least 2 images, got {images.shape[0]}")
     if num_workers < 1:
@@ -107,26 +116,27 @@ def protect_dataset_jointly(src: str, dst: str, state_url: str, *, preset: str =
                             storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Joint protection of a whole split: read ``src``, protect the seeded ``fraction`` of the
     samples jointly (the rest stay clean but count in the objective, Corollary 3.5), apply the
-    epsilon contract and write ``dst``. Everything is validated before anything is written."""
-    from ue_dist.core.quantize import apply_perturbation
+    epsilon contract and write ``dst`` (``ue_dist.pipeline.protect_set``). Everything is
+    validated before anything is written; the state is read and validated once here (once more
+    in each worker, which loads it)."""
     from ue_dist.data import storage
-    from ue_dist.data.dataset import load_imageset, write_imageset
-    from ue_dist.methods.protect import sample_meta, selected_for_protection
+    from ue_dist.data.dataset import load_imageset
+    from ue_dist.pipeline import PipelineConfig, protect_set, read_state, select
 
     storage.refuse_inside(dst, src)
     method = build_method("bayes", preset, overrides)
-    state = load_state(state_url, storage_options)
+    state, _ = read_state(method, state_url, storage_options)
     data = load_imageset(src, storage_options)
     method.check_state(state, list(data.image_shape), source=state_url)
-    chosen = torch.from_numpy(selected_for_protection(data.keys, fraction, seed))
-    out = protect_jointly(state, data.images, data.labels, preset=preset, overrides=overrides,
-                          fixed=~chosen, num_workers=num_workers, use_gpu=use_gpu,
-                          cpus_per_worker=cpus_per_worker, seed=seed)
-    images = torch.from_numpy(apply_perturbation(data.images, out["delta"], method.eps))
-    meta = [sample_meta(bool(p), "bayes", method.eps, m.get("source_shard"), mode="joint")
-            for p, m in zip(chosen.tolist(), data.meta)]
-    protected = ImageSet(images, data.labels, data.keys, meta, data.num_classes)
-    shards = write_imageset(dst, protected, shard_size=shard_size, storage_options=storage_options)
+    config = PipelineConfig(method=method, state=state, state_url=state_url,
+                            fraction=float(fraction), seed=int(seed),
+                            storage_options=storage_options)
+    chosen = select(data.keys, config.fraction, config.seed)
+    out = _run_joint(state, data.images, data.labels, preset=preset, overrides=overrides,
+                     fixed=~torch.from_numpy(chosen), num_workers=num_workers, use_gpu=use_gpu,
+                     cpus_per_worker=cpus_per_worker, storage_path=None, seed=seed)
+    _, shards = protect_set(config, data, out["delta"], dst, mask=chosen, shard_size=shard_size,
+                            mode="joint")
     return {"src": src, "dst": dst, "samples": len(data), "protected": int(chosen.sum()),
             "shards": len(shards), "beta_before": out["history"][0],
             "beta_after": out["history"][-1]}

@@ -242,16 +242,18 @@ def method_settings(spec: Mapping[str, Any], method: str, seed: int,
 def fit_and_protect(method: str, settings: Mapping[str, Any], train: ImageSet,
                     device: str | torch.device = "cpu") -> tuple[dict[str, Any], torch.Tensor]:
     """Fit ``method`` on ``train`` and protect every training image (uint8, same order)."""
-    from ue_dist.methods.protect import protect_uint8
+    import numpy as np
+
+    from ue_dist.pipeline import PipelineConfig, perturb_selected
 
     m = get_method(method)(dict(settings))
     seed = int(settings.get(_method_seed_key(settings) or "seed", 0))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         state = m.fit(train, LocalContext(device=device, seed=seed, log=lambda msg: None))
-    loaded = m.load(state, device)
-    protected = protect_uint8(m, loaded, train.images, train.labels, device=device)
-    return state, protected
+    config = PipelineConfig(method=m, state=state, loaded=m.load(state, device), device=device)
+    every = np.ones(len(train), dtype=bool)  # a trial picks its fraction later (``mix``)
+    return state, perturb_selected(config, train.images, train.labels, every)
 
 
 def _cache_urls(root: str, method: str, digest: str) -> tuple[str, str]:
@@ -285,15 +287,9 @@ def prepare(method: str, settings: Mapping[str, Any], train: ImageSet, root: str
 def mix(train: ImageSet, protected: torch.Tensor, fraction: float, seed: int,
         method: str | None, eps: float | None) -> ImageSet:
     """``train`` with the seeded ``fraction`` of samples swapped for their protected images."""
-    from ue_dist.methods.protect import sample_meta, selected_for_protection
+    from ue_dist.pipeline import finish_set, select
 
-    mask = selected_for_protection(train.keys, fraction, seed)
-    images = train.images.clone()
-    idx = torch.from_numpy(mask.nonzero()[0])
-    images[idx] = protected[idx]
-    meta = [dict(train.meta[i] or {}, **sample_meta(bool(mask[i]), method, eps, None))
-            for i in range(len(train))]
-    return ImageSet(images, train.labels, list(train.keys), meta, train.num_classes)
+    return finish_set(train, protected, select(train.keys, fraction, seed), method, eps)
 
 
 # the trial -------------------------------------------------------------------------------------

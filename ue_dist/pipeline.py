@@ -1,0 +1,244 @@
+"""The protection pipeline, without Ray: select -> seed -> perturb in batches -> epsilon contract ->
+metadata -> write -> ledger record.
+
+Two entry points share every step, so that all paths write the same bytes for the same inputs,
+state, settings and seed:
+
+* ``protect_shard(config, SRC_SHARD, DST)``: ONE input shard, read and validated whole (a bad
+  sample makes it a bad shard: ``{"ok": False, "reason": ...}``), the seeded ``fraction`` of its
+  samples chosen per key, torch seeded from (seed, shard name), the chosen samples perturbed in
+  batches under the epsilon contract, written atomically under the input's file name in DST,
+  then its ledger record (the commit marker). The Ray Data actors of ``runtime/protect.py`` call
+  it once per shard.
+* ``protect_set(config, data, delta, DST)`` and ``finish_set``: a WHOLE set whose perturbation
+  is computed elsewhere (the joint Bayes worker group, the sweep's cached protection): the same
+  selection, contract and metadata, then the set is written as shards.
+
+``PipelineConfig`` is the per-run configuration (method, state, fraction, seed, batch size,
+device, storage options, settings hash); ``open_config`` builds it in a process or actor, reading
+the state once and validating it once.
+"""
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from ue_dist.core.quantize import apply_perturbation
+from ue_dist.data import storage
+from ue_dist.data.imageset import ImageSet
+from ue_dist.data.shards import Sample, ShardError, read_shard, write_shard
+from ue_dist.methods.base import Method, StateError, read_state_bytes, state_from_bytes
+from ue_dist.methods.protect import protect_uint8, sample_meta, selected_for_protection
+from ue_dist.runtime import ledger  # Ray-free: the per-shard commit records
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """What every shard (or set) of one run is protected with."""
+
+    method: Method
+    state: Mapping[str, Any] | None = None  # the fitted state; None: the method learns nothing
+    state_url: str | None = None
+    loaded: Any = None  # ``method.load(state, device)``; needed to perturb, not to finish a set
+    fraction: float = 1.0
+    seed: int = 0
+    batch_size: int = 256
+    device: torch.device | str = "cpu"
+    storage_options: Mapping[str, Any] | None = None
+    settings_hash: str | None = None  # written into every ledger record
+
+
+# the state: read once, validated once ---------------------------------------------------------
+def no_state(method: Method) -> dict[str, Any]:
+    """What ``load`` gets for a method whose fit learns nothing: its name and settings."""
+    return {"method": method.name, "version": 1, "settings": dict(method.settings)}
+
+
+def read_state(method: Method, state_url: str | None,
+               storage_options: Mapping[str, Any] | None = None, *, loadable: bool = False
+               ) -> tuple[dict[str, Any] | None, str | None]:
+    """``(state, sha256 of its file)``, the file read once and the state validated once (by
+    ``check_state``, which remembers the state object). ``loadable``: also materialise it once on
+    the CPU (the driver does, before any worker starts). No URL: ``(None, None)``, refused for a
+    method that needs a fit."""
+    if not state_url:
+        if method.needs_fit:
+            raise StateError(f"method {method.name!r} needs a fitted state (--state URL); "
+                             f"fit one with `ue-dist fit --method {method.name}`")
+        return None, None
+    raw = read_state_bytes(state_url, storage_options)
+    state = state_from_bytes(raw, state_url)
+    method.check_state(state, None, source=state_url)
+    if loadable:
+        method.check_loadable(state, source=state_url)
+    return state, hashlib.sha256(raw).hexdigest()
+
+
+def open_config(method: Method, state_url: str | None, *, device: torch.device | str = "cpu",
+                **options: Any) -> PipelineConfig:
+    """The configuration of one process or actor: the state read and validated once, loaded
+    once on ``device``. ``options``: the other ``PipelineConfig`` fields."""
+    state, _ = read_state(method, state_url, options.get("storage_options"))
+    loaded = method.load(state if state is not None else no_state(method), device)
+    return PipelineConfig(method=method, state=state, state_url=state_url, loaded=loaded,
+                          device=device, **options)
+
+
+# the steps ------------------------------------------------------------------------------------
+def shard_seed(seed: int, name: str) -> int:
+    """The torch seed of one shard: a hash of the run seed and the shard's file name."""
+    digest = hashlib.blake2b(f"{int(seed)}:{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch, numpy and random: any randomness in ``perturb`` (random starts, EOT draws)."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def select(keys: Sequence[str], fraction: float, seed: int) -> np.ndarray:
+    """The seeded ``fraction`` of ``keys``, decided per key: a shard and the whole set it
+    belongs to select the same samples."""
+    return selected_for_protection(keys, float(fraction), int(seed))
+
+
+def perturb_selected(config: PipelineConfig, images: torch.Tensor, labels: torch.Tensor,
+                     mask: np.ndarray, seed: int | None = None) -> torch.Tensor:
+    """uint8 ``images`` with the ``mask``ed ones perturbed in batches under the epsilon contract;
+    ``seed``: seed every generator first (None: the caller's random state)."""
+    out = images.clone()
+    if mask.any():
+        if seed is not None:
+            seed_everything(seed)
+        idx = torch.from_numpy(np.flatnonzero(mask))
+        out[idx] = protect_uint8(config.method, config.loaded, images[idx], labels[idx],
+                                 config.device, int(config.batch_size))
+    return out
+
+
+def output_meta(meta: Mapping[str, Any] | None, protected: bool, method: str | None,
+                eps: float | None, source: str | None, **extra: Any) -> dict[str, Any]:
+    """A sample's input metadata with the protection's written over it."""
+    return {**(meta or {}), **sample_meta(bool(protected), method, eps, source, **extra)}
+
+
+# one shard ------------------------------------------------------------------------------------
+def check_samples(config: PipelineConfig, src: str, samples: list[Sample]) -> None:
+    """One image shape per shard, the state's shape and class count: else a bad shard."""
+    shapes = {tuple(s.image.shape) for s in samples}
+    if len(shapes) > 1:
+        raise ShardError(f"shard {src!r} mixes image shapes {sorted(shapes)}")
+    state = config.state
+    if samples and state is not None:
+        h, w, c = next(iter(shapes))
+        try:
+            config.method.check_state(state, [c, h, w], source=config.state_url)
+        except StateError as exc:
+            raise ShardError(f"shard {src!r}: {exc}") from None
+    classes = state.get("num_classes") if state is not None else None
+    for s in samples:
+        if isinstance(classes, int) and int(s.label) >= classes:
+            raise ShardError(f"shard {src}, sample {s.key!r}: label {int(s.label)} is outside "
+                             f"the {classes} classes of the state {config.state_url}")
+
+
+def protect_shard(config: PipelineConfig, src: str, dst_url: str,
+                  fingerprint: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Protect the shard ``src`` into ``dst_url`` under its own name and commit it.
+
+    Returns ``{"ok": True, "count", "protected", "already_protected"}``, or ``{"ok": False,
+    "reason"}`` for a bad shard (no record written; a rerun retries it)."""
+    try:
+        samples = read_shard(src, config.storage_options)
+        check_samples(config, src, samples)
+        mask = select([s.key for s in samples], config.fraction, config.seed)
+        written = protect_samples(config, src, samples, mask)
+        commit_shard(config, src, dst_url, written, mask, fingerprint)
+    except ShardError as exc:
+        return {"ok": False, "reason": str(exc)}
+    already = sum(1 for s, p in zip(samples, mask) if p and (s.meta or {}).get("protected"))
+    return {"ok": True, "count": len(samples), "protected": int(mask.sum()),
+            "already_protected": already}
+
+
+def protect_samples(config: PipelineConfig, src: str, samples: list[Sample],
+                    mask: np.ndarray) -> list[Sample]:
+    """The output samples of shard ``src``: the ``mask``ed ones perturbed, torch seeded from
+    (seed, shard name), every one's metadata saying whether it is protected."""
+    labels = torch.tensor([int(s.label) for s in samples], dtype=torch.long)
+    images = (torch.from_numpy(np.stack([s.image for s in samples])).permute(0, 3, 1, 2)
+              .contiguous() if samples else torch.zeros(0, dtype=torch.uint8))
+    seed = shard_seed(config.seed, ledger.shard_name(src))
+    out = perturb_selected(config, images, labels, mask, seed=seed)
+    method = config.method
+    return [Sample(key=s.key, image=out[i].permute(1, 2, 0).contiguous().numpy(),
+                   label=int(s.label),
+                   meta=output_meta(s.meta, mask[i], method.name, method.eps, src))
+            for i, s in enumerate(samples)]
+
+
+def commit_shard(config: PipelineConfig, src: str, dst_url: str, samples: list[Sample],
+                 mask: np.ndarray, fingerprint: Mapping[str, Any] | None = None) -> str:
+    """Write the output shard atomically under its input's name, then its ledger record (the
+    commit marker, written last); returns the output URL."""
+    name = ledger.shard_name(src)
+    dst_shard = storage.join(dst_url, name)
+    info = write_shard(dst_shard, samples, config.storage_options)
+    method = config.method
+    ledger.write_record(dst_url, {
+        "shard": name, "source": src, "output": dst_shard, "count": int(info["count"]),
+        "sha256": info["sha256"], "bytes": int(info["bytes"]), "method": method.name,
+        "eps": method.eps, "settings_hash": config.settings_hash,
+        "protected": int(mask.sum()), "source_fingerprint": dict(fingerprint or {}),
+        "samples": [{"key": s.key, "protected": bool(p)} for s, p in zip(samples, mask)],
+    }, config.storage_options)
+    return dst_shard
+
+
+# a whole set ----------------------------------------------------------------------------------
+def finish_set(data: ImageSet, protected: torch.Tensor, mask: np.ndarray, method: str | None,
+               eps: float | None, sources: Sequence[str | None] | None = None,
+               **extra: Any) -> ImageSet:
+    """``data`` with the ``mask``ed samples swapped for their ``protected`` uint8 images (one per
+    sample, contract applied) and every sample's metadata saying whether it is protected, by
+    ``method`` at ``eps``. ``sources``: each sample's source shard (default: none)."""
+    mask = np.asarray(mask, dtype=bool)
+    images = data.images.clone()
+    idx = torch.from_numpy(np.flatnonzero(mask))
+    images[idx] = protected[idx]
+    sources = sources if sources is not None else [None] * len(data)
+    meta = [output_meta(data.meta[i], mask[i], method, eps, sources[i], **extra)
+            for i in range(len(data))]
+    return ImageSet(images, data.labels, list(data.keys), meta, data.num_classes)
+
+
+def protect_set(config: PipelineConfig, data: ImageSet, delta: torch.Tensor, dst_url: str, *,
+                mask: np.ndarray | None = None, shard_size: int = 1000,
+                **extra: Any) -> tuple[ImageSet, list[str]]:
+    """Apply the epsilon contract to ``delta`` (float, one per sample), keep it on the selected
+    samples (``mask``, default: the run's seeded fraction), write the set as shards of
+    ``shard_size`` under ``dst_url``; returns the protected set and the shard URLs. Each sample
+    keeps its ``source_shard``; ``extra`` goes into every sample's metadata."""
+    from ue_dist.data.dataset import write_imageset
+
+    if mask is None:
+        mask = select(data.keys, config.fraction, config.seed)
+    method = config.method
+    protected = torch.from_numpy(apply_perturbation(data.images, delta, method.eps))
+    sources = [(m or {}).get("source_shard") for m in data.meta]
+    out = finish_set(data, protected, mask, method.name, method.eps, sources, **extra)
+    shards = write_imageset(dst_url, out, shard_size=shard_size,
+                            storage_options=config.storage_options)
+    return out, shards
+
+
+__all__ = ["PipelineConfig", "check_samples", "commit_shard", "finish_set", "no_state",
+           "open_config", "output_meta", "perturb_selected", "protect_samples", "protect_set",
+           "protect_shard", "read_state", "seed_everything", "select", "shard_seed"]
