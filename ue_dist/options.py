@@ -138,7 +138,7 @@ COMMON = (STORAGE_OPTION, JSON)
 
 # commands -------------------------------------------------------------------------------------
 CONVERT = Command("convert", "Convert a dataset into WebDataset shards: OUT/train and OUT/test.", (
-    Opt("source", positional=True, metavar="SOURCE", choices=_converters,
+    Opt("source", positional=True, metavar="SOURCE", choices=_converters, required=True,
         help="digits | synthetic | cifar10 | cifar100 | imagefolder | numpy | fashion-mnist | idx"),
     Opt("paths", type=list, positional=True, nargs="+", metavar="PATH", spec=False,
         help="digits/synthetic: OUT; cifar10/cifar100/imagefolder: PATH OUT; numpy: X.npy Y.npy "
@@ -366,6 +366,11 @@ SEARCH = (
 )
 
 
+def option(options: Sequence[Opt], name: str) -> Opt:
+    """The declaration named ``name`` in ``options``."""
+    return next(o for o in options if o.name == name)
+
+
 # the command line -----------------------------------------------------------------------------
 class _DeprecatedAlias(argparse.Action):
     """A hidden old spelling: warns once (naming the new one), then does what the new one does."""
@@ -437,13 +442,17 @@ def add_arguments(parser: argparse.ArgumentParser, opts: Sequence[Opt]) -> None:
 
 
 # specs ------------------------------------------------------------------------------------------
-def refuse_unknown(got: Any, valid: Sequence[str], where: str, error: type[Exception]) -> None:
-    """``got`` must be a mapping whose keys are all in ``valid``; a typo names the close key."""
+def refuse_unknown(got: Any, valid: Sequence[str], where: str, error: type[Exception],
+                   spellings: Mapping[str, str] | None = None) -> None:
+    """``got`` must be a mapping whose keys are all in ``valid``; a typo names the close key
+    (``spellings`` maps other spellings, e.g. a command-line flag's, to their key)."""
     if not isinstance(got, Mapping):
         raise error(f"{where} must be a mapping with keys: {', '.join(sorted(valid))}")
     unknown = sorted(set(got) - set(valid), key=str)
     if unknown:
-        close = difflib.get_close_matches(str(unknown[0]), list(valid), n=1)
+        key = str(unknown[0]).lstrip("-").replace("-", "_")
+        close = [spellings[key]] if key in (spellings or {}) else \
+            difflib.get_close_matches(key, list(valid), n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise error(f"unknown key(s) {', '.join(map(repr, unknown))} in {where}; "
                     f"valid keys: {', '.join(sorted(valid))}{hint}")
@@ -457,7 +466,7 @@ def _renamed(section: Mapping[str, Any], opts: Sequence[Opt], where: str) -> dic
             if alias.old.startswith("-") or alias.old not in out:
                 continue
             value = out.pop(alias.old)
-            deprecated(repr(alias.old), repr(opt.name), where)
+            deprecated(f"key {alias.old!r} in {where}", repr(opt.name), "ue-dist")
             if opt.name not in out:
                 out[opt.name] = alias.convert(value) if alias.convert else value
     return out
@@ -487,7 +496,7 @@ def check_value(value: Any, opt: Opt, where: str, error: type[Exception]) -> Any
     elif opt.type is dict and not isinstance(value, Mapping):
         raise error(f"{where} must be a mapping, got {value!r}")
     elif opt.type is list and not isinstance(value, (list, tuple)):
-        raise error(f"{where} must be a list, got {value!r}")
+        value = [value]  # one value is a list of one
     choices = opt.valid_choices()
     if choices is not None and opt.type is not list and value not in choices:
         raise error(f"{where} must be one of {', '.join(map(str, choices))}, got {value!r}")
@@ -498,24 +507,24 @@ def check_section(section: Any, opts: Sequence[Opt], where: str, error: type[Exc
                   nested: bool = True) -> dict[str, Any]:
     """A spec mapping checked against ``opts``: deprecated keys renamed (with a warning), unknown
     keys refused (naming the key, ``where`` and the close name), values typed and range-checked,
-    defaults filled in; ``dict`` values come back as plain dicts, ``list`` values as lists.
+    defaults filled in; ``dict`` values come back as plain dicts (``None`` where absent and
+    without a default), ``list`` values as lists.
     Values are named ``WHERE.KEY`` in errors (``KEY`` alone with ``nested=False``)."""
     opts = [o for o in opts if o.spec]
     if section is None:
         section = {}
     if isinstance(section, Mapping):
         section = _renamed(section, opts, where)
-    refuse_unknown(section, [o.name for o in opts], where, error)
+    flags = {o.flag.lstrip("-").replace("-", "_"): o.name for o in opts if o.cli}
+    refuse_unknown(section, [o.name for o in opts], where, error, flags)
     out: dict[str, Any] = {}
     for opt in opts:
         if opt.required and section.get(opt.name) is None:
             raise error(f"{where} needs {opt.name!r} ({opt.help})")
         name = f"{where}.{opt.name}" if nested else opt.name
         value = check_value(section.get(opt.name, opt.default), opt, name, error)
-        if opt.type is dict:
-            value = dict(value or {})
-        elif opt.type is list and value is not None:
-            value = list(value)
+        if opt.type in (dict, list) and value is not None:
+            value = dict(value) if opt.type is dict else list(value)
         out[opt.name] = value
     return out
 
