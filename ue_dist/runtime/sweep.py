@@ -442,16 +442,57 @@ def _check_same_spec(spec: Mapping[str, Any], root: str, so, resumed: bool) -> N
     storage.write_bytes(url, mine.encode(), so)
 
 
-def run_sweep(spec: Mapping[str, Any], storage_path: str | None = None,
-              progress: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run (or resume) the sweep described by ``spec``; returns the rows and the report files."""
+def _new_tuner(spec: Mapping[str, Any], trainable: Any, path: str, fs: Any) -> Any:
+    """A fresh Tuner: the grid (FIFO, every point once) or the random search (mode min)."""
     from ray import tune
     from ray.tune.schedulers import FIFOScheduler
     from ray.tune.search import BasicVariantGenerator
 
+    search = spec["search"]
+    tune_config = tune.TuneConfig(
+        metric="test_acc" if search else None, mode="min" if search else None,
+        scheduler=FIFOScheduler(),
+        num_samples=search["num_samples"] if search else 1,
+        search_alg=BasicVariantGenerator(random_state=search["seed"]) if search else None,
+        max_concurrent_trials=spec["max_concurrent_trials"])
+    return tune.Tuner(trainable, param_space=_param_space(spec), tune_config=tune_config,
+                      run_config=tune.RunConfig(name=spec["name"], storage_path=path,
+                                                storage_filesystem=fs, verbose=0))
+
+
+def _summary(spec: Mapping[str, Any], grid: Any, root: str, so, train: ImageSet,
+             cache: Mapping[str, Any], resumed: bool) -> dict[str, Any]:
+    """The finished trials' rows (from ``results/``), the report files and, for a search, the best."""
+    from ue_dist.runtime.report import write_report
+
+    errors = [_error_line(r) for r in grid if r.error is not None]
+    rows = []
+    for r in grid:
+        if r.error is not None or not r.config:
+            continue
+        url = _result_url(root, trial_key(r.config))
+        if storage.exists(url, so):
+            rows.append(json.loads(storage.read_bytes(url, so)))
+    examples = _examples(train, cache, so) if cache else None
+    files = write_report(storage.join(root, "report"), rows, examples, so)
+    summary: dict[str, Any] = {"name": spec["name"], "storage": root, "trials": len(grid),
+                               "completed": len(rows), "errors": errors, "resumed": resumed,
+                               "report": files,
+                               "rows": [{k: v for k, v in r.items() if k != "per_epoch"} for r in rows]}
+    if spec["search"] is not None and rows:
+        best = min((r for r in rows if not math.isnan(r["test_acc"])), key=lambda r: r["test_acc"],
+                   default=None)
+        summary["best"] = best and {"params": json.loads(best["params"]), "test_acc": best["test_acc"]}
+    return summary
+
+
+def run_sweep(spec: Mapping[str, Any], storage_path: str | None = None,
+              progress: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run (or resume) the sweep described by ``spec``; returns the rows and the report files."""
+    from ray import tune
+
     from ue_dist.data.dataset import load_imageset
     from ue_dist.runtime.ray_env import default_storage, ensure_ray, pyarrow_filesystem
-    from ue_dist.runtime.report import write_report
 
     spec = validate_spec(spec)
     so = spec["storage_options"]
@@ -504,36 +545,10 @@ def run_sweep(spec: Mapping[str, Any], storage_path: str | None = None,
         tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True,
                                    resume_errored=True, storage_filesystem=fs)
     else:
-        search = spec["search"]
-        tune_config = tune.TuneConfig(
-            metric="test_acc" if search else None, mode="min" if search else None,
-            scheduler=FIFOScheduler(),
-            num_samples=search["num_samples"] if search else 1,
-            search_alg=BasicVariantGenerator(random_state=search["seed"]) if search else None,
-            max_concurrent_trials=spec["max_concurrent_trials"])
-        tuner = tune.Tuner(trainable, param_space=_param_space(spec), tune_config=tune_config,
-                           run_config=tune.RunConfig(name=spec["name"], storage_path=path,
-                                                     storage_filesystem=fs, verbose=0))
+        tuner = _new_tuner(spec, trainable, path, fs)
     grid = tuner.fit()
-    errors = [_error_line(r) for r in grid if r.error is not None]
-
-    rows = []
-    for r in grid:
-        if r.error is not None or not r.config:
-            continue
-        url = _result_url(root, trial_key(r.config))
-        if storage.exists(url, so):
-            rows.append(json.loads(storage.read_bytes(url, so)))
-    examples = _examples(train, cache, so) if cache else None
-    files = write_report(storage.join(root, "report"), rows, examples, so)
-    summary: dict[str, Any] = {"name": spec["name"], "storage": root, "trials": len(grid),
-                               "completed": len(rows), "errors": errors, "resumed": resumed,
-                               "report": files,
-                               "rows": [{k: v for k, v in r.items() if k != "per_epoch"} for r in rows]}
-    if spec["search"] is not None and rows:
-        best = min((r for r in rows if not math.isnan(r["test_acc"])), key=lambda r: r["test_acc"],
-                   default=None)
-        summary["best"] = best and {"params": json.loads(best["params"]), "test_acc": best["test_acc"]}
-    progress(f"[ue-dist] sweep {spec['name']}: {len(rows)}/{len(grid)} trial(s) done"
-             + (f", {len(errors)} failed" if errors else "") + f"; report in {storage.join(root, 'report')}")
+    summary = _summary(spec, grid, root, so, train, cache, resumed)
+    progress(f"[ue-dist] sweep {spec['name']}: {summary['completed']}/{len(grid)} trial(s) done"
+             + (f", {len(summary['errors'])} failed" if summary["errors"] else "")
+             + f"; report in {storage.join(root, 'report')}")
     return summary
