@@ -543,8 +543,8 @@ def read_spec(url: str, what: str, opts: Sequence[Opt], error: type[Exception],
     try:
         spec = yaml.safe_load(raw)
     except yaml.YAMLError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise error(f"{what} {url!r} is not valid YAML or JSON: {first}") from None
+        why = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        raise error(f"{what} {url!r} is not valid YAML or JSON: {why}") from None
     if not isinstance(spec, Mapping):
         raise error(f"{what} {url!r} must be a mapping; valid keys: "
                     f"{', '.join(sorted(o.name for o in opts))}")
