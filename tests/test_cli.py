@@ -21,3 +21,101 @@ def test_abbreviated_flags_are_refused(argv, unknown, capsys):
 def test_full_flags_still_parse():
     args = build_parser().parse_args(["fit", "--method", "em", "--train-fraction", "0.5", "T", "S"])
     assert args.train_fraction == 0.5 and args.train == "T"
+
+
+# the parsers are derived from ue_dist/options.py: the options every command had before --------
+BEFORE = {  # option strings of each command before the declarations moved to options.py
+    "convert": "--channels --image-size --json --n --native --overwrite --seed --shard-size "
+               "--storage-option --verbose -v",
+    "info": "--json --storage-option --verbose -v",
+    "fit": "--cpus-per-worker --gpu --json --max-failures --method --overwrite --preset --run-name "
+           "--set --storage --storage-option --train-fraction --verbose --workers -v",
+    "methods": "--json --verbose -v",
+    "demo": "--json --methods --out --preset --set --storage-option --verbose --victim-preset -v",
+    "protect": "--actors --batch-size --cpus-per-actor --fraction --gpus-per-actor --json "
+               "--max-polls --method --mode --poll-seconds --preset --seed --set --state "
+               "--stop-file --storage-option --verbose --wait-for-lease --watch -v",
+    "bayes-error": "--embedding --eps --json --n --sigma --storage-option --toy --verbose -v",
+    "evaluate": "--adv-eps --adv-method --arch --defense --epochs --gpus --json --preset --ray "
+                "--seed --set --storage-option --subset --test --train --verbose -v",
+    "sweep": "--check --json --storage --storage-option --verbose -v",
+    "run": "--check --json --verbose -v",
+}
+
+
+def _subparsers():
+    import argparse
+
+    parser = build_parser()
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+
+
+def test_every_option_of_before_is_still_accepted():
+    subs = _subparsers()
+    assert set(subs) == set(BEFORE)
+    for name, flags in BEFORE.items():
+        have = {s for a in subs[name]._actions for s in a.option_strings}
+        assert set(flags.split()) <= have, (name, set(flags.split()) - have)
+
+
+def test_defaults_are_the_same_as_before():
+    args = build_parser().parse_args(["protect", "--method", "em", "S", "D"])
+    assert (args.fraction, args.seed, args.actors, args.gpus_per_actor, args.cpus_per_actor,
+            args.batch_size, args.mode, args.wait_for_lease, args.poll_seconds, args.preset) == \
+        (1.0, 0, 1, 0.0, 0.5, 256, "incremental", 0.0, 30.0, "paper")
+    args = build_parser().parse_args(["fit", "--method", "em", "T", "S"])
+    assert (args.workers, args.cpus_per_worker, args.gpus_per_worker, args.max_failures,
+            args.train_fraction, args.preset, args.overrides) == (1, 1.0, 0, 0, 1.0, "paper", [])
+    args = build_parser().parse_args(["convert", "digits", "OUT"])
+    assert (args.n, args.shard_size, args.seed, args.image_size) == (5000, 1000, 0, None)
+    args = build_parser().parse_args(["evaluate", "--train", "T", "--test", "U"])
+    assert (args.victim_preset, args.subset, args.gpus_per_worker, args.cpus_per_worker) == \
+        ("paper", "all", 0.0, 1.0)
+    args = build_parser().parse_args(["demo"])
+    assert (args.out, args.methods, args.preset, args.victim_preset) == \
+        ("out/demo", "em", "quick", "quick")
+
+
+@pytest.mark.parametrize("old, new", [
+    (["fit", "--method", "em", "--gpu", "T", "S"],
+     ["fit", "--method", "em", "--gpus-per-worker", "1", "T", "S"]),
+    (["evaluate", "--train", "T", "--test", "U", "--gpus", "0.5", "--preset", "quick",
+      "--set", "epochs=2", "--set", "lr=0.1"],
+     ["evaluate", "--train", "T", "--test", "U", "--gpus-per-worker", "0.5", "--victim-preset",
+      "quick", "--victim-set", "epochs=2", "--victim-set", "lr=0.1"]),
+    (["demo", "--set", "epochs=2"], ["demo", "--victim-set", "epochs=2"]),
+])
+def test_deprecated_spellings_work_and_warn_once(old, new, capsys):
+    from ue_dist import options
+
+    options._WARNED.clear()
+    before, after = build_parser().parse_args(old), build_parser().parse_args(new)
+    assert vars(before) == vars(after)
+    err = capsys.readouterr().err.strip().splitlines()
+    renamed = [s for s in old if s in ("--gpu", "--gpus", "--preset", "--set")]
+    assert len(err) == len(set(renamed))  # one line per old spelling, however often it is used
+    for line in err:
+        assert line.startswith(f"ue-dist {old[0]}: warning: --") and "is deprecated, use --" in line
+    build_parser().parse_args(old)
+    assert capsys.readouterr().err == ""
+
+
+def test_deprecated_spellings_are_hidden_and_help_shows_defaults_and_an_example(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["fit", "--help"])
+    out = capsys.readouterr().out
+    assert "--gpus-per-worker" in out and "--gpu " not in out and "--gpu\n" not in out
+    assert "(default: 1.0)" in out and "(default: paper)" in out
+    assert "example:\n  ue-dist fit --method" in out
+    for name in BEFORE:
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([name, "--help"])
+        assert f"example:\n  ue-dist {name}" in capsys.readouterr().out, name
+
+
+def test_set_means_the_method_settings_and_victim_set_the_victim_settings():
+    args = build_parser().parse_args(["protect", "--method", "em", "--set", "eps=4/255", "S", "D"])
+    assert args.overrides == ["eps=4/255"]
+    args = build_parser().parse_args(["evaluate", "--train", "T", "--test", "U",
+                                      "--victim-set", "epochs=1"])
+    assert args.victim_overrides == ["epochs=1"] and not hasattr(args, "overrides")

@@ -69,7 +69,11 @@ def test_cli_check_prints_the_resolved_spec(capsys, monkeypatch):
     ({"protect": {"fraction": 2}}, r"protect.fraction must lie in \[0.0, 1.0\]"),
     ({"protect": {"mode": "append"}}, r"protect.mode must be one of incremental, overwrite, sync"),
     ({"protect": {"dst": "d/train/prot"}}, r"lies inside the input"),
-    ({"evaluate": {"preset": "paper", "overrides": {"archh": "x"}}}, r"archh"),
+    ({"evaluate": {"victim_preset": "paper", "victim_overrides": {"archh": "x"}}}, r"archh"),
+    ({"evaluate": {"victim_set": {"epochs": 1}}},
+     r"'victim_set' in evaluate; valid keys: .*; did you mean 'victim_overrides'\?"),
+    ({"fit": {"gpus_per_worker": 2}}, r"fit.gpus_per_worker must be one of 0, 1, got 2"),
+    ({"convert": {"source": "tiff"}}, r"convert.source must be one of .*cifar10"),
     ({"root": "${NO_SUCH_VAR_UE}/x"}, r"\$\{NO_SUCH_VAR_UE\} is not set"),
     ({"name": "a/b"}, r"plain name"),
 ])
@@ -104,6 +108,55 @@ def test_paths_are_relative_to_the_spec_and_env_is_expanded(tmp_path, monkeypatc
     assert spec["protect"]["dst"] == str(base / "dflt" / "protected" / "train")
 
 
+def test_unknown_key_names_the_step_and_the_close_key(tmp_path):
+    with pytest.raises(JobSpecError) as info:
+        load_spec(_write(tmp_path, _minimal(protect={"fractoin": 0.5})))
+    message = str(info.value)
+    assert "\n" not in message
+    assert "unknown key(s) 'fractoin' in protect" in message and "did you mean 'fraction'?" in message
+
+
+def test_renamed_keys_still_work_with_one_warning(tmp_path, capsys):
+    """fit.use_gpu and evaluate's preset/overrides/num_cpus/num_gpus: the old keys for one release."""
+    from ue_dist import options
+
+    options._WARNED.clear()
+    old = _minimal(fit={"use_gpu": True}, evaluate={"preset": "quick", "overrides": {"epochs": 2},
+                                                   "num_cpus": 2, "num_gpus": 0.5})
+    new = _minimal(fit={"gpus_per_worker": 1},
+                   evaluate={"victim_preset": "quick", "victim_overrides": {"epochs": 2},
+                             "cpus_per_worker": 2, "gpus_per_worker": 0.5})
+    a, b = load_spec(_write(tmp_path, old, "old.yaml")), load_spec(_write(tmp_path, new, "new.yaml"))
+    for step in ("fit", "evaluate"):
+        assert a[step] == b[step], step
+    assert a["fit"]["gpus_per_worker"] == 1 and a["evaluate"]["settings"]["epochs"] == 2
+    assert a["evaluate"]["cpus_per_worker"] == 2 and a["evaluate"]["gpus_per_worker"] == 0.5
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 5 and all("deprecated" in line for line in err)
+    assert any("'use_gpu' in fit is deprecated, use 'gpus_per_worker'" in line for line in err)
+    load_spec(_write(tmp_path, old, "old.yaml"))  # warned once per process
+    assert capsys.readouterr().err == ""
+
+
+def test_spec_from_an_fsspec_url_and_as_json(tmp_path):
+    """The loader reads through fsspec: memory:// (relative paths resolve against its folder),
+    a local JSON file."""
+    from ue_dist.data import storage
+
+    storage.write_bytes("memory://ue-jobs/specs/job.yaml", yaml.safe_dump(_minimal()).encode())
+    spec = load_spec("memory://ue-jobs/specs/job.yaml")
+    assert spec["path"] == "memory://ue-jobs/specs/job.yaml"
+    assert spec["root"] == "memory://ue-jobs/specs/out"
+    assert spec["data"]["train"] == "memory://ue-jobs/specs/d/train"
+    assert spec["protect"]["dst"] == "memory://ue-jobs/specs/out/protected/train"
+    with pytest.raises(JobSpecError, match="does not exist"):
+        load_spec("memory://ue-jobs/specs/missing.yaml")
+    path = tmp_path / "job.json"
+    path.write_text(json.dumps(_minimal(protect={"actors": 3})))
+    spec = load_spec(str(path))
+    assert spec["protect"]["actors"] == 3 and spec["data"]["train"] == str(tmp_path / "d" / "train")
+
+
 @pytest.mark.slow
 def test_run_job_end_to_end_then_a_rerun_redoes_nothing(tmp_path, monkeypatch):
     """convert -> fit (Ray Train) -> protect (Ray Data) -> evaluate (victims, clean vs protected)."""
@@ -118,8 +171,8 @@ def test_run_job_end_to_end_then_a_rerun_redoes_nothing(tmp_path, monkeypatch):
         "method": {"name": "classwise", "preset": "quick"},
         "fit": {"workers": 1, "cpus_per_worker": 0.5},
         "protect": {"actors": 2, "cpus_per_actor": 0.5},
-        "evaluate": {"preset": "quick", "overrides": {"epochs": 4}, "baseline": True,
-                     "num_cpus": 1}})
+        "evaluate": {"victim_preset": "quick", "victim_overrides": {"epochs": 4},
+                     "baseline": True, "cpus_per_worker": 1}})
     first = run_job(load_spec(path), progress=lambda m: None)
     assert first["ok"] and first["root"] == str(tmp_path / "out")
     steps = first["steps"]

@@ -110,6 +110,22 @@ def test_spec_normalisation_and_yaml(tmp_path):
         load_spec(str(tmp_path / "missing.yaml"))
 
 
+def test_spec_from_an_fsspec_url_json_and_close_key():
+    spec = _spec({"train": "a", "test": "b"})
+    storage.write_bytes("memory://ue-sweeps/s.json", json.dumps(spec).encode())
+    assert validate_spec(load_spec("memory://ue-sweeps/s.json")) == validate_spec(spec)
+    with pytest.raises(SweepError, match="does not exist"):
+        load_spec("memory://ue-sweeps/missing.yaml")
+    storage.write_bytes("memory://ue-sweeps/list.yaml", b"- a\n")
+    with pytest.raises(SweepError, match="must be a mapping; valid keys: .*fractions"):
+        load_spec("memory://ue-sweeps/list.yaml")
+    with pytest.raises(SweepError) as info:
+        validate_spec(dict(spec, victim_override={"epochs": 1}))
+    assert str(info.value).endswith("did you mean 'victim_overrides'?")
+    with pytest.raises(SweepError, match="max_concurrent_trials must be >= 1, got 0"):
+        validate_spec(dict(spec, max_concurrent_trials=0))
+
+
 def test_example_spec_is_valid():
     here = os.path.dirname(__file__)
     spec = load_spec(os.path.join(here, "..", "jobs", "sweep-digits.yaml"))
@@ -252,8 +268,8 @@ def test_cli_evaluate_and_sweep_check(small_digits_urls, capsys, tmp_path):
     from ue_dist.cli import main
 
     code = main(["evaluate", "--train", small_digits_urls["train"], "--test", small_digits_urls["test"],
-                 "--preset", "quick", "--arch", "small-cnn", "--epochs", "1", "--defense", "median",
-                 "--set", "batch_size=32", "--json"])
+                 "--victim-preset", "quick", "--arch", "small-cnn", "--epochs", "1", "--defense",
+                 "median", "--victim-set", "batch_size=32", "--json"])
     assert code == 0
     out = json.loads(capsys.readouterr().out)
     assert len(out["per_epoch"]) == 1 and 0 <= out["test_acc"] <= 1

@@ -31,7 +31,8 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from ue_dist.core.config import SettingsError, check_keys, parse_radius
+from ue_dist import options as opts
+from ue_dist.core.config import SettingsError, parse_radius
 from ue_dist.core.context import LocalContext
 from ue_dist.core.defenses import parse_defense
 from ue_dist.core.models import check_arch
@@ -41,186 +42,187 @@ from ue_dist.data import storage
 from ue_dist.data.imageset import ImageSet
 from ue_dist.methods.base import get_method, method_names, save_state
 
-SPEC_KEYS = {
-    "name": "run name (folder under the storage path)",
-    "data": "{train: URL, test: URL}",
-    "methods": "method names (grid)",
-    "method_preset": "paper | quick",
-    "method_overrides": "{METHOD: {key: value}} per-method settings",
-    "fractions": "protected fractions in [0, 1]",
-    "subsets": "all (mixed) and/or clean (clean part only); default [all, clean]",
-    "archs": "victim architectures",
-    "adv_eps": "adversarial-training radii (0 = standard training)",
-    "defenses": "victim defences (none, mixup, median, jpeg:quality=10, ...)",
-    "seeds": "seeds (protection choice, method fit and victim)",
-    "victim_preset": "paper | quick",
-    "victim_overrides": "{key: value} victim settings",
-    "resources_per_trial": "{cpu: float, gpu: float}",
-    "max_concurrent_trials": "int (default: as many as resources allow)",
-    "storage_options": "fsspec options for data and storage URLs",
-    "search": "{method, space, num_samples, fraction, seed}: search a method's settings",
-}
-DATA_KEYS = ("train", "test")
-RESOURCE_KEYS = ("cpu", "gpu")
-SEARCH_KEYS = ("method", "space", "num_samples", "fraction", "seed")
+DATA_KEYS = tuple(o.name for o in opts.DATA)
 SPACE_KINDS = ("uniform", "loguniform", "randint", "choice")
 FAIL_ONCE_ENV = "UE_DIST_SWEEP_FAIL_ONCE"  # comma-separated trial keys: fault injection for tests
+_GRID = ("fractions", "subsets", "archs", "adv_eps", "defenses", "seeds")
+_SWEEP_KEY_OF = {"arch": "archs", "adv_eps": "adv_eps", "defense": "defenses", "seed": "seeds"}
 
 
 class SweepError(SettingsError):
     """A sweep spec that cannot be run; the message names the key and the valid choices."""
 
 
-# spec -------------------------------------------------------------------------------------------
-def _check_keys(got: Mapping[str, Any], valid, where: str) -> None:
-    check_keys(got, valid, where, SweepError)
-
-
-def _as_list(spec: Mapping[str, Any], key: str, default: list) -> list:
-    value = spec.get(key, default)
-    if not isinstance(value, (list, tuple)):
-        value = [value]
-    if not value:
-        raise SweepError(f"sweep spec: {key} must not be empty")
-    return list(value)
-
-
+# spec: its keys, defaults and help are declared in ue_dist/options.py (SWEEP_SPEC) ------------
 def _method_seed_key(settings: Mapping[str, Any]) -> str | None:
     return next((k for k in ("seed", "noise_seed") if k in settings), None)
 
 
+def _check_method(name: Any, where: str) -> str:
+    if name not in method_names():
+        raise SweepError(f"unknown method {name!r} in {where}; valid: {', '.join(method_names())}")
+    return str(name)
+
+
+def _data(data: Mapping[str, Any]) -> dict[str, Any]:
+    data = opts.check_section(data, opts.DATA, "sweep spec data", SweepError)
+    for k in DATA_KEYS:
+        if not data.get(k):
+            raise SweepError(f"sweep spec data needs {k}: URL")
+    return data
+
+
+def _methods(spec: Mapping[str, Any]) -> list[str]:
+    search = spec["search"]
+    methods = list(spec["methods"] or ())
+    if not methods and search and "method" in search:
+        methods = [search["method"]]
+    if not methods and not search:
+        raise SweepError(f"sweep spec needs methods: [...]; valid: {', '.join(method_names())}")
+    return [_check_method(m, "sweep spec methods") for m in methods]
+
+
+def _method_overrides(spec: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    overrides = spec["method_overrides"] or {}
+    for m, over in overrides.items():
+        if m not in method_names():
+            raise SweepError(f"method_overrides names unknown method {m!r}; valid: "
+                             f"{', '.join(method_names())}")
+        if not isinstance(over or {}, Mapping):
+            raise SweepError(f"method_overrides.{m} must be a mapping of settings")
+        get_method(m).resolve(spec["method_preset"], dict(over or {}))  # bad keys fail here
+    return {m: dict(v or {}) for m, v in overrides.items()}
+
+
+def _fraction(f: Any) -> float:
+    try:
+        f = float(f)
+    except (TypeError, ValueError):
+        raise SweepError(f"fractions: {f!r} is not a number") from None
+    if not 0.0 <= f <= 1.0:
+        raise SweepError(f"fractions must lie in [0, 1], got {f}")
+    return f
+
+
+def _subset(s: Any) -> str:
+    valid = opts.option(opts.SWEEP_SPEC, "subsets").valid_choices()
+    if str(s) not in valid:
+        raise SweepError(f"unknown subset {s!r} in sweep spec; valid: {', '.join(valid)}")
+    return str(s)
+
+
+def _arch(a: Any) -> str:
+    check_arch(str(a))
+    return str(a)
+
+
+def _seed(s: Any) -> int:
+    if not isinstance(s, int) or isinstance(s, bool):
+        raise SweepError(f"seeds must be integers, got {s!r}")
+    return s
+
+
+_CHECK_ITEM: dict[str, Callable[[Any], Any]] = {
+    "fractions": _fraction, "subsets": _subset, "archs": _arch, "seeds": _seed,
+    "adv_eps": lambda e: parse_radius(e, "adv_eps"), "defenses": lambda d: parse_defense(d).spec}
+
+
+def _grid(spec: Mapping[str, Any], key: str) -> list:
+    """One axis of the grid: a list (one value counts as a list of one), each value checked."""
+    values = spec[key] if spec[key] is not None else list(_DEFAULTS[key])
+    if not values:
+        raise SweepError(f"sweep spec: {key} must not be empty")
+    return [_CHECK_ITEM[key](v) for v in values]
+
+
+def _victim_settings(spec: Mapping[str, Any]) -> dict[str, Any]:
+    over = spec["victim_overrides"] or {}
+    for k in _SWEEP_KEY_OF:
+        if k in over:
+            raise SweepError(f"victim_overrides may not set {k!r}; use the sweep key "
+                             f"{_SWEEP_KEY_OF[k]!r}")
+    return resolve_victim_settings(spec["victim_preset"], over)
+
+
+def _resources(value: Any) -> dict[str, float]:
+    res = opts.check_section(value or {"cpu": 1}, opts.TRIAL_RESOURCES, "resources_per_trial",
+                             SweepError)
+    if res["cpu"] <= 0 and res["gpu"] <= 0:
+        raise SweepError("resources_per_trial needs cpu > 0 or gpu > 0")
+    return res
+
+
 def validate_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
     """Check every key and value; return the normalised spec (lists, parsed radii)."""
-    _check_keys(spec, SPEC_KEYS, "sweep spec")
-    if "data" not in spec:
-        raise SweepError("sweep spec needs data: {train: URL, test: URL}")
-    _check_keys(spec["data"], DATA_KEYS, "sweep spec data")
-    for k in DATA_KEYS:
-        if not spec["data"].get(k):
-            raise SweepError(f"sweep spec data needs {k}: URL")
-    out: dict[str, Any] = {"name": str(spec.get("name") or "sweep"), "data": dict(spec["data"])}
+    spec = opts.check_section(spec, opts.SWEEP_SPEC, "sweep spec", SweepError, nested=False)
+    out: dict[str, Any] = {"name": str(spec["name"] or "sweep"), "data": _data(spec["data"])}
     if "/" in out["name"] or out["name"].startswith("."):
         raise SweepError(f"sweep name {out['name']!r} must be a plain folder name")
-    out["storage_options"] = dict(spec.get("storage_options") or {})
-    out["method_preset"] = spec.get("method_preset", "paper")
-    out["victim_preset"] = spec.get("victim_preset", "paper")
-    search = spec.get("search")
-    valid_methods = method_names()
-    out["methods"] = [str(m) for m in _as_list(spec, "methods", [search["method"]] if isinstance(
-        search, Mapping) and "method" in search else [])] if (spec.get("methods") or search) else []
-    if not out["methods"] and not search:
-        raise SweepError(f"sweep spec needs methods: [...]; valid: {', '.join(valid_methods)}")
-    for m in out["methods"]:
-        if m not in valid_methods:
-            raise SweepError(f"unknown method {m!r} in sweep spec methods; valid: {', '.join(valid_methods)}")
-    overrides = spec.get("method_overrides") or {}
-    if not isinstance(overrides, Mapping):
-        raise SweepError("method_overrides must map method names to {key: value}")
-    for m, over in overrides.items():
-        if m not in valid_methods:
-            raise SweepError(f"method_overrides names unknown method {m!r}; valid: {', '.join(valid_methods)}")
-        get_method(m).resolve(out["method_preset"], dict(over or {}))  # bad keys fail here
-    out["method_overrides"] = {m: dict(v or {}) for m, v in overrides.items()}
-    out["fractions"] = []
-    for f in _as_list(spec, "fractions", [1.0]):
-        try:
-            f = float(f)
-        except (TypeError, ValueError):
-            raise SweepError(f"fractions: {f!r} is not a number") from None
-        if not 0.0 <= f <= 1.0:
-            raise SweepError(f"fractions must lie in [0, 1], got {f}")
-        out["fractions"].append(f)
-    out["subsets"] = [str(s) for s in _as_list(spec, "subsets", ["all", "clean"])]
-    for s in out["subsets"]:
-        if s not in ("all", "clean"):
-            raise SweepError(f"unknown subset {s!r} in sweep spec; valid: all, clean")
-    out["archs"] = [str(a) for a in _as_list(spec, "archs", ["resnet18"])]
-    for a in out["archs"]:
-        check_arch(a)
-    out["adv_eps"] = [parse_radius(e, "adv_eps") for e in _as_list(spec, "adv_eps", [0.0])]
-    out["defenses"] = [parse_defense(d).spec for d in _as_list(spec, "defenses", ["none"])]
-    out["seeds"] = []
-    for s in _as_list(spec, "seeds", [0]):
-        if not isinstance(s, int) or isinstance(s, bool):
-            raise SweepError(f"seeds must be integers, got {s!r}")
-        out["seeds"].append(s)
-    victim_over = dict(spec.get("victim_overrides") or {})
-    for k in ("arch", "adv_eps", "defense", "seed"):
-        if k in victim_over:
-            raise SweepError(f"victim_overrides may not set {k!r}; use the sweep key "
-                             f"{ {'arch': 'archs', 'adv_eps': 'adv_eps', 'defense': 'defenses', 'seed': 'seeds'}[k]!r}")
-    out["victim_settings"] = resolve_victim_settings(out["victim_preset"], victim_over)
-    res = dict(spec.get("resources_per_trial") or {"cpu": 1})
-    _check_keys(res, RESOURCE_KEYS, "resources_per_trial")
-    out["resources"] = {"cpu": float(res.get("cpu", 1)), "gpu": float(res.get("gpu", 0))}
-    if out["resources"]["cpu"] <= 0 and out["resources"]["gpu"] <= 0:
-        raise SweepError("resources_per_trial needs cpu > 0 or gpu > 0")
-    mct = spec.get("max_concurrent_trials")
-    if mct is not None and (not isinstance(mct, int) or mct < 1):
-        raise SweepError(f"max_concurrent_trials must be a positive integer, got {mct!r}")
-    out["max_concurrent_trials"] = mct
-    out["search"] = _validate_search(search, out) if search is not None else None
+    out["storage_options"] = spec["storage_options"] or {}
+    out["method_preset"] = spec["method_preset"]
+    out["victim_preset"] = spec["victim_preset"]
+    out["methods"] = _methods(spec)
+    out["method_overrides"] = _method_overrides(spec)
+    for key in _GRID:
+        out[key] = _grid(spec, key)
+    out["victim_settings"] = _victim_settings(spec)
+    out["resources"] = _resources(spec["resources_per_trial"])
+    out["max_concurrent_trials"] = spec["max_concurrent_trials"]
+    out["search"] = _validate_search(spec["search"], out) if spec["search"] is not None else None
     return out
 
 
+def _space_domain(key: str, dom: Any) -> tuple[str, list]:
+    """One setting's search domain: ``[choices...]`` or ``{uniform|loguniform|randint|choice: ...}``."""
+    where = f"search.space.{key}"
+    if isinstance(dom, (list, tuple)):
+        kind, args = "choice", list(dom)
+    else:
+        opts.refuse_unknown(dom, SPACE_KINDS, where, SweepError)
+        if len(dom) != 1:
+            raise SweepError(f"{where}: give exactly one of {', '.join(SPACE_KINDS)}")
+        kind, args = next(iter(dom.items()))
+        args = list(args)
+    if kind in ("uniform", "loguniform", "randint"):
+        if len(args) != 2:
+            raise SweepError(f"{where}: {kind} needs [low, high]")
+        args = [parse_radius(a, where) for a in args]
+        if kind == "randint":
+            args = [int(a) for a in args]
+        if not args[0] < args[1] or (kind == "loguniform" and args[0] <= 0):
+            raise SweepError(f"{where}: need 0 <= low < high (low > 0 for loguniform)")
+    elif not args:
+        raise SweepError(f"{where}: choice needs at least one value")
+    return kind, args
+
+
 def _validate_search(search: Any, out: dict[str, Any]) -> dict[str, Any]:
-    _check_keys(search, SEARCH_KEYS, "sweep spec search")
-    method = search.get("method")
+    search = opts.check_section(search, opts.SEARCH, "search", SweepError)
+    method = search["method"]
     if method not in method_names():
         raise SweepError(f"search.method {method!r} unknown; valid: {', '.join(method_names())}")
     defaults = get_method(method).resolve(out["method_preset"], out["method_overrides"].get(method, {}))
-    space = search.get("space")
-    if not isinstance(space, Mapping) or not space:
+    space = search["space"]
+    if not space:
         raise SweepError("search.space must map method settings to {uniform|loguniform|randint|"
                          "choice: ...} or a list of choices")
-    parsed: dict[str, tuple[str, list]] = {}
-    for key, dom in space.items():
+    for key in space:
         if key not in defaults:
             raise SweepError(f"search.space: unknown setting {key!r} of method {method!r}; "
                              f"valid: {', '.join(sorted(defaults))}")
-        if isinstance(dom, (list, tuple)):
-            kind, args = "choice", list(dom)
-        else:
-            _check_keys(dom, SPACE_KINDS, f"search.space.{key}")
-            if len(dom) != 1:
-                raise SweepError(f"search.space.{key}: give exactly one of {', '.join(SPACE_KINDS)}")
-            kind, args = next(iter(dom.items()))
-            args = list(args)
-        if kind in ("uniform", "loguniform", "randint"):
-            if len(args) != 2:
-                raise SweepError(f"search.space.{key}: {kind} needs [low, high]")
-            args = [parse_radius(a, f"search.space.{key}") for a in args]
-            if kind == "randint":
-                args = [int(a) for a in args]
-            if not args[0] < args[1] or (kind == "loguniform" and args[0] <= 0):
-                raise SweepError(f"search.space.{key}: need 0 <= low < high (low > 0 for loguniform)")
-        elif not args:
-            raise SweepError(f"search.space.{key}: choice needs at least one value")
-        parsed[key] = (kind, args)
-    n = search.get("num_samples", 8)
-    if not isinstance(n, int) or n < 1:
-        raise SweepError(f"search.num_samples must be a positive integer, got {n!r}")
-    fraction = float(search.get("fraction", 1.0))
-    if not 0.0 < fraction <= 1.0:
-        raise SweepError(f"search.fraction must lie in (0, 1], got {fraction}")
-    return {"method": method, "space": parsed, "num_samples": n, "fraction": fraction,
-            "seed": int(search.get("seed", 0))}
+    if search["fraction"] == 0:
+        raise SweepError("search.fraction must lie in (0, 1], got 0.0")
+    return {"method": method, "space": {k: _space_domain(k, d) for k, d in space.items()},
+            "num_samples": search["num_samples"], "fraction": search["fraction"],
+            "seed": search["seed"]}
 
 
 def load_spec(path: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    import yaml
+    """Read a sweep spec (YAML or JSON; a path or any fsspec URL); ``validate_spec`` checks it."""
+    return opts.read_spec(path, "sweep spec", opts.SWEEP_SPEC, SweepError, storage_options)
 
-    try:
-        raw = storage.read_bytes(path, storage_options)
-    except FileNotFoundError:
-        raise SweepError(f"sweep spec {path!r} does not exist") from None
-    try:
-        spec = yaml.safe_load(raw)
-    except yaml.YAMLError as exc:
-        raise SweepError(f"sweep spec {path!r} is not valid YAML: {exc}") from None
-    if not isinstance(spec, Mapping):
-        raise SweepError(f"sweep spec {path!r} must be a mapping of keys; valid: {', '.join(sorted(SPEC_KEYS))}")
-    return dict(spec)
+
+_DEFAULTS = {o.name: o.default for o in opts.SWEEP_SPEC}
 
 
 # caching fitted states and protected images ------------------------------------------------------
@@ -436,16 +438,57 @@ def _check_same_spec(spec: Mapping[str, Any], root: str, so, resumed: bool) -> N
     storage.write_bytes(url, mine.encode(), so)
 
 
-def run_sweep(spec: Mapping[str, Any], storage_path: str | None = None,
-              progress: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run (or resume) the sweep described by ``spec``; returns the rows and the report files."""
+def _new_tuner(spec: Mapping[str, Any], trainable: Any, path: str, fs: Any) -> Any:
+    """A fresh Tuner: the grid (FIFO, every point once) or the random search (mode min)."""
     from ray import tune
     from ray.tune.schedulers import FIFOScheduler
     from ray.tune.search import BasicVariantGenerator
 
+    search = spec["search"]
+    tune_config = tune.TuneConfig(
+        metric="test_acc" if search else None, mode="min" if search else None,
+        scheduler=FIFOScheduler(),
+        num_samples=search["num_samples"] if search else 1,
+        search_alg=BasicVariantGenerator(random_state=search["seed"]) if search else None,
+        max_concurrent_trials=spec["max_concurrent_trials"])
+    return tune.Tuner(trainable, param_space=_param_space(spec), tune_config=tune_config,
+                      run_config=tune.RunConfig(name=spec["name"], storage_path=path,
+                                                storage_filesystem=fs, verbose=0))
+
+
+def _summary(spec: Mapping[str, Any], grid: Any, root: str, so, train: ImageSet,
+             cache: Mapping[str, Any], resumed: bool) -> dict[str, Any]:
+    """The finished trials' rows (from ``results/``), the report files and, for a search, the best."""
+    from ue_dist.runtime.report import write_report
+
+    errors = [_error_line(r) for r in grid if r.error is not None]
+    rows = []
+    for r in grid:
+        if r.error is not None or not r.config:
+            continue
+        url = _result_url(root, trial_key(r.config))
+        if storage.exists(url, so):
+            rows.append(json.loads(storage.read_bytes(url, so)))
+    examples = _examples(train, cache, so) if cache else None
+    files = write_report(storage.join(root, "report"), rows, examples, so)
+    summary: dict[str, Any] = {"name": spec["name"], "storage": root, "trials": len(grid),
+                               "completed": len(rows), "errors": errors, "resumed": resumed,
+                               "report": files,
+                               "rows": [{k: v for k, v in r.items() if k != "per_epoch"} for r in rows]}
+    if spec["search"] is not None and rows:
+        best = min((r for r in rows if not math.isnan(r["test_acc"])), key=lambda r: r["test_acc"],
+                   default=None)
+        summary["best"] = best and {"params": json.loads(best["params"]), "test_acc": best["test_acc"]}
+    return summary
+
+
+def run_sweep(spec: Mapping[str, Any], storage_path: str | None = None,
+              progress: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run (or resume) the sweep described by ``spec``; returns the rows and the report files."""
+    from ray import tune
+
     from ue_dist.data.dataset import load_imageset
     from ue_dist.runtime.ray_env import default_storage, ensure_ray, pyarrow_filesystem
-    from ue_dist.runtime.report import write_report
 
     spec = validate_spec(spec)
     so = spec["storage_options"]
@@ -498,36 +541,10 @@ def run_sweep(spec: Mapping[str, Any], storage_path: str | None = None,
         tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True,
                                    resume_errored=True, storage_filesystem=fs)
     else:
-        search = spec["search"]
-        tune_config = tune.TuneConfig(
-            metric="test_acc" if search else None, mode="min" if search else None,
-            scheduler=FIFOScheduler(),
-            num_samples=search["num_samples"] if search else 1,
-            search_alg=BasicVariantGenerator(random_state=search["seed"]) if search else None,
-            max_concurrent_trials=spec["max_concurrent_trials"])
-        tuner = tune.Tuner(trainable, param_space=_param_space(spec), tune_config=tune_config,
-                           run_config=tune.RunConfig(name=spec["name"], storage_path=path,
-                                                     storage_filesystem=fs, verbose=0))
+        tuner = _new_tuner(spec, trainable, path, fs)
     grid = tuner.fit()
-    errors = [_error_line(r) for r in grid if r.error is not None]
-
-    rows = []
-    for r in grid:
-        if r.error is not None or not r.config:
-            continue
-        url = _result_url(root, trial_key(r.config))
-        if storage.exists(url, so):
-            rows.append(json.loads(storage.read_bytes(url, so)))
-    examples = _examples(train, cache, so) if cache else None
-    files = write_report(storage.join(root, "report"), rows, examples, so)
-    summary: dict[str, Any] = {"name": spec["name"], "storage": root, "trials": len(grid),
-                               "completed": len(rows), "errors": errors, "resumed": resumed,
-                               "report": files,
-                               "rows": [{k: v for k, v in r.items() if k != "per_epoch"} for r in rows]}
-    if spec["search"] is not None and rows:
-        best = min((r for r in rows if not math.isnan(r["test_acc"])), key=lambda r: r["test_acc"],
-                   default=None)
-        summary["best"] = best and {"params": json.loads(best["params"]), "test_acc": best["test_acc"]}
-    progress(f"[ue-dist] sweep {spec['name']}: {len(rows)}/{len(grid)} trial(s) done"
-             + (f", {len(errors)} failed" if errors else "") + f"; report in {storage.join(root, 'report')}")
+    summary = _summary(spec, grid, root, so, train, cache, resumed)
+    progress(f"[ue-dist] sweep {spec['name']}: {summary['completed']}/{len(grid)} trial(s) done"
+             + (f", {len(summary['errors'])} failed" if summary["errors"] else "")
+             + f"; report in {storage.join(root, 'report')}")
     return summary

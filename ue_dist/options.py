@@ -1,0 +1,572 @@
+"""Every command's options, declared once: name, type, default, help, choices.
+
+The command line (``cli.py``) builds its argparse parsers from these declarations
+(``add_arguments``), and the job specs (``runtime/jobs.py``) and sweep specs
+(``runtime/sweep.py``) check their sections against the same declarations (``check_section``),
+so that a default, a range or a choice is written in one place. Ray-free.
+
+One ``Opt`` is one option. Its ``name`` is both the argparse destination and the spec key; the
+command-line spelling is ``--NAME`` with dashes unless ``flags`` says otherwise. ``cli`` and
+``spec`` say where the option exists: ``fit --run-name`` is command-line only, ``evaluate``'s
+``baseline`` is a job-spec key only. Types:
+
+* ``int``, ``float``: numbers; ``low``/``high`` bound them in specs (the runtime checks the
+  command line's values, naming the flag);
+* ``str``: text, optionally one of ``choices`` (a sequence, or a function returning one, so that
+  the registry it comes from stays the one declaration);
+* ``bool``: a switch (``store_true``) / a yes-no key;
+* ``dict``: settings: ``--set KEY=VALUE`` (repeatable) on the command line, a mapping in a spec;
+* ``list``: several values: repeatable / positional ``nargs`` on the command line, a list in a
+  spec.
+
+Old spellings (``--gpu``, ``use_gpu``) are ``Alias``es: they keep working for one release and
+print one warning line naming the new spelling.
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import posixpath
+import sys
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Mapping, Sequence
+
+_UNSET = object()
+_WARNED: set[str] = set()
+
+
+@dataclass(frozen=True)
+class Alias:
+    """A deprecated spelling of an option: a flag (``--gpu``) or a spec key (``use_gpu``).
+
+    ``value``: the old flag was a switch standing for this value (``--gpu`` = 1 GPU per worker);
+    ``convert``: turns the old spec key's value into the new one's (``use_gpu: true`` -> 1).
+    """
+    old: str
+    value: Any = _UNSET
+    convert: Callable[[Any], Any] | None = None
+
+
+@dataclass(frozen=True)
+class Opt:
+    name: str
+    help: str
+    type: type = str
+    default: Any = None
+    choices: Sequence[Any] | Callable[[], Sequence[Any]] | None = None
+    low: float | None = None
+    high: float | None = None
+    flags: tuple[str, ...] = ()      # command-line spelling; () = --NAME; positional: see below
+    positional: bool = False
+    nargs: str | None = None
+    metavar: str | None = None
+    required: bool = False
+    cli: bool = True
+    spec: bool = True
+    aliases: tuple[Alias, ...] = ()
+
+    def valid_choices(self) -> Sequence[Any] | None:
+        return self.choices() if callable(self.choices) else self.choices
+
+    @property
+    def flag(self) -> str:
+        return self.flags[-1] if self.flags else "--" + self.name.replace("_", "-")
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    options: tuple[Opt, ...]
+    example: str
+
+    def spec_options(self) -> tuple[Opt, ...]:
+        return tuple(o for o in self.options if o.spec)
+
+
+# lazily imported registries (the one declaration of each set of names) ---------------------------
+def _presets() -> Sequence[str]:
+    from ue_dist.core.config import PRESETS
+    return PRESETS
+
+
+def _modes() -> Sequence[str]:
+    from ue_dist.runtime.protect import MODES
+    return MODES
+
+
+def _subsets() -> Sequence[str]:
+    from ue_dist.core.victim import SUBSETS
+    return SUBSETS
+
+
+def _converters() -> Sequence[str]:
+    from ue_dist.data.converters import CONVERTERS
+    return sorted(CONVERTERS)
+
+
+def deprecated(old: str, new: str, where: str) -> None:
+    """One warning line per old spelling and process (a spec validated twice warns once)."""
+    line = (f"{where}: warning: {old} is deprecated, use {new} "
+            "(the old spelling will be removed in the next release)")
+    if line not in _WARNED:
+        _WARNED.add(line)
+        print(line, file=sys.stderr, flush=True)
+
+
+# shared options -------------------------------------------------------------------------------
+STORAGE_OPTION = Opt("storage_option", type=list, metavar="KEY=VALUE", spec=False,
+                     help="fsspec storage option for every URL (repeatable), e.g. "
+                          "endpoint_url=http://127.0.0.1:9000 or anon=true; S3 credentials come "
+                          "from the standard AWS variables, profiles or roles")
+JSON = Opt("json", type=bool, spec=False, help="print the figures as one JSON object")
+VERBOSE = Opt("verbose", type=bool, flags=("-v", "--verbose"), spec=False,
+              help="show Ray's own log lines and worker output here (default: they go to a log "
+                   "file under $UE_DIST_LOG_DIR or ./runs/logs, named at the end)")
+METHOD = Opt("method", required=True, help="method name (see `ue-dist methods`)")
+PRESET = Opt("preset", default="paper", choices=_presets,
+             help="method settings: paper = the papers' settings; quick = sized to try on a "
+                  "laptop CPU")
+SET = Opt("overrides", type=dict, flags=("--set",), metavar="KEY=VALUE",
+          help="override one method setting (repeatable); unknown keys are an error")
+VICTIM_PRESET = Opt("victim_preset", default="paper", choices=_presets,
+                    help="victim settings: paper = the papers' victims; quick = a small CNN for "
+                         "a laptop CPU")
+VICTIM_SET = Opt("victim_overrides", type=dict, flags=("--victim-set",), metavar="KEY=VALUE",
+                 help="override one victim setting (repeatable); unknown keys are an error")
+COMMON = (STORAGE_OPTION, JSON)
+
+# commands -------------------------------------------------------------------------------------
+CONVERT = Command("convert", "Convert a dataset into WebDataset shards: OUT/train and OUT/test.", (
+    Opt("source", positional=True, metavar="SOURCE", choices=_converters, required=True,
+        help="digits | synthetic | cifar10 | cifar100 | imagefolder | numpy | fashion-mnist | idx"),
+    Opt("paths", type=list, positional=True, nargs="+", metavar="PATH", spec=False,
+        help="digits/synthetic: OUT; cifar10/cifar100/imagefolder: PATH OUT; numpy: X.npy Y.npy "
+             "OUT; fashion-mnist: [DIR] OUT (DIR, any fsspec URL, holds the four IDX files; "
+             "default: where `apt-get install dataset-fashion-mnist` puts them, "
+             "/usr/share/datasets/fashion-mnist); idx: IMAGES LABELS [TEST_IMAGES TEST_LABELS] "
+             "OUT (MNIST-format files, .gz or not; one pair is split like numpy). Writes "
+             "OUT/train and OUT/test"),
+    Opt("inputs", type=list, default=(), cli=False,
+        help="job specs: the input paths (PATH... without OUT, which is ROOT/data)"),
+    Opt("n", type=int, default=5000, low=1, help="synthetic: number of samples"),
+    Opt("image_size", type=int, low=1,
+        help="resize images to SIZE x SIZE (digits, fashion-mnist, idx default 32; others keep "
+             "their size)"),
+    Opt("native", type=bool, spec=False,
+        help="keep the original size: digits 8x8 (3 channels), fashion-mnist/idx 28x28x1 "
+             "grayscale. Without it these grayscale sources become 32x32x3, the CIFAR shape "
+             "every victim and method expects"),
+    Opt("channels", type=int, metavar="{1,3}", spec=False,
+        help="digits, fashion-mnist, idx: 1 (grayscale) or 3 (gray repeated; default, 1 with "
+             "--native for fashion-mnist/idx)"),
+    Opt("shard_size", type=int, default=1000, low=1, help="samples per shard"),
+    Opt("seed", type=int, default=0, help="seed of the train/test split"),
+    Opt("overwrite", type=bool, spec=False, help="replace shards already in OUT"),
+    *COMMON), "ue-dist convert digits out/digits")
+
+INFO = Command("info", "Describe a folder of shards: shards, samples, image shape, labels, "
+               "protected count.", (
+    Opt("url", positional=True, metavar="URL",
+        help="a folder of shards (e.g. OUT/train), any fsspec URL"),
+    *COMMON), "ue-dist info out/digits/train --json")
+
+FIT = Command("fit", "Fit a method (source model, generator or embedding) on Ray Train; write its "
+              "state.", (
+    replace(METHOD, help="method to fit (see `ue-dist methods`)", spec=False),
+    Opt("train", positional=True, metavar="TRAIN_URL", spec=False,
+        help="clean training shards, e.g. OUT/train"),
+    Opt("state", positional=True, metavar="STATE_URL",
+        help="where to write the fitted state (.pt); job specs: default ROOT/state.pt"),
+    Opt("workers", type=int, default=1, low=1, help="Ray Train workers (DDP)"),
+    Opt("cpus_per_worker", type=float, default=1.0, low=0.01,
+        help="CPUs per worker; fractions share a small machine"),
+    Opt("gpus_per_worker", type=int, default=0, choices=(0, 1),
+        help="1: one GPU per worker (NCCL); 0: CPU workers (gloo)",
+        aliases=(Alias("--gpu", value=1), Alias("use_gpu", convert=lambda v: 1 if v else 0))),
+    Opt("storage", spec=False,
+        help="run storage for checkpoints (default $UE_DIST_STORAGE or ./runs)"),
+    Opt("run_name", spec=False,
+        help="run name; rerunning with the same name resumes from its last checkpoint "
+             "(default: derived from method, data, state URL and settings)"),
+    Opt("max_failures", type=int, default=0, low=-1,
+        help="worker failures to survive by restarting from the last checkpoint (-1: any number)"),
+    Opt("train_fraction", type=float, default=1.0, low=0.0, high=1.0,
+        help="fit on a seeded fraction of TRAIN_URL (the rest is never seen)"),
+    Opt("overwrite", type=bool, spec=False, help="replace an existing STATE_URL"),
+    replace(PRESET, spec=False), replace(SET, spec=False), *COMMON),
+    "ue-dist fit --method em out/digits/train out/em.pt --preset quick --workers 2 "
+    "--cpus-per-worker 0.5")
+
+METHODS = Command("methods", "List the registered protection methods with their paper and "
+                  "settings.", (JSON,), "ue-dist methods --json")
+
+DEMO = Command("demo", "The main job on the embedded default: convert digits, fit, protect on "
+               "Ray, train victims on clean and protected data, print accuracies, write plots.", (
+    Opt("out", default="out/demo", help="output folder or URL"),
+    Opt("methods", default="em", help="comma-separated methods to demonstrate"),
+    replace(PRESET, default="quick", help="method settings (quick: minutes on a laptop CPU)"),
+    replace(VICTIM_PRESET, default="quick"),
+    replace(VICTIM_SET, aliases=(Alias("--set"),)),
+    *COMMON), "ue-dist demo --methods em,bayes --out out/demo")
+
+PROTECT = Command("protect", "Protect every shard of SRC into DST on Ray Data (resumable, --watch "
+                  "for new shards). Exit status 3 when some shards were unreadable and skipped.", (
+    Opt("src", positional=True, metavar="SRC", spec=False,
+        help="folder/prefix of input shards (*.tar), any fsspec URL"),
+    Opt("dst", positional=True, metavar="DST",
+        help="output prefix (not inside SRC); a ledger in DST/_ledger records the committed "
+             "shards; job specs: default ROOT/protected/train"),
+    replace(METHOD, spec=False),
+    Opt("state", metavar="URL", spec=False, help="fitted state from `ue-dist fit`"),
+    Opt("fraction", type=float, default=1.0, low=0.0, high=1.0,
+        help="fraction of samples to protect, chosen per key with --seed"),
+    Opt("seed", type=int, default=0, help="selection and perturbation seed"),
+    Opt("actors", type=int, default=1, low=1, help="Ray Data actors"),
+    Opt("gpus_per_actor", type=float, default=0.0, low=0.0, help="GPUs per actor"),
+    Opt("cpus_per_actor", type=float, default=0.5, low=0.01,
+        help="CPUs per actor, fractional allowed"),
+    Opt("batch_size", type=int, default=256, low=1, help="images per perturb call"),
+    Opt("mode", default="incremental", choices=_modes,
+        help="incremental: skip shards the ledger says are done and whose source is unchanged; "
+             "overwrite: redo every shard; sync: incremental, and remove outputs whose source "
+             "shard is gone"),
+    Opt("wait_for_lease", type=float, default=0.0, metavar="SECONDS", spec=False,
+        help="if another run is writing DST, wait up to SECONDS for it (0: refuse at once)"),
+    Opt("watch", type=bool, spec=False,
+        help="keep listing SRC and protect new shards as they land (Ctrl-C to stop)"),
+    Opt("poll_seconds", type=float, default=30.0, spec=False, help="listing interval with --watch"),
+    Opt("max_polls", type=int, spec=False, help="stop --watch after N listings"),
+    Opt("stop_file", metavar="URL", spec=False, help="stop --watch once this file exists"),
+    replace(PRESET, spec=False), replace(SET, spec=False), *COMMON),
+    "ue-dist protect --method em --state out/em.pt out/digits/train out/em-protected "
+    "--preset quick --actors 2")
+
+BAYES_ERROR = Command("bayes-error", "Estimate the Bayes error (local posterior averaging) of a "
+                      "dataset or a toy problem.", (
+    Opt("url", positional=True, nargs="?", metavar="URL",
+        help="a folder of shards (e.g. OUT/train); omit with --toy"),
+    Opt("embedding", metavar="STATE",
+        help="a fitted bayes state: estimate in its embedding space (default: raw pixels)"),
+    Opt("toy", choices=("gaussians", "moons"),
+        help="gaussians: two 1-D Gaussians vs the analytic Phi(-1); moons: before/after "
+             "Algorithm 2"),
+    Opt("n", type=int, help="toy sample count (default: gaussians 4000, moons 200)"),
+    Opt("eps", help="moons: L-inf radius of the ascent (default 0.25)"),
+    Opt("sigma", help="kernel bandwidth (default: median distance to the sqrt(n)-th neighbour)"),
+    *COMMON), "ue-dist bayes-error --toy gaussians --n 4000")
+
+# victim settings that evaluate also takes as flags (merged into its --victim-set)
+VICTIM_FLAGS = ("arch", "epochs", "adv_eps", "adv_method", "defense", "seed")
+
+EVALUATE = Command("evaluate", "Train one victim on a (possibly protected) training set and print "
+                   "its test accuracy per epoch.", (
+    Opt("train", required=True, metavar="URL", spec=False,
+        help="training shards (may be partly protected)"),
+    Opt("test", required=True, metavar="URL", spec=False, help="clean test shards"),
+    Opt("arch", spec=False,
+        help="victim architecture (default: the preset's), e.g. small-cnn, resnet18, vgg16, "
+             "densenet121, mobilenetv2, wrn-34-10"),
+    Opt("epochs", type=int, spec=False, help="training epochs (default: the preset's)"),
+    Opt("adv_eps", metavar="R", spec=False,
+        help="adversarial-training radius, e.g. 8/255 (0 = standard)"),
+    Opt("adv_method", choices=("pgd", "trades"), spec=False, help="adversarial loss (default pgd)"),
+    Opt("defense", spec=False,
+        help="training-data defence: none, mixup, cutout, cutmix, mean, median, gaussian, "
+             "jpeg[:quality=Q], grayscale"),
+    Opt("seed", type=int, spec=False, help="victim seed (default 0)"),
+    Opt("subset", default="all", choices=_subsets,
+        help="train on all samples (mixed), the clean ones or the protected ones"),
+    Opt("ray", type=bool, spec=False, help="run the victim as one Ray task (job specs always do)"),
+    Opt("cpus_per_worker", type=float, default=1.0, low=0.01,
+        help="CPUs for the victim's Ray task", aliases=(Alias("num_cpus"),)),
+    Opt("gpus_per_worker", type=float, default=0.0, low=0.0, help="GPUs for the victim",
+        aliases=(Alias("--gpus"), Alias("num_gpus"))),
+    Opt("baseline", type=bool, default=True, cli=False,
+        help="job specs: also train a victim on the clean training set"),
+    replace(VICTIM_PRESET, aliases=(Alias("--preset"), Alias("preset"))),
+    replace(VICTIM_SET, aliases=(Alias("--set"), Alias("overrides"))),
+    *COMMON), "ue-dist evaluate --train out/em-protected --test out/digits/test "
+              "--victim-preset quick --epochs 8")
+
+SWEEP = Command("sweep", "Ray Tune sweep of victims (method x fraction x architecture x "
+                "adversarial radius x defence x seed) or a search over a method's settings; "
+                "writes a table and plots. Exit status 3 when trials failed.", (
+    Opt("spec", positional=True, metavar="SPEC",
+        help="sweep spec (YAML or JSON, any fsspec URL), e.g. jobs/sweep-digits.yaml"),
+    Opt("storage", metavar="PATH",
+        help="where the sweep lives (default: $UE_DIST_STORAGE or ./runs); rerunning with the "
+             "same storage resumes it"),
+    Opt("check", type=bool, help="only validate the spec and print it"),
+    *COMMON), "ue-dist sweep jobs/sweep-digits.yaml --storage runs")
+
+RUN = Command("run", "Run a job spec end to end: convert -> fit -> protect -> evaluate -> sweep "
+              "(every step resumable). Exit status 3 when shards were skipped as unreadable.", (
+    Opt("spec", positional=True, metavar="SPEC",
+        help="job spec (YAML or JSON, any fsspec URL), e.g. jobs/digits-quick.yaml"),
+    Opt("check", type=bool,
+        help="only load and validate the spec (nothing runs); print the resolved spec"),
+    JSON), "ue-dist run jobs/digits-quick.yaml --check")
+
+COMMANDS: dict[str, Command] = {c.name: c for c in (
+    CONVERT, INFO, FIT, METHODS, DEMO, PROTECT, BAYES_ERROR, EVALUATE, SWEEP, RUN)}
+
+# job specs (runtime/jobs.py): top-level keys and the sections that are not a command's ------------
+DATA = (Opt("train", help="training shards URL"), Opt("test", help="clean test shards URL"))
+JOB_METHOD = (replace(METHOD, name="name", required=False), PRESET,
+              replace(SET, help="{key: value} method settings"))
+JOB = (
+    Opt("name", required=True, help="job name (plain folder-safe name)"),
+    Opt("root", required=True, help="output root URL (data, state, protected shards, runs)"),
+    Opt("storage_options", type=dict, help="fsspec options for every URL"),
+    Opt("convert", type=dict, help="{" + ", ".join(o.name for o in CONVERT.spec_options()) + "}"),
+    Opt("data", type=dict, help="{train: URL, test: URL}"),
+    Opt("method", required=True, help="{name, preset, overrides} or a method name"),
+    Opt("fit", type=dict, help="{" + ", ".join(o.name for o in FIT.spec_options()) + "}"),
+    Opt("protect", type=dict, help="{" + ", ".join(o.name for o in PROTECT.spec_options()) + "}"),
+    Opt("evaluate", type=dict, help="{" + ", ".join(o.name for o in EVALUATE.spec_options()) + "}"),
+    Opt("sweep", help="path of a sweep spec, or an inline sweep spec"),
+)
+JOB_STEPS = {"convert": CONVERT.spec_options(), "data": DATA, "method": JOB_METHOD,
+             "fit": FIT.spec_options(), "protect": PROTECT.spec_options(),
+             "evaluate": EVALUATE.spec_options()}
+
+# sweep specs (runtime/sweep.py) -----------------------------------------------------------------
+SWEEP_SPEC = (
+    Opt("name", default="sweep", help="run name (folder under the storage path)"),
+    Opt("data", type=dict, required=True, help="{train: URL, test: URL}"),
+    Opt("methods", type=list, default=(), help="method names (grid)"),
+    replace(PRESET, name="method_preset"),
+    Opt("method_overrides", type=dict, help="{METHOD: {key: value}} per-method settings"),
+    Opt("fractions", type=list, default=(1.0,), help="protected fractions in [0, 1]"),
+    Opt("subsets", type=list, default=("all", "clean"), choices=("all", "clean"),
+        help="all (mixed) and/or clean (clean part only)"),
+    Opt("archs", type=list, default=("resnet18",), help="victim architectures"),
+    Opt("adv_eps", type=list, default=(0.0,),
+        help="adversarial-training radii (0 = standard training)"),
+    Opt("defenses", type=list, default=("none",),
+        help="victim defences (none, mixup, median, jpeg:quality=10, ...)"),
+    Opt("seeds", type=list, default=(0,), help="seeds (protection choice, method fit and victim)"),
+    VICTIM_PRESET,
+    replace(VICTIM_SET, help="{key: value} victim settings"),
+    Opt("resources_per_trial", type=dict, help="{cpu: float, gpu: float}"),
+    Opt("max_concurrent_trials", type=int, low=1, help="default: as many as resources allow"),
+    Opt("storage_options", type=dict, help="fsspec options for data and storage URLs"),
+    Opt("search", type=dict, help="{method, space, num_samples, fraction, seed}: search a "
+                                  "method's settings"),
+)
+TRIAL_RESOURCES = (Opt("cpu", type=float, default=1.0, low=0.0, help="CPUs per trial"),
+                   Opt("gpu", type=float, default=0.0, low=0.0, help="GPUs per trial"))
+SEARCH = (
+    Opt("method", help="the method whose settings are searched"),
+    Opt("space", type=dict, help="{setting: {uniform|loguniform|randint|choice: ...} or [...]}"),
+    Opt("num_samples", type=int, default=8, low=1, help="trials"),
+    Opt("fraction", type=float, default=1.0, low=0.0, high=1.0, help="protected fraction"),
+    Opt("seed", type=int, default=0, help="seed of the random search"),
+)
+
+
+def option(options: Sequence[Opt], name: str) -> Opt:
+    """The declaration named ``name`` in ``options``."""
+    return next(o for o in options if o.name == name)
+
+
+# the command line -----------------------------------------------------------------------------
+class _DeprecatedAlias(argparse.Action):
+    """A hidden old spelling: warns once (naming the new one), then does what the new one does."""
+
+    def __init__(self, option_strings, dest, *, new: str, value: Any = _UNSET,
+                 append: bool = False, **kwargs):
+        super().__init__(option_strings, dest, nargs=0 if value is not _UNSET else None, **kwargs)
+        self.new, self.value, self.append = new, value, append
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        new = self.new if self.value is _UNSET else f"{self.new} {self.value}"
+        deprecated(option_string, new, parser.prog)
+        if self.value is not _UNSET:
+            values = self.value
+        if self.append:
+            values = [*(getattr(namespace, self.dest, None) or []), values]
+        setattr(namespace, self.dest, values)
+
+
+def help_text(opt: Opt) -> str:
+    """The help line, with the default where there is one."""
+    if opt.default is None or opt.default is False or opt.default == () or opt.type is dict:
+        return opt.help
+    return f"{opt.help} (default: {opt.default})"
+
+
+def _argparse_kwargs(opt: Opt) -> dict[str, Any]:
+    kw: dict[str, Any] = {"help": help_text(opt)}
+    if opt.metavar:
+        kw["metavar"] = opt.metavar
+    if opt.type is bool:
+        kw["action"] = "store_true"
+    elif opt.type in (dict, list) and not opt.positional:
+        kw.update(action="append", default=[])
+    else:
+        if opt.type in (int, float):
+            kw["type"] = opt.type
+        if opt.nargs:
+            kw["nargs"] = opt.nargs
+        if opt.choices is not None:
+            kw["choices"] = list(opt.valid_choices())
+        if not opt.positional:
+            kw["default"] = opt.default
+    if opt.required and not opt.positional:
+        kw["required"] = True
+    if opt.positional and opt.nargs == "?":
+        kw["default"] = opt.default
+    return kw
+
+
+def add_arguments(parser: argparse.ArgumentParser, opts: Sequence[Opt]) -> None:
+    """Add the command-line options of ``opts`` (and their hidden deprecated spellings)."""
+    for opt in opts:
+        if not opt.cli:
+            continue
+        kw = _argparse_kwargs(opt)
+        if opt.positional:
+            parser.add_argument(opt.name, **kw)
+        else:
+            parser.add_argument(*(opt.flags or (opt.flag,)), dest=opt.name, **kw)
+        for alias in opt.aliases:
+            if alias.old.startswith("-"):
+                extra = {k: kw[k] for k in ("type", "choices", "metavar")
+                         if k in kw and alias.value is _UNSET}
+                parser.add_argument(alias.old, dest=opt.name, action=_DeprecatedAlias,
+                                    new=opt.flag, value=alias.value, help=argparse.SUPPRESS,
+                                    append=kw.get("action") == "append",
+                                    default=argparse.SUPPRESS, **extra)
+
+
+# specs ------------------------------------------------------------------------------------------
+def refuse_unknown(got: Any, valid: Sequence[str], where: str, error: type[Exception],
+                   spellings: Mapping[str, str] | None = None) -> None:
+    """``got`` must be a mapping whose keys are all in ``valid``; a typo names the close key
+    (``spellings`` maps other spellings, e.g. a command-line flag's, to their key)."""
+    if not isinstance(got, Mapping):
+        raise error(f"{where} must be a mapping with keys: {', '.join(sorted(valid))}")
+    unknown = sorted(set(got) - set(valid), key=str)
+    if unknown:
+        key = str(unknown[0]).lstrip("-").replace("-", "_")
+        close = [spellings[key]] if key in (spellings or {}) else \
+            difflib.get_close_matches(key, list(valid), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise error(f"unknown key(s) {', '.join(map(repr, unknown))} in {where}; "
+                    f"valid keys: {', '.join(sorted(valid))}{hint}")
+
+
+def _renamed(section: Mapping[str, Any], opts: Sequence[Opt], where: str) -> dict[str, Any]:
+    """``section`` with deprecated keys renamed to the new ones (one warning each)."""
+    out = dict(section)
+    for opt in opts:
+        for alias in opt.aliases:
+            if alias.old.startswith("-") or alias.old not in out:
+                continue
+            value = out.pop(alias.old)
+            deprecated(f"key {alias.old!r} in {where}", repr(opt.name), "ue-dist")
+            if opt.name not in out:
+                out[opt.name] = alias.convert(value) if alias.convert else value
+    return out
+
+
+def _number(value: Any, opt: Opt, where: str, error: type[Exception]) -> int | float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise error(f"{where} must be a number, got {value!r}")
+    if opt.type is int and int(value) != value:
+        raise error(f"{where} must be an integer, got {value!r}")
+    value = opt.type(value)
+    low, high = opt.low, opt.high
+    if (low is not None and value < low) or (high is not None and value > high):
+        bound = f"lie in [{low}, {high}]" if high is not None else f"be >= {low}"
+        raise error(f"{where} must {bound}, got {value!r}")
+    return value
+
+
+def check_value(value: Any, opt: Opt, where: str, error: type[Exception]) -> Any:
+    """One spec value, checked against its declaration (``where`` names it in errors)."""
+    if value is None:
+        return None
+    if opt.type in (int, float):
+        value = _number(value, opt, where, error)
+    elif opt.type is bool:
+        value = bool(value)
+    elif opt.type is dict and not isinstance(value, Mapping):
+        raise error(f"{where} must be a mapping, got {value!r}")
+    elif opt.type is list and not isinstance(value, (list, tuple)):
+        value = [value]  # one value is a list of one
+    choices = opt.valid_choices()
+    if choices is not None and opt.type is not list and value not in choices:
+        raise error(f"{where} must be one of {', '.join(map(str, choices))}, got {value!r}")
+    return value
+
+
+def check_section(section: Any, opts: Sequence[Opt], where: str, error: type[Exception], *,
+                  nested: bool = True) -> dict[str, Any]:
+    """A spec mapping checked against ``opts``: deprecated keys renamed (with a warning), unknown
+    keys refused (naming the key, ``where`` and the close name), values typed and range-checked,
+    defaults filled in; ``dict`` values come back as plain dicts (``None`` where absent and
+    without a default), ``list`` values as lists.
+    Values are named ``WHERE.KEY`` in errors (``KEY`` alone with ``nested=False``)."""
+    opts = [o for o in opts if o.spec]
+    if section is None:
+        section = {}
+    if isinstance(section, Mapping):
+        section = _renamed(section, opts, where)
+    flags = {o.flag.lstrip("-").replace("-", "_"): o.name for o in opts if o.cli}
+    refuse_unknown(section, [o.name for o in opts], where, error, flags)
+    out: dict[str, Any] = {}
+    for opt in opts:
+        if opt.required and section.get(opt.name) is None:
+            raise error(f"{where} needs {opt.name!r} ({opt.help})")
+        name = f"{where}.{opt.name}" if nested else opt.name
+        value = check_value(section.get(opt.name, opt.default), opt, name, error)
+        if opt.type in (dict, list) and value is not None:
+            value = dict(value) if opt.type is dict else list(value)
+        out[opt.name] = value
+    return out
+
+
+def read_spec(url: str, what: str, opts: Sequence[Opt], error: type[Exception],
+              storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Read a YAML (or JSON) mapping from a path or any fsspec URL; ``what`` names it in errors."""
+    import yaml
+
+    from ue_dist.data import storage
+
+    try:
+        raw = storage.read_bytes(url, storage_options)
+    except FileNotFoundError:
+        raise error(f"{what} {url!r} does not exist") from None
+    try:
+        spec = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        why = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        raise error(f"{what} {url!r} is not valid YAML or JSON: {why}") from None
+    if not isinstance(spec, Mapping):
+        raise error(f"{what} {url!r} must be a mapping; valid keys: "
+                    f"{', '.join(sorted(o.name for o in opts))}")
+    return dict(spec)
+
+
+def spec_folder(url: str) -> str:
+    """The folder of a spec file (local: absolute), against which its relative paths resolve."""
+    import os
+
+    if "://" in url:
+        return url.rstrip("/").rsplit("/", 1)[0]
+    return os.path.dirname(os.path.abspath(url))
+
+
+def resolve_path(value: str, base: str) -> str:
+    """``value`` as written if absolute or a URL, else joined to ``base`` (a folder or URL)."""
+    import os
+
+    if "://" in value or os.path.isabs(value):
+        return value
+    if "://" in base:
+        proto, rest = base.split("://", 1)
+        return f"{proto}://" + posixpath.normpath(posixpath.join(rest, value))
+    return os.path.normpath(os.path.join(base, value))
