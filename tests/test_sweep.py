@@ -8,11 +8,12 @@ import torch
 
 from ue_dist.core.config import SettingsError
 from ue_dist.core.context import LocalContext
+from ue_dist.core.settings import Setting
 from ue_dist.core.victim import resolve_victim_settings, train_victim
 from ue_dist.data import storage
 from ue_dist.data.sources import digits_imageset
 from ue_dist.methods.base import Method, register
-from ue_dist.runtime.sweep import (FAIL_ONCE_ENV, SweepError, fit_and_protect, load_spec, mix,
+from ue_dist.runtime.sweep import (SweepError, fit_and_protect, load_spec, mix,
                                    trial_key, validate_spec)
 
 torch.set_num_threads(1)
@@ -25,6 +26,7 @@ class StripeShortcut(Method):
 
     name = "test-stripes"
     presets = {"paper": {"eps": 8 / 255, "seed": 0}, "quick": {"eps": 8 / 255, "seed": 0}}
+    declared = {"eps": Setting("radius"), "seed": Setting("seed")}
 
     def fit(self, train, ctx):
         return self.new_state(train)
@@ -162,20 +164,25 @@ def test_class_wise_shortcut_protects_digits():
 
 
 # Ray: one fast sweep with the resume path ------------------------------------------------------
-def test_fast_sweep_writes_report_and_resumes(ray_cluster, small_digits_urls, tmp_path, monkeypatch):
+def test_fast_sweep_writes_report_and_resumes(ray_cluster, small_digits_urls, tmp_path):
     from ue_dist.runtime.sweep import run_sweep
 
     spec = _spec(small_digits_urls)
     failing = trial_key({"method": "classwise", "fraction": 1.0, "subset": "all",
                          "arch": "small-cnn", "adv_eps": 0.0, "defense": "none", "seed": 0})
-    monkeypatch.setenv(FAIL_ONCE_ENV, failing)
-    first = run_sweep(spec, str(tmp_path), progress=lambda m: None)
+    marker = str(tmp_path / "failed-once")
+
+    def fail_once(key):  # a closure: pickled by value into the trial's process
+        if key == failing and not os.path.exists(marker):
+            open(marker, "w").close()
+            raise RuntimeError(f"injected failure for trial {key}")
+
+    first = run_sweep(spec, str(tmp_path), progress=lambda m: None, before_trial=fail_once)
     assert first["trials"] == 2 and first["completed"] == 1 and len(first["errors"]) == 1
     assert "injected failure" in first["errors"][0]
     assert not first["resumed"]
     done_before = {r["key"]: r["finished_at"] for r in first["rows"]}
 
-    monkeypatch.delenv(FAIL_ONCE_ENV)
     second = run_sweep(spec, str(tmp_path), progress=lambda m: None)
     assert second["resumed"] and second["completed"] == 2 and not second["errors"]
     rows = {r["key"]: r for r in second["rows"]}

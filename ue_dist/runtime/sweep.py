@@ -44,7 +44,6 @@ from ue_dist.methods.base import get_method, method_names, save_state
 
 DATA_KEYS = tuple(o.name for o in opts.DATA)
 SPACE_KINDS = ("uniform", "loguniform", "randint", "choice")
-FAIL_ONCE_ENV = "UE_DIST_SWEEP_FAIL_ONCE"  # comma-separated trial keys: fault injection for tests
 _GRID = ("fractions", "subsets", "archs", "adv_eps", "defenses", "seeds")
 _SWEEP_KEY_OF = {"arch": "archs", "adv_eps": "adv_eps", "defense": "defenses", "seed": "seeds"}
 
@@ -54,10 +53,6 @@ class SweepError(SettingsError):
 
 
 # spec: its keys, defaults and help are declared in ue_dist/options.py (SWEEP_SPEC) ------------
-def _method_seed_key(settings: Mapping[str, Any]) -> str | None:
-    return next((k for k in ("seed", "noise_seed") if k in settings), None)
-
-
 def _check_method(name: Any, where: str) -> str:
     if name not in method_names():
         raise SweepError(f"unknown method {name!r} in {where}; valid: {', '.join(method_names())}")
@@ -235,7 +230,7 @@ def method_settings(spec: Mapping[str, Any], method: str, seed: int,
     over = dict(spec["method_overrides"].get(method, {}))
     over.update(extra or {})
     settings = get_method(method).resolve(spec["method_preset"], over)
-    key = _method_seed_key(settings)
+    key = get_method(method).seed_key()
     if key is not None and key not in over:
         settings[key] = int(seed)  # each sweep seed gets its own fit
     return settings
@@ -249,7 +244,8 @@ def fit_and_protect(method: str, settings: Mapping[str, Any], train: ImageSet,
     from ue_dist.pipeline import PipelineConfig, perturb_selected
 
     m = get_method(method)(dict(settings))
-    seed = int(settings.get(_method_seed_key(settings) or "seed", 0))
+    key = get_method(method).seed_key()
+    seed = int(settings[key]) if key is not None else 0
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         state = m.fit(train, LocalContext(device=device, seed=seed, log=lambda msg: None))
@@ -318,11 +314,8 @@ def _trial(config: dict[str, Any], *, train: ImageSet, test: ImageSet, job: dict
         done = json.loads(storage.read_bytes(out_url, so))
         tune.report({"test_acc": done["test_acc"], "epoch": done.get("epochs", 0), "cached": True})
         return
-    if key in job.get("fail_once", ()):
-        marker = storage.join(job["root"], "_cache", f"failed-once-{key}")
-        if not storage.exists(marker, so):
-            storage.write_bytes(marker, b"1", so)
-            raise RuntimeError(f"injected failure for trial {key} ({FAIL_ONCE_ENV})")
+    if job["before_trial"] is not None:
+        job["before_trial"](key)
     started = time.time()
     search = job.get("search")
     method = search["method"] if search else config["method"]
@@ -483,8 +476,12 @@ def _summary(spec: Mapping[str, Any], grid: Any, root: str, so, train: ImageSet,
 
 
 def run_sweep(spec: Mapping[str, Any], storage_path: str | None = None,
-              progress: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run (or resume) the sweep described by ``spec``; returns the rows and the report files."""
+              progress: Callable[[str], None] = print,
+              before_trial: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run (or resume) the sweep described by ``spec``; returns the rows and the report files.
+
+    ``before_trial(key)`` runs in each trial's process before it trains (instrumentation, fault
+    injection: an exception fails that trial as any error would); it must be picklable."""
     from ray import tune
 
     from ue_dist.data.dataset import load_imageset
@@ -530,10 +527,9 @@ def run_sweep(spec: Mapping[str, Any], storage_path: str | None = None,
             state_url, images_url = ray.get(ref)
             cache[key] = {"state": state_url, "images": images_url, "settings": settings}
 
-    fail_once = [k for k in os.environ.get(FAIL_ONCE_ENV, "").split(",") if k]
     job = {"root": root, "storage_options": so, "resources": spec["resources"], "cache": cache,
            "victim_settings": spec["victim_settings"], "search": spec["search"], "spec": spec,
-           "fail_once": fail_once}
+           "before_trial": before_trial}
     trainable = tune.with_resources(tune.with_parameters(_trial, train=train, test=test, job=job),
                                     {"cpu": spec["resources"]["cpu"], "gpu": spec["resources"]["gpu"]})
     if resumed:
