@@ -149,7 +149,7 @@ def two_node_cluster(log_dir: Path, env_extra: dict | None = None):
     port, dash = free_port(), free_port()
 
     def node_args():
-        return [f"--num-cpus=1", f"--temp-dir={temp_dir}", "--node-ip-address=127.0.0.1",
+        return ["--num-cpus=1", f"--temp-dir={temp_dir}", "--node-ip-address=127.0.0.1",
                 f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
                 f"--dashboard-agent-listen-port={free_port()}",
                 f"--dashboard-agent-grpc-port={free_port()}",
@@ -208,3 +208,19 @@ def submit(cluster, working_dir: Path, entrypoint: list[str], timeout: int = 600
     proc = subprocess.run(cmd + ["--", *entrypoint], env=cluster["env"], capture_output=True,
                           text=True, timeout=timeout)
     return proc, job_id
+
+
+def ray_train_worker_pids(session: int) -> list[int]:
+    """PIDs of the Ray Train worker processes of a command started with ``start_new_session``
+    (session id = its pid): Ray titles them ``ray::RayTrainWorker...``."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            title = open(f"/proc/{entry}/cmdline", "rb").read().split(b"\0")[0]
+            if title.startswith(b"ray::RayTrainWorker") and os.getsid(int(entry)) == session:
+                pids.append(int(entry))
+        except OSError:  # the process ended while we looked
+            continue
+    return sorted(pids)

@@ -216,6 +216,117 @@ _PAPER: dict[str, Any] = {
 }
 
 
+# the embedding model and its bank ------------------------------------------------------------
+def embedding_weights(url: str, train: ImageSet, arch: str) -> dict[str, torch.Tensor]:
+    """The weights of a fitted bayes state's embedding model, checked against the data."""
+    state = load_state(url)
+    weights = state.get("model_state")
+    if not isinstance(weights, dict):
+        raise StateError(f"embedding state {url!r} has no 'model_state' (fit one with "
+                         "`ue-dist fit --method bayes`)")
+    if list(state.get("image_shape", [])) != list(train.image_shape):
+        raise StateError(f"embedding state {url!r} was trained on images of shape "
+                         f"{state.get('image_shape')} (C,H,W), but the data have shape "
+                         f"{list(train.image_shape)}")
+    if state.get("arch", arch) != arch or \
+            int(state.get("num_classes", train.num_classes)) != int(train.num_classes):
+        raise StateError(f"embedding state {url!r} is a {state.get('arch')!r} with "
+                         f"{state.get('num_classes')} classes; settings ask for "
+                         f"{arch!r} with {train.num_classes}")
+    return weights
+
+
+def train_embedding(settings: Mapping[str, Any], model: nn.Module, train: ImageSet,
+                    ctx: FitContext) -> nn.Module:
+    """The clean classifier whose penultimate layer is the embedding (the shared loop)."""
+    s = settings
+    epochs = int(s["embed_epochs"])
+    loop = TrainLoop(model, ctx, n=len(train), batch_size=int(s["embed_batch_size"]),
+                     seed=int(s["seed"]), lr=float(s["embed_lr"]),
+                     momentum=float(s["embed_momentum"]),
+                     weight_decay=float(s["embed_weight_decay"]),
+                     schedule=cosine_schedule(epochs))
+    resumed = ctx.resume()
+    if resumed and "loop" in resumed:
+        loop.load_state_dict(resumed["loop"])
+    kind = default_augmentation(train.image_shape[1]) if s["embed_augment"] else "none"
+    fetch = uint8_fetch(train.images, train.labels, ctx.device)
+    for epoch in range(loop.epoch, epochs):
+        loop.train_epoch(fetch, cross_entropy_loss(kind))
+        metrics = {"embed_epoch": epoch, **loop.take_metrics()}
+        ctx.report(metrics, {"embed_epoch": epoch, "loop": loop.state_dict()})
+        ctx.log(f"[bayes] embedding epoch {epoch + 1}/{epochs} loss {metrics['train_loss']:.4f} "
+                f"acc {metrics['train_acc']:.3f}")
+    return loop.model
+
+
+@torch.no_grad()
+def clean_bank(settings: Mapping[str, Any], model: nn.Module, train: ImageSet,
+               device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clean embeddings of (a seeded sample of at most ``bank_size``) training images."""
+    n, cap = len(train), int(settings["bank_size"])
+    if n > cap:  # seeded, stratification-free sample of the training set
+        idx = torch.randperm(n, generator=torch.Generator().manual_seed(int(settings["seed"])))[:cap]
+        idx = idx.sort().values
+    else:
+        idx = torch.arange(n)
+    chunk = int(settings["chunk"])
+    feats = [embed(model, ImageSet.to_float(train.images[idx[i:i + chunk]]).to(device))
+             for i in range(0, len(idx), chunk)]
+    return torch.cat(feats).float(), train.labels[idx].clone()
+
+
+def check_images(loaded: LoadedBayes, images: torch.Tensor, labels: torch.Tensor) -> None:
+    if images.ndim != 4 or tuple(images.shape[1:]) != loaded.image_shape:
+        raise StateError(f"the state's embedding model was fitted on images of shape "
+                         f"{list(loaded.image_shape)} (C,H,W), got {list(images.shape[1:])}")
+    if labels.shape != (images.shape[0],):
+        raise ValueError(f"need one label per image, got {tuple(labels.shape)} labels for "
+                         f"{images.shape[0]} images")
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= loaded.num_classes):
+        raise ValueError(f"labels must lie in [0, {loaded.num_classes}), got "
+                         f"[{int(labels.min())}, {int(labels.max())}]")
+
+
+def retrainer(settings: Mapping[str, Any], model: nn.Module,
+              labels: torch.Tensor) -> Callable[[int, torch.Tensor], None]:
+    """The authors' variant: fine-tune the embedding model on the current images (SGD at a
+    tenth of ``embed_lr``, momentum 0.9, ``retrain_epochs`` epochs of the shared loop)."""
+    s = settings
+
+    def retrain(step: int, x_now: torch.Tensor) -> None:
+        model.requires_grad_(True)
+        y = labels.to(x_now.device)
+        loop = TrainLoop(model, LocalContext(device=x_now.device, log=lambda _m: None),
+                         n=x_now.shape[0], batch_size=int(s["embed_batch_size"]),
+                         seed=int(s["seed"]) + step, lr=float(s["embed_lr"]) * 0.1)
+        for _ in range(int(s["retrain_epochs"])):
+            loop.train_epoch(lambda idx: (x_now[idx], y[idx]), cross_entropy_loss())
+        model.eval().requires_grad_(False)
+
+    return retrain
+
+
+_DECLARED: dict[str, Setting] = {
+    "eps": Setting("radius", "radius of the perturbation (L-inf, or L2 with norm=l2)"),
+    "norm": choice(*NORMS), "step_rule": choice(*STEP_RULES, help="sign (PGA), gradient, adam"),
+    "steps": count("ascent steps"), "step_size": positive("ascent step size"),
+    "arch": choice(*sorted(ARCHITECTURES), help="the embedding model"),
+    "embed_epochs": count(), "embed_batch_size": positive_int(), "embed_lr": positive(),
+    "embed_momentum": non_negative(), "embed_weight_decay": non_negative(),
+    "embed_augment": Setting("bool", "crop+flip while training the embedding"),
+    "embedding_state": Setting("str", "a fitted bayes state whose embedding to reuse"),
+    "sigma": Setting("float", "kernel bandwidth (none: from the data)", above=0,
+                     optional=True),
+    "sigma_neighbours": count("neighbour rank of the data bandwidth (0: sqrt(n))"),
+    "bank_size": positive_int("clean embeddings kept for the streaming mode"),
+    "chunk": positive_int("images embedded at once"),
+    "block_size": count("kernel block rows (0: automatic)"),
+    "retrain_every": count("authors' variant: retrain the embedding every k steps (0: off)"),
+    "retrain_epochs": count(), "seed": Setting("seed"),
+}
+
+
 @register
 class BayesErrorMaximisation(Method):
     """Bayes-error maximising unlearnable examples (Algorithms 1-2, Eq. (19), Corollary 3.5)."""
@@ -235,24 +346,7 @@ class BayesErrorMaximisation(Method):
                   "chunk": 2048},
     }
 
-    declared = {
-        "eps": Setting("radius", "radius of the perturbation (L-inf, or L2 with norm=l2)"),
-        "norm": choice(*NORMS), "step_rule": choice(*STEP_RULES, help="sign (PGA), gradient, adam"),
-        "steps": count("ascent steps"), "step_size": positive("ascent step size"),
-        "arch": choice(*sorted(ARCHITECTURES), help="the embedding model"),
-        "embed_epochs": count(), "embed_batch_size": positive_int(), "embed_lr": positive(),
-        "embed_momentum": non_negative(), "embed_weight_decay": non_negative(),
-        "embed_augment": Setting("bool", "crop+flip while training the embedding"),
-        "embedding_state": Setting("str", "a fitted bayes state whose embedding to reuse"),
-        "sigma": Setting("float", "kernel bandwidth (none: from the data)", above=0,
-                         optional=True),
-        "sigma_neighbours": count("neighbour rank of the data bandwidth (0: sqrt(n))"),
-        "bank_size": positive_int("clean embeddings kept for the streaming mode"),
-        "chunk": positive_int("images embedded at once"),
-        "block_size": count("kernel block rows (0: automatic)"),
-        "retrain_every": count("authors' variant: retrain the embedding every k steps (0: off)"),
-        "retrain_epochs": count(), "seed": Setting("seed"),
-    }
+    declared = _DECLARED
 
     # fit -----------------------------------------------------------------------------------------
     def fit(self, train: ImageSet, ctx: FitContext) -> dict[str, Any]:
@@ -265,69 +359,17 @@ class BayesErrorMaximisation(Method):
         torch.manual_seed(int(s["seed"]))
         model = build_model(s["arch"], int(train.num_classes), c, h)
         if s["embedding_state"]:
-            model.load_state_dict(self._embedding_weights(s["embedding_state"], train))
+            model.load_state_dict(embedding_weights(s["embedding_state"], train, s["arch"]))
             model = model.to(ctx.device)
         else:
-            model = self._train_embedding(model, train, ctx)
+            model = train_embedding(s, model, train, ctx)
         model.eval()
-        bank, bank_labels = self._bank(model, train, ctx.device)
+        bank, bank_labels = clean_bank(s, model, train, ctx.device)
         sigma = float(s["sigma"]) if s["sigma"] is not None else median_sigma(
             bank, nearest=_sigma_neighbours(bank.shape[0], s["sigma_neighbours"]))
         ctx.log(f"[bayes] bank {tuple(bank.shape)}, sigma {sigma:.4g}")
         return self.new_state(train, arch=s["arch"], model_state=cpu_state_dict(model),
                               bank=bank.cpu(), bank_labels=bank_labels.cpu(), sigma=sigma)
-
-    def _embedding_weights(self, url: str, train: ImageSet) -> dict[str, torch.Tensor]:
-        state = load_state(url)
-        weights = state.get("model_state")
-        if not isinstance(weights, dict):
-            raise StateError(f"embedding state {url!r} has no 'model_state' (fit one with "
-                             "`ue-dist fit --method bayes`)")
-        if list(state.get("image_shape", [])) != list(train.image_shape):
-            raise StateError(f"embedding state {url!r} was trained on images of shape "
-                             f"{state.get('image_shape')} (C,H,W), but the data have shape "
-                             f"{list(train.image_shape)}")
-        if state.get("arch", self.settings["arch"]) != self.settings["arch"] or \
-                int(state.get("num_classes", train.num_classes)) != int(train.num_classes):
-            raise StateError(f"embedding state {url!r} is a {state.get('arch')!r} with "
-                             f"{state.get('num_classes')} classes; settings ask for "
-                             f"{self.settings['arch']!r} with {train.num_classes}")
-        return weights
-
-    def _train_embedding(self, model: nn.Module, train: ImageSet, ctx: FitContext) -> nn.Module:
-        """The clean classifier whose penultimate layer is the embedding (the shared loop)."""
-        s = self.settings
-        epochs = int(s["embed_epochs"])
-        loop = TrainLoop(model, ctx, n=len(train), batch_size=int(s["embed_batch_size"]),
-                         seed=int(s["seed"]), lr=float(s["embed_lr"]),
-                         momentum=float(s["embed_momentum"]),
-                         weight_decay=float(s["embed_weight_decay"]),
-                         schedule=cosine_schedule(epochs))
-        resumed = ctx.resume()
-        if resumed and "loop" in resumed:
-            loop.load_state_dict(resumed["loop"])
-        kind = default_augmentation(train.image_shape[1]) if s["embed_augment"] else "none"
-        fetch = uint8_fetch(train.images, train.labels, ctx.device)
-        for epoch in range(loop.epoch, epochs):
-            loop.train_epoch(fetch, cross_entropy_loss(kind))
-            metrics = {"embed_epoch": epoch, **loop.take_metrics()}
-            ctx.report(metrics, {"embed_epoch": epoch, "loop": loop.state_dict()})
-            ctx.log(f"[bayes] embedding epoch {epoch + 1}/{epochs} loss {metrics['train_loss']:.4f} "
-                    f"acc {metrics['train_acc']:.3f}")
-        return loop.model
-
-    @torch.no_grad()
-    def _bank(self, model: nn.Module, train: ImageSet, device: torch.device):
-        n, cap = len(train), int(self.settings["bank_size"])
-        if n > cap:  # seeded, stratification-free sample of the training set
-            idx = torch.randperm(n, generator=torch.Generator().manual_seed(int(self.settings["seed"])))[:cap]
-            idx = idx.sort().values
-        else:
-            idx = torch.arange(n)
-        chunk = int(self.settings["chunk"])
-        feats = [embed(model, ImageSet.to_float(train.images[idx[i:i + chunk]]).to(device))
-                 for i in range(0, len(idx), chunk)]
-        return torch.cat(feats).float(), train.labels[idx].clone()
 
     # load / perturb ------------------------------------------------------------------------------
     def check_state(self, state: Mapping[str, Any], image_shape: Sequence[int] | None = None,
@@ -352,23 +394,12 @@ class BayesErrorMaximisation(Method):
         return LoadedBayes(model, bank, state["bank_labels"].to(device).long(), float(state["sigma"]),
                            int(state["num_classes"]), (c, h, w), device)
 
-    def _check_images(self, loaded: LoadedBayes, images: torch.Tensor, labels: torch.Tensor) -> None:
-        if images.ndim != 4 or tuple(images.shape[1:]) != loaded.image_shape:
-            raise StateError(f"the state's embedding model was fitted on images of shape "
-                             f"{list(loaded.image_shape)} (C,H,W), got {list(images.shape[1:])}")
-        if labels.shape != (images.shape[0],):
-            raise ValueError(f"need one label per image, got {tuple(labels.shape)} labels for "
-                             f"{images.shape[0]} images")
-        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= loaded.num_classes):
-            raise ValueError(f"labels must lie in [0, {loaded.num_classes}), got "
-                             f"[{int(labels.min())}, {int(labels.max())}]")
-
     def _sigma(self, loaded: LoadedBayes) -> float:
         return float(self.settings["sigma"]) if self.settings["sigma"] is not None else loaded.sigma
 
     def perturb(self, loaded: LoadedBayes, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Streaming mode: the batch ascends against the fixed clean bank of the state."""
-        self._check_images(loaded, images, labels)
+        check_images(loaded, images, labels)
         if images.shape[0] == 0:
             return torch.zeros_like(images)
         x = images.to(loaded.device).float()
@@ -400,7 +431,7 @@ class BayesErrorMaximisation(Method):
         themselves are the dataset). ``retrain_every=k`` (authors' variant) fine-tunes the
         embedding model on the current protected images every k steps (single process only).
         """
-        self._check_images(loaded, images, labels)
+        check_images(loaded, images, labels)
         s = self.settings
         if fixed is not None and fixed.shape != (images.shape[0],):
             raise ValueError(f"fixed must be a bool mask with one entry per image, got "
@@ -414,7 +445,7 @@ class BayesErrorMaximisation(Method):
             def embed_fn(t: torch.Tensor) -> torch.Tensor:
                 return embed(model, t)
 
-            retrain = self._retrainer(model, labels)
+            retrain = retrainer(s, model, labels)
         x = images.to(loaded.device).float()
         return bayes_pga(embed_fn, x, labels.to(loaded.device).long(), eps=self.eps,
                          step_size=float(s["step_size"]), steps=int(s["steps"]),
@@ -424,20 +455,3 @@ class BayesErrorMaximisation(Method):
                          bank_labels=loaded.bank_labels if bank else None, chunk=int(s["chunk"]),
                          block_size=int(s["block_size"]) or None, on_step=on_step,
                          retrain=retrain, retrain_every=int(s["retrain_every"]))
-
-    def _retrainer(self, model: nn.Module, labels: torch.Tensor) -> Callable[[int, torch.Tensor], None]:
-        """The authors' variant: fine-tune the embedding model on the current images (SGD at a
-        tenth of ``embed_lr``, momentum 0.9, ``retrain_epochs`` epochs of the shared loop)."""
-        s = self.settings
-
-        def retrain(step: int, x_now: torch.Tensor) -> None:
-            model.requires_grad_(True)
-            y = labels.to(x_now.device)
-            loop = TrainLoop(model, LocalContext(device=x_now.device, log=lambda _m: None),
-                             n=x_now.shape[0], batch_size=int(s["embed_batch_size"]),
-                             seed=int(s["seed"]) + step, lr=float(s["embed_lr"]) * 0.1)
-            for _ in range(int(s["retrain_epochs"])):
-                loop.train_epoch(lambda idx: (x_now[idx], y[idx]), cross_entropy_loss())
-            model.eval().requires_grad_(False)
-
-        return retrain

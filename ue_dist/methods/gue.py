@@ -250,6 +250,111 @@ def split_indices(n: int, train_fraction: float, val_fraction: float,
             "unseen": perm[n_seen:].sort().values}
 
 
+# fitting: the players, one epoch of BOME, model selection ------------------------------------
+def build_players(settings: Mapping[str, Any], eps: float, train: ImageSet,
+                  ctx: FitContext) -> dict[str, Any]:
+    """The leader (U-Net generator) and the follower (classifier), bare, with their SGD."""
+    s = settings
+    c, h, _ = train.image_shape
+    device = ctx.device
+    torch.manual_seed(ctx.seed)  # same init on every worker (DDP also broadcasts rank 0's)
+    precision = resolve_precision(s["precision"], device)
+    # channels_last (bf16 / CUDA) before DDP wraps the modules
+    gen = _unwrap(ctx.prepare_model(prepare_model(
+        UNetGenerator(c, eps, int(s["width"])).to(device), device, precision)))
+    cls = _unwrap(ctx.prepare_model(prepare_model(
+        build_classifier(s["arch"], int(train.num_classes), c, h, int(s["cls_width"]))
+        .to(device), device, precision)))
+    return {"gen": gen, "cls": cls,
+            "gen_opt": torch.optim.SGD(gen.parameters(), lr=float(s["gen_lr"]),
+                                       momentum=float(s["gen_momentum"]),
+                                       weight_decay=float(s["gen_weight_decay"])),
+            "cls_opt": torch.optim.SGD(cls.parameters(), lr=float(s["cls_lr"]))}
+
+
+def bome_epoch(players: dict[str, Any], train: ImageSet, local_idx: torch.Tensor, epoch: int,
+               step: int, steps_per_epoch: int, settings: Mapping[str, Any],
+               ctx: FitContext) -> tuple[dict[str, Any], int]:
+    """One epoch of BOME steps over this worker's images; (the epoch's record, step)."""
+    s = settings
+    local_batch = max(1, math.ceil(int(s["batch_size"]) / ctx.world_size))
+    # reseeded per epoch, so a run resumed from a checkpoint replays the same batches
+    rng = torch.Generator().manual_seed(ctx.seed * 1000003 + ctx.rank * 7919 + epoch)
+    pgd_gen = torch.Generator(device=ctx.device).manual_seed(
+        ctx.seed * 1000033 + ctx.rank * 7919 + epoch + 1)
+    order = local_idx[torch.randperm(len(local_idx), generator=rng)]
+    if len(order) == 0:
+        order = local_idx  # pragma: no cover - more workers than images
+    sums: dict[str, float] = {}
+    for i in range(steps_per_epoch):
+        idx = order[(torch.arange(local_batch) + i * local_batch) % max(1, len(order))]
+        x = ImageSet.to_float(train.images[idx]).to(ctx.device)
+        y = train.labels[idx].to(ctx.device)
+        m = bome_step(players["gen"], players["cls"], players["gen_opt"], players["cls_opt"],
+                      x, y, s, ctx, pgd_gen)
+        step += 1
+        for key, v in m.items():
+            sums[key] = sums.get(key, 0.0) + v / steps_per_epoch
+        if step % int(s["log_every"]) == 0:
+            ctx.report({"step": step, "epoch": epoch + 1, **m})
+    return {"epoch": epoch + 1, "step": step, **{f"epoch_{k}": v for k, v in sums.items()}}, step
+
+
+def selection_score(method: Method, gen: nn.Module, train: ImageSet,
+                    split: Mapping[str, torch.Tensor], ctx: FitContext) -> float:
+    """Accuracy on the held-out *training* images of a fresh victim trained on the
+    protected fit images (lower = better protection). Never uses a test set."""
+    from ue_dist.core.context import LocalContext
+    from ue_dist.core.victim import resolve_victim_settings, train_victim
+    from ue_dist.methods.protect import protect_uint8
+
+    fit_set = train.subset(split["fit"])
+    val_set = train.subset(split["val"])
+    was_training = gen.training
+    gen.eval()
+    protected = protect_uint8(method, {"generator": gen, "eps": method.eps}, fit_set.images,
+                              fit_set.labels, ctx.device)
+    gen.train(was_training)
+    poisoned = ImageSet(protected, fit_set.labels.clone(), fit_set.keys, fit_set.meta,
+                        train.num_classes)
+    victim_settings = resolve_victim_settings("quick", {
+        "arch": method.settings["select_arch"], "epochs": int(method.settings["select_epochs"]),
+        "seed": int(ctx.seed), "eval_robust": False,
+        "precision": str(method.settings["precision"])})
+    # every worker scores the same (synchronised) generator the same way: no broadcast needed
+    quiet = LocalContext(device=ctx.device, seed=int(ctx.seed), log=lambda _msg: None)
+    result = train_victim(poisoned, val_set, victim_settings, ctx=quiet)
+    return float(result["test_acc"])
+
+
+# the generator in a state ------------------------------------------------------------------------
+def generator_spec(state: Mapping[str, Any], source: str) -> tuple[int, int, float]:
+    try:
+        return int(state["channels"]), int(state["width"]), float(state["eps"])
+    except (KeyError, TypeError, ValueError):
+        raise StateError(f"{source} lacks the generator's channels/width/eps") from None
+
+def check_generator_weights(state: Mapping[str, Any], source: str) -> None:
+    """Compare names and shapes with the recorded architecture, on the meta device (no
+    memory, no second build of the weights)."""
+    channels, width, eps = generator_spec(state, source)
+    with torch.device("meta"):
+        expected = UNetGenerator(channels, eps, width).state_dict()
+    got = state["generator"]
+    missing = sorted(set(expected) - set(got))
+    extra = sorted(set(got) - set(expected))
+    if missing or extra:
+        raise StateError(f"{source}: generator weights do not match a width-{width} U-Net "
+                         f"(missing {missing[:3]}, unexpected {extra[:3]})")
+    for key, ref in expected.items():
+        t = got[key]
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(ref.shape):
+            raise StateError(f"{source}: generator weight {key!r} has shape "
+                             f"{tuple(getattr(t, 'shape', ()))}, expected {tuple(ref.shape)}")
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise StateError(f"{source}: generator weight {key!r} is not finite")
+
+
 # the method -------------------------------------------------------------------------------------
 _COMMON = {
     "eps": 8 / 255,
@@ -344,7 +449,7 @@ class Gue(Method):
         if len(fit_idx) == 0:
             raise SettingsError(f"train_fraction={s['train_fraction']} and val_fraction="
                                 f"{s['val_fraction']} leave no images to fit on ({len(train)} given)")
-        players = self._players(train, ctx)
+        players = build_players(s, self.eps, train, ctx)
         start_epoch, step, best = self._resume(players, train, ctx)
         gen = players["gen"]
         steps_per_epoch = max(1, math.ceil(len(fit_idx) / int(s["batch_size"])))  # same on every worker
@@ -352,12 +457,12 @@ class Gue(Method):
                 f"selection, {len(split['unseen'])} never seen), {steps_per_epoch} steps/epoch")
         epochs = int(s["epochs"])
         for epoch in range(start_epoch, epochs):
-            record, step = self._epoch(players, train, fit_idx[ctx.shard_indices(len(fit_idx))],
-                                       epoch, step, steps_per_epoch, ctx)
+            record, step = bome_epoch(players, train, fit_idx[ctx.shard_indices(len(fit_idx))],
+                                      epoch, step, steps_per_epoch, s, ctx)
             _sync_buffers(gen, ctx)
             every = int(s["select_every"])
             if every > 0 and len(split["val"]) > 0 and ((epoch + 1) % every == 0 or epoch + 1 == epochs):
-                score = self._selection_score(gen, train, split, ctx)
+                score = selection_score(self, gen, train, split, ctx)
                 record["val_acc"] = score
                 if best["score"] is None or score <= best["score"]:
                     best = {"score": score, "epoch": epoch + 1, "generator": _cpu_state(gen)}
@@ -370,25 +475,6 @@ class Gue(Method):
                 "best_epoch": best["epoch"], "best_generator": best["generator"]}}
             ctx.report(record, state=checkpoint)
         return self._state(train, gen, best, split)
-
-    def _players(self, train: ImageSet, ctx: FitContext) -> dict[str, Any]:
-        """The leader (U-Net generator) and the follower (classifier), bare, with their SGD."""
-        s = self.settings
-        c, h, _ = train.image_shape
-        device = ctx.device
-        torch.manual_seed(ctx.seed)  # same init on every worker (DDP also broadcasts rank 0's)
-        precision = resolve_precision(s["precision"], device)
-        # channels_last (bf16 / CUDA) before DDP wraps the modules
-        gen = _unwrap(ctx.prepare_model(prepare_model(
-            UNetGenerator(c, self.eps, int(s["width"])).to(device), device, precision)))
-        cls = _unwrap(ctx.prepare_model(prepare_model(
-            build_classifier(s["arch"], int(train.num_classes), c, h, int(s["cls_width"]))
-            .to(device), device, precision)))
-        return {"gen": gen, "cls": cls,
-                "gen_opt": torch.optim.SGD(gen.parameters(), lr=float(s["gen_lr"]),
-                                           momentum=float(s["gen_momentum"]),
-                                           weight_decay=float(s["gen_weight_decay"])),
-                "cls_opt": torch.optim.SGD(cls.parameters(), lr=float(s["cls_lr"]))}
 
     def _resume(self, players: dict[str, Any], train: ImageSet,
                 ctx: FitContext) -> tuple[int, int, dict[str, Any]]:
@@ -406,33 +492,6 @@ class Gue(Method):
             "score": tr.get("best_score"), "epoch": tr.get("best_epoch"),
             "generator": tr.get("best_generator")}
 
-    def _epoch(self, players: dict[str, Any], train: ImageSet, local_idx: torch.Tensor,
-               epoch: int, step: int, steps_per_epoch: int,
-               ctx: FitContext) -> tuple[dict[str, Any], int]:
-        """One epoch of BOME steps over this worker's images; (the epoch's record, step)."""
-        s = self.settings
-        local_batch = max(1, math.ceil(int(s["batch_size"]) / ctx.world_size))
-        # reseeded per epoch, so a run resumed from a checkpoint replays the same batches
-        rng = torch.Generator().manual_seed(ctx.seed * 1000003 + ctx.rank * 7919 + epoch)
-        pgd_gen = torch.Generator(device=ctx.device).manual_seed(
-            ctx.seed * 1000033 + ctx.rank * 7919 + epoch + 1)
-        order = local_idx[torch.randperm(len(local_idx), generator=rng)]
-        if len(order) == 0:
-            order = local_idx  # pragma: no cover - more workers than images
-        sums: dict[str, float] = {}
-        for i in range(steps_per_epoch):
-            idx = order[(torch.arange(local_batch) + i * local_batch) % max(1, len(order))]
-            x = ImageSet.to_float(train.images[idx]).to(ctx.device)
-            y = train.labels[idx].to(ctx.device)
-            m = bome_step(players["gen"], players["cls"], players["gen_opt"], players["cls_opt"],
-                          x, y, s, ctx, pgd_gen)
-            step += 1
-            for key, v in m.items():
-                sums[key] = sums.get(key, 0.0) + v / steps_per_epoch
-            if step % int(s["log_every"]) == 0:
-                ctx.report({"step": step, "epoch": epoch + 1, **m})
-        return {"epoch": epoch + 1, "step": step, **{f"epoch_{k}": v for k, v in sums.items()}}, step
-
     def _state(self, train: ImageSet, gen: nn.Module, best: Mapping[str, Any],
                split: Mapping[str, torch.Tensor]) -> dict[str, Any]:
         chosen = best["generator"] if best.get("generator") is not None else _cpu_state(gen)
@@ -442,32 +501,6 @@ class Gue(Method):
             selected_epoch=best.get("epoch"), selection_val_acc=best.get("score"),
             fit_count=int(len(split["fit"])), val_count=int(len(split["val"])),
             unseen_count=int(len(split["unseen"])))
-
-    def _selection_score(self, gen: nn.Module, train: ImageSet,
-                         split: Mapping[str, torch.Tensor], ctx: FitContext) -> float:
-        """Accuracy on the held-out *training* images of a fresh victim trained on the
-        protected fit images (lower = better protection). Never uses a test set."""
-        from ue_dist.core.context import LocalContext
-        from ue_dist.core.victim import resolve_victim_settings, train_victim
-        from ue_dist.methods.protect import protect_uint8
-
-        fit_set = train.subset(split["fit"])
-        val_set = train.subset(split["val"])
-        was_training = gen.training
-        gen.eval()
-        protected = protect_uint8(self, {"generator": gen, "eps": self.eps}, fit_set.images,
-                                  fit_set.labels, ctx.device)
-        gen.train(was_training)
-        poisoned = ImageSet(protected, fit_set.labels.clone(), fit_set.keys, fit_set.meta,
-                            train.num_classes)
-        victim_settings = resolve_victim_settings("quick", {
-            "arch": self.settings["select_arch"], "epochs": int(self.settings["select_epochs"]),
-            "seed": int(ctx.seed), "eval_robust": False,
-            "precision": str(self.settings["precision"])})
-        # every worker scores the same (synchronised) generator the same way: no broadcast needed
-        quiet = LocalContext(device=ctx.device, seed=int(ctx.seed), log=lambda _msg: None)
-        result = train_victim(poisoned, val_set, victim_settings, ctx=quiet)
-        return float(result["test_acc"])
 
     # state --------------------------------------------------------------------------------------
     def check_state(self, state: Mapping[str, Any], image_shape: Sequence[int] | None = None,
@@ -484,38 +517,11 @@ class Gue(Method):
         if image_shape is not None and channels is not None and int(channels) != int(image_shape[0]):
             raise StateError(f"{source} holds a generator for {channels}-channel images, but the "
                              f"data have {image_shape[0]} channels")
-        self._check_generator_weights(state, source)
-
-    @staticmethod
-    def _generator_spec(state: Mapping[str, Any], source: str) -> tuple[int, int, float]:
-        try:
-            return int(state["channels"]), int(state["width"]), float(state["eps"])
-        except (KeyError, TypeError, ValueError):
-            raise StateError(f"{source} lacks the generator's channels/width/eps") from None
-
-    def _check_generator_weights(self, state: Mapping[str, Any], source: str) -> None:
-        """Compare names and shapes with the recorded architecture, on the meta device (no
-        memory, no second build of the weights)."""
-        channels, width, eps = self._generator_spec(state, source)
-        with torch.device("meta"):
-            expected = UNetGenerator(channels, eps, width).state_dict()
-        got = state["generator"]
-        missing = sorted(set(expected) - set(got))
-        extra = sorted(set(got) - set(expected))
-        if missing or extra:
-            raise StateError(f"{source}: generator weights do not match a width-{width} U-Net "
-                             f"(missing {missing[:3]}, unexpected {extra[:3]})")
-        for key, ref in expected.items():
-            t = got[key]
-            if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(ref.shape):
-                raise StateError(f"{source}: generator weight {key!r} has shape "
-                                 f"{tuple(getattr(t, 'shape', ()))}, expected {tuple(ref.shape)}")
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                raise StateError(f"{source}: generator weight {key!r} is not finite")
+        check_generator_weights(state, source)
 
     def load(self, state: Mapping[str, Any], device: torch.device | str = "cpu") -> Any:
         self.check_state(state)
-        channels, width, eps = self._generator_spec(state, "state")
+        channels, width, eps = generator_spec(state, "state")
         gen = UNetGenerator(channels, eps, width)
         gen.load_state_dict(state["generator"])
         gen = gen.to(device).eval()

@@ -83,10 +83,6 @@ def _fit_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device() if config["use_gpu"] else torch.device("cpu")
     torch.manual_seed(config["seed"])
     ctx = RayTrainContext(device, config["seed"])
-    hook = os.environ.get("UE_DIST_WORKER_PID_FILE")
-    if hook:  # lets operators (and the fault-tolerance test) find worker processes
-        with open(f"{hook}.{ctx.rank}", "w") as f:
-            f.write(str(os.getpid()))
     previous = ctx.resume()
     if previous is not None and previous.get("fit_run") == config["run_name"]:
         state = previous  # this run had already finished: its final state is the answer
