@@ -38,11 +38,13 @@ import torch.nn.functional as F
 from ue_dist.core.adversarial import (AT_METHODS as ADV_METHODS, adversarial_examples,
                                       adversarial_loss, evaluating, robust_accuracy)
 from ue_dist.core.augment import augment as augment_batch, default_augmentation
-from ue_dist.core.config import SettingsError, parse_radius, resolve_settings
+from ue_dist.core.config import SettingsError
 from ue_dist.core.context import FitContext, LocalContext
 from ue_dist.core.defenses import Defense, batch_augment, parse_defense, preprocess
 from ue_dist.core.models import build_model, check_arch
-from ue_dist.core.precision import check_precision, upcast
+from ue_dist.core.precision import PRECISIONS, upcast
+from ue_dist.core.settings import (Setting, check_declared, choice, count, non_negative, positive,
+                                   positive_int, resolve_declared)
 from ue_dist.core.training import (Loss, Schedule, TrainLoop, constant_schedule, cosine_schedule,
                                    step_schedule, uint8_fetch, unwrap)
 from ue_dist.data.imageset import ImageSet
@@ -72,49 +74,42 @@ SUBSETS = ("all", "clean", "protected")
 def resolve_victim_settings(preset: str = "paper",
                             overrides: Sequence[str] | Mapping[str, Any] = ()) -> dict[str, Any]:
     """Preset + ``key=value`` (or typed mapping) overrides, validated."""
-    settings = resolve_settings(VICTIM_PRESETS, preset, overrides, what="victim")
+    settings = resolve_declared(VICTIM_SETTINGS, VICTIM_PRESETS, preset, overrides, "victim")
     return validate_victim_settings(settings)
 
 
+VICTIM_SETTINGS: dict[str, Setting] = {
+    "arch": Setting("str", "victim architecture (core/models.py)"),
+    "epochs": count(), "batch_size": positive_int("global batch, split over the workers"),
+    "lr": positive(), "momentum": non_negative(), "weight_decay": non_negative(),
+    "schedule": choice(*SCHEDULES), "milestones": Setting("list", "step schedule: fractions of "
+                                                                    "the epochs in (0, 1]"),
+    "augment": Setting("bool", "crop+flip (or flip) augmentation"),
+    "adv_eps": Setting("radius", "PGD-AT / TRADES radius (0: standard training)"),
+    "adv_method": choice(*ADV_METHODS), "adv_steps": count(),
+    "adv_step_size": Setting("radius", "none: adv_eps / 4", optional=True),
+    "trades_beta": non_negative(), "defense": Setting("str", "NAME[:k=v,...] (core/defenses.py)"),
+    "seed": Setting("seed"), "eval_robust": Setting("bool", "PGD accuracy after training"),
+    "eval_eps": Setting("radius", "none: the training radius", optional=True),
+    "eval_steps": count(), "eval_batch_size": positive_int(),
+    "precision": choice(*PRECISIONS),
+}
+
+
 def validate_victim_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """``settings`` checked against ``VICTIM_SETTINGS``, plus what involves several of them."""
     s = dict(settings)
     s.setdefault("precision", "fp32")  # settings written before the option existed
-    valid = VICTIM_PRESETS["paper"]
-    unknown = sorted(set(s) - set(valid))
-    missing = sorted(set(valid) - set(s))
-    if unknown:
-        raise SettingsError(f"unknown victim setting(s) {', '.join(map(repr, unknown))}; "
-                            f"valid: {', '.join(sorted(valid))}")
-    if missing:
-        raise SettingsError(f"victim settings lack {', '.join(missing)} "
-                            "(start from resolve_victim_settings(preset, overrides))")
+    s = check_declared(VICTIM_SETTINGS, s, "victim")
     check_arch(s["arch"])
-    if s["schedule"] not in SCHEDULES:
-        raise SettingsError(f"unknown schedule {s['schedule']!r}; valid: {', '.join(SCHEDULES)}")
-    if s["adv_method"] not in ADV_METHODS:
-        raise SettingsError(f"unknown adv_method {s['adv_method']!r}; valid: {', '.join(ADV_METHODS)}")
-    for key in ("adv_eps", "eval_eps"):
-        if s[key] is not None:
-            s[key] = parse_radius(s[key], key)
-    if s["adv_step_size"] is not None:
-        s["adv_step_size"] = parse_radius(s["adv_step_size"], "adv_step_size")
-        if s["adv_step_size"] <= 0:
-            raise SettingsError("adv_step_size must be > 0 (or None for adv_eps/4)")
-    for key in ("epochs", "batch_size", "adv_steps", "eval_steps", "eval_batch_size", "seed"):
-        if not isinstance(s[key], int) or isinstance(s[key], bool):
-            raise SettingsError(f"victim setting {key} must be an integer, got {s[key]!r}")
-    if s["epochs"] < 0 or s["batch_size"] < 1 or s["eval_batch_size"] < 1:
-        raise SettingsError("victim settings need epochs >= 0, batch_size >= 1, eval_batch_size >= 1")
+    if s["adv_step_size"] is not None and not s["adv_step_size"] > 0:
+        raise SettingsError("adv_step_size must be > 0 (or None for adv_eps/4)")
     if s["adv_eps"] > 0 and s["adv_steps"] < 1:
         raise SettingsError("adversarial training (adv_eps > 0) needs adv_steps >= 1")
-    if not float(s["lr"]) > 0:
-        raise SettingsError(f"lr must be > 0, got {s['lr']}")
     ms = s["milestones"]
-    if not isinstance(ms, (list, tuple)) or not all(isinstance(m, (int, float)) and 0 < m <= 1
-                                                    for m in ms):
+    if not all(isinstance(m, (int, float)) and 0 < m <= 1 for m in ms):
         raise SettingsError(f"milestones must be a list of fractions of the epochs in (0, 1], got {ms!r}")
     parse_defense(s["defense"])
-    check_precision(s["precision"], "victim setting precision")
     return s
 
 

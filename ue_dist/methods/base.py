@@ -2,15 +2,21 @@
 
 A method is a small class (like an attack in torchattacks):
 
-* ``presets``: ``{"paper": {...}, "quick": {...}}`` flat settings; ``eps`` always present
-  (L-inf radius on the [0, 1] scale). ``resolve_settings`` applies ``--set key=value``.
+* ``declared``: every setting once (``core.settings.Setting``: kind, bounds, help); validation,
+  radii (``8/255``), ``--set key=value`` parsing and the seed field come from it.
+  ``presets``: ``{"paper": {...}, "quick": {...}}`` flat values of exactly those settings;
+  ``eps`` always present (L-inf radius on the [0, 1] scale, or L2 where ``norm`` says so).
 * ``fit(train, ctx) -> state``: whatever must be learned first; ``state`` is a plain dict of
   tensors / numbers / strings that ``save_state`` writes to any fsspec URL and ``load_state``
   reads back with ``torch.load(weights_only=True)``.
 * ``load(state, device)``: materialise the state (build modules) once per process / Ray actor.
 * ``perturb(loaded, images, labels) -> delta``: images float ``B x C x H x W`` in [0, 1], labels
   ``B``; returns ``delta`` of the same shape with ``|delta|_inf <= eps`` and ``images + delta``
-  in [0, 1]. Batch-independent, so Ray Data can stream it over shards.
+  in [0, 1]. Any batch of a shard can be perturbed on its own, so Ray Data streams shards
+  through actors; for some methods the result depends on how samples are grouped into batches
+  (EM/REM/TAP seed their PGD from the batch's content, Bayes ascends a batch-wise objective),
+  which is why the pipeline (``ue_dist.pipeline``) fixes the batch size and order: the same
+  inputs, settings and seed give the same bytes.
 
 The epsilon contract (``ue_dist.core.quantize.apply_perturbation``) is applied by whoever writes
 the protected images, never by the method.

@@ -11,7 +11,7 @@ the data then faces overlapping classes. Shapes: images ``B x C x H x W`` in [0,
 Two modes share one ascent loop (:func:`bayes_pga`):
 
 * streaming (``perturb``): a batch is optimised against a fixed *bank* of clean embeddings of
-  the training set stored in the state (the rest of the dataset), batch-independent, so
+  the training set stored in the state (the rest of the dataset), one batch at a time, so
   ``ue-dist protect --method bayes`` works shard by shard like every other method;
 * joint (:func:`perturb_jointly`): all samples are optimised together (the kernel couples every
   pair); under ``torch.distributed`` each rank owns a slice, embeddings are all-gathered with
