@@ -63,3 +63,18 @@ def test_protect_console_has_no_ray_internals(tmp_path):
     assert log.parent == tmp_path / "logs" and "Started a local Ray instance" in log.read_text()
     verbose = run("-v")
     assert verbose.returncode == 0 and "Started a local Ray instance" in verbose.stderr
+
+
+def test_progress_line_prints_tenths_with_rate_and_eta():
+    from ue_dist.runtime.console import ProgressLine
+
+    lines = []
+    line = ProgressLine("[protect] shards", 60, lines.append)  # not a terminal: throttled lines
+    for done in range(1, 61):
+        line.update(done, f"{done * 10} images")
+    assert len(lines) == 10  # one per tenth, the last included, not one per shard
+    assert lines[0].startswith("[protect] shards [##..................] 6/60 · 60 images · ETA ")
+    assert lines[-1].startswith("[protect] shards [####################] 60/60 · 600 images · ")
+    assert lines[-1].endswith("elapsed")
+    line.note("[protect] SKIPPED bad shard x.tar: truncated")
+    assert lines[-1] == "[protect] SKIPPED bad shard x.tar: truncated"

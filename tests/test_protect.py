@@ -166,10 +166,10 @@ def test_watch_protects_new_shards_exactly_once_across_restarts(ray_local, tmp_p
 
     def progress(line):
         # a new shard lands while the watcher runs; once it is protected, ask the watcher to stop
-        if "1/1 shards" in line and not landed:
+        if "] 1/1 · " in line and not landed:  # the progress line of a one-shard pass
             add_shard(src, "shard-000001.tar", start=100)
             landed.append(1)
-        elif "1/1 shards" in line and landed:
+        elif "] 1/1 · " in line and landed:
             stop.write_text("stop")
 
     summary = protect("classwise", src, dst, state_url=state, watch=True, poll_seconds=0.2,

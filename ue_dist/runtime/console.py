@@ -37,6 +37,50 @@ def worker_print(message: str) -> None:
     print(f"{WORKER_MARK}] {message}", flush=True)
 
 
+def _clock(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+class ProgressLine:
+    """One stage's progress: done/total, a bar, the stage's own figures (a rate) and the ETA.
+
+    On a terminal (``say`` is ``print`` and stderr is a tty) one line is redrawn in place; in a
+    log or a captured run, a line is printed at each tenth of the total (and the last), so a
+    60-shard protection prints about 10 lines, not 60.
+    """
+
+    def __init__(self, label: str, total: int, say: Any = print) -> None:
+        self.label, self.total, self.say = label, max(1, int(total)), say
+        self.tty = say is print and sys.stderr.isatty()
+        self.started = time.perf_counter()
+        self._shown = 0  # tenths already printed
+
+    def text(self, done: int, figures: str = "") -> str:
+        frac = min(1.0, done / self.total)
+        bar = "#" * int(20 * frac) + "." * (20 - int(20 * frac))
+        elapsed = time.perf_counter() - self.started
+        eta = elapsed / done * (self.total - done) if done else float("nan")
+        tail = f"ETA {_clock(eta)}" if done < self.total and done else f"{_clock(elapsed)} elapsed"
+        return f"{self.label} [{bar}] {done}/{self.total}" + (f" · {figures}" if figures else "") \
+            + f" · {tail}"
+
+    def update(self, done: int, figures: str = "") -> None:
+        line = self.text(done, figures)
+        if self.tty:
+            sys.stderr.write("\r" + line + ("\n" if done >= self.total else ""))
+            sys.stderr.flush()
+            return
+        tenth = int(10 * done / self.total)
+        if tenth > self._shown or done >= self.total:
+            self._shown = tenth
+            self.say(line)
+
+    def note(self, message: str) -> None:
+        """A line of its own (a skipped shard) without breaking the redrawn bar."""
+        self.say(("\n" if self.tty else "") + message)
+
+
 def default_log_path(command: str) -> str:
     """``$UE_DIST_LOG_DIR/COMMAND-YYYYmmdd-HHMMSS-PID.log``; the folder defaults to ``logs``
     under a local ``$UE_DIST_STORAGE``, else ``./runs/logs``."""

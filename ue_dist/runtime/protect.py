@@ -41,6 +41,7 @@ from ue_dist.core.config import SettingsError
 from ue_dist.data import storage
 from ue_dist.pipeline import shard_seed  # noqa: F401  (re-exported: the seed of one shard)
 from ue_dist.runtime import ledger
+from ue_dist.runtime.console import ProgressLine
 from ue_dist.runtime.lease import DEFAULT_TTL_S, Lease
 
 #: incremental: skip committed shards whose source is unchanged; overwrite: redo every shard;
@@ -336,16 +337,14 @@ def _absorb_rows(run: _Run, rows: Iterator[dict[str, Any]], fingerprint_of: Mapp
     summary, total = run.summary, len(fingerprint_of)
     fingerprints = {ledger.shard_name(url): fp for url, fp in fingerprint_of.items()}
     images_before, t_pipe = summary["images"], time.perf_counter()
+    line = ProgressLine("[protect] shards", total, say)
     for finished, row in enumerate(rows, 1):
         lease.check()
         name = str(row["shard"])
-        if run.absorb(row, fingerprints[name]):
-            rate = (summary["images"] - images_before) / max(time.perf_counter() - t_pipe, 1e-9)
-            say(f"[protect] {finished}/{total} shards, {summary['images']} images, "
-                f"{rate:.1f} images/s ({name}: {int(row['count'])} "
-                f"images in {float(row['seconds']):.2f}s)")
-        else:
-            say(f"[protect] {finished}/{total} shards: SKIPPED bad shard {name}: {row['reason']}")
+        if not run.absorb(row, fingerprints[name]):
+            line.note(f"[protect] SKIPPED bad shard {name}: {row['reason']}")
+        rate = (summary["images"] - images_before) / max(time.perf_counter() - t_pipe, 1e-9)
+        line.update(finished, f"{summary['images']} images · {rate:.1f} images/s")
 
 
 def _orphans(run: _Run, dst_url: str, source_names: set[str], mode: str, say: Progress,
