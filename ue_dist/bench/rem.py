@@ -66,6 +66,50 @@ def projection(row_gflops: float, passes: dict[str, float]) -> dict[str, float]:
             "total_pflop": (fit + regen) / 1e15}
 
 
+def _summary_row(cfg: dict[str, Any], rows: dict[str, dict[str, Any]],
+                 flops: dict[str, float]) -> dict[str, Any]:
+    """The figures of one architecture, fp32 under their historical keys."""
+    ips = {k: r["images_per_s"] for k, r in rows.items()}
+    rescale_rem = cfg["steps_u"] * (cfg["steps_a"] + 1) / (10 * 11)
+    row: dict[str, Any] = {
+        # fp32 figures under their historical keys
+        "em_images_per_s": round(ips["em_fp32"], 2),
+        "em_paper_equiv_images_per_s": round(ips["em_fp32"] * cfg["em_steps"] / 10, 2),
+        "rem_batched_images_per_s": round(ips["rem_batched_fp32"], 3),
+        "rem_looped_images_per_s": round(ips["rem_looped_fp32"], 3),
+        "batched_over_looped": round(ips["rem_batched_fp32"] / ips["rem_looped_fp32"], 2),
+        "rem_paper_equiv_images_per_s": round(ips["rem_batched_fp32"] * rescale_rem, 4),
+        "settings": dict(cfg, rho_u="8/255", rho_a="2/255"),
+        # new: bf16, speed-ups, FLOPs
+        "bf16": {"em_images_per_s": round(ips["em_bf16"], 2),
+                 "rem_batched_images_per_s": round(ips["rem_batched_bf16"], 3),
+                 "rem_looped_images_per_s": round(ips["rem_looped_bf16"], 3),
+                 "batched_over_looped": round(ips["rem_batched_bf16"] / ips["rem_looped_bf16"], 2),
+                 "rem_paper_equiv_images_per_s": round(ips["rem_batched_bf16"] * rescale_rem, 4)},
+        "bf16_over_fp32": {k: round(ips[f"{k}_bf16"] / ips[f"{k}_fp32"], 2)
+                           for k in ("em", "rem_batched", "rem_looped")},
+        "gflop_per_image": {k: round(v / 1e9, 3) for k, v in flops.items()},
+        "rows": rows,
+    }
+    return row
+
+
+def _print_rows(arch: str, cfg: dict[str, Any], rows: dict[str, dict[str, Any]],
+                row: dict[str, Any]) -> None:
+    for prec in PRECISIONS:
+        print(f"{arch:10s} {prec} EM ({cfg['em_steps']} steps)        {describe(rows[f'em_{prec}'])}",
+              flush=True)
+        for kind in ("batched", "looped"):
+            print(f"{arch:10s} {prec} REM {kind:7s} K_u={cfg['steps_u']} K_a={cfg['steps_a']} "
+                  f"J={cfg['eot']} {describe(rows[f'rem_{kind}_{prec}'])}", flush=True)
+    print(f"{arch:10s} bf16/fp32 speed-up: EM x{row['bf16_over_fp32']['em']}, REM batched "
+          f"x{row['bf16_over_fp32']['rem_batched']}, REM looped "
+          f"x{row['bf16_over_fp32']['rem_looped']}; batched/looped fp32 "
+          f"x{row['batched_over_looped']}, bf16 x{row['bf16']['batched_over_looped']}; "
+          f"paper-equiv REM fp32 {row['rem_paper_equiv_images_per_s']:.4f} img/s, bf16 "
+          f"{row['bf16']['rem_paper_equiv_images_per_s']:.4f} img/s", flush=True)
+
+
 def run(scale: str = "cpu") -> dict[str, Any]:
     if scale not in SCALES:
         raise ValueError(f"unknown scale {scale!r}; valid: {', '.join(SCALES)}")
@@ -110,40 +154,8 @@ def run(scale: str = "cpu") -> dict[str, Any]:
             for kind, batched in (("batched", True), ("looped", False)):
                 rows[f"rem_{kind}_{prec}"] = rate_row(cfg["batch"], best_seconds(
                     lambda: rem(prec, batched), repeats, device), flops["rem"], prec, device, peaks)
-        ips = {k: r["images_per_s"] for k, r in rows.items()}
-        rescale_rem = cfg["steps_u"] * (cfg["steps_a"] + 1) / (10 * 11)
-        row: dict[str, Any] = {
-            # fp32 figures under their historical keys
-            "em_images_per_s": round(ips["em_fp32"], 2),
-            "em_paper_equiv_images_per_s": round(ips["em_fp32"] * cfg["em_steps"] / 10, 2),
-            "rem_batched_images_per_s": round(ips["rem_batched_fp32"], 3),
-            "rem_looped_images_per_s": round(ips["rem_looped_fp32"], 3),
-            "batched_over_looped": round(ips["rem_batched_fp32"] / ips["rem_looped_fp32"], 2),
-            "rem_paper_equiv_images_per_s": round(ips["rem_batched_fp32"] * rescale_rem, 4),
-            "settings": dict(cfg, rho_u="8/255", rho_a="2/255"),
-            # new: bf16, speed-ups, FLOPs
-            "bf16": {"em_images_per_s": round(ips["em_bf16"], 2),
-                     "rem_batched_images_per_s": round(ips["rem_batched_bf16"], 3),
-                     "rem_looped_images_per_s": round(ips["rem_looped_bf16"], 3),
-                     "batched_over_looped": round(ips["rem_batched_bf16"] / ips["rem_looped_bf16"], 2),
-                     "rem_paper_equiv_images_per_s": round(ips["rem_batched_bf16"] * rescale_rem, 4)},
-            "bf16_over_fp32": {k: round(ips[f"{k}_bf16"] / ips[f"{k}_fp32"], 2)
-                               for k in ("em", "rem_batched", "rem_looped")},
-            "gflop_per_image": {k: round(v / 1e9, 3) for k, v in flops.items()},
-            "rows": rows,
-        }
-        for prec in PRECISIONS:
-            print(f"{arch:10s} {prec} EM ({cfg['em_steps']} steps)        {describe(rows[f'em_{prec}'])}",
-                  flush=True)
-            for kind in ("batched", "looped"):
-                print(f"{arch:10s} {prec} REM {kind:7s} K_u={cfg['steps_u']} K_a={cfg['steps_a']} "
-                      f"J={cfg['eot']} {describe(rows[f'rem_{kind}_{prec}'])}", flush=True)
-        print(f"{arch:10s} bf16/fp32 speed-up: EM x{row['bf16_over_fp32']['em']}, REM batched "
-              f"x{row['bf16_over_fp32']['rem_batched']}, REM looped "
-              f"x{row['bf16_over_fp32']['rem_looped']}; batched/looped fp32 "
-              f"x{row['batched_over_looped']}, bf16 x{row['bf16']['batched_over_looped']}; "
-              f"paper-equiv REM fp32 {row['rem_paper_equiv_images_per_s']:.4f} img/s, bf16 "
-              f"{row['bf16']['rem_paper_equiv_images_per_s']:.4f} img/s", flush=True)
+        row = _summary_row(cfg, rows, flops)
+        _print_rows(arch, cfg, rows, row)
         if arch == "resnet18":
             row["pass_gflop_per_image"] = {k: round(v / 1e9, 3) for k, v in passes.items()}
             out["projection"] = {}

@@ -22,13 +22,10 @@ def run_demo(out: str, methods: Sequence[str] = DEFAULT_METHODS, *, preset: str 
              max_train: int | None = None, storage_options: Mapping[str, Any] | None = None,
              progress: Callable[[str], None] = print) -> dict[str, Any]:
     from ue_dist.core.victim import resolve_victim_settings
-    from ue_dist.data.dataset import load_imageset
-    from ue_dist.methods.base import build_method, get_method
-    from ue_dist.runtime.data_jobs import convert
+    from ue_dist.methods.base import get_method
     from ue_dist.runtime.evaluate import evaluate
     from ue_dist.runtime.protect import protect
     from ue_dist.runtime.ray_env import ensure_ray
-    from ue_dist.runtime.report import _figure_bytes, _pyplot, plot_examples
     from ue_dist.runtime.train import fit_method
 
     for name in methods:
@@ -38,17 +35,7 @@ def run_demo(out: str, methods: Sequence[str] = DEFAULT_METHODS, *, preset: str 
     started = time.time()
     data = storage.join(out, "data")
     train_url, test_url = storage.join(data, "train"), storage.join(data, "test")
-    if not storage.exists(storage.join(train_url, "_dataset.json"), storage_options):
-        if max_train is None:
-            convert("digits", [data], storage_options=storage_options, shard_size=500)
-        else:  # a smaller demo (tests): the first max_train training digits, all test digits
-            from ue_dist.data.converters import write_splits
-            from ue_dist.data.sources import digits_arrays
-            splits = digits_arrays()
-            x, y = splits["train"]
-            write_splits(data, {"train": (x[:max_train], y[:max_train]), "test": splits["test"]},
-                         "digits", shard_size=max(1, max_train // 3 + 1),
-                         storage_options=storage_options, num_classes=10)
+    _demo_data(data, max_train, storage_options)
     progress(f"[demo] data: {train_url} and {test_url}")
     ensure_ray()
 
@@ -81,6 +68,42 @@ def run_demo(out: str, methods: Sequence[str] = DEFAULT_METHODS, *, preset: str 
 
     accuracy = {k: round(float(r["test_acc"]), 4) for k, r in results.items()}
     # figures: accuracy per epoch, and clean / protected / amplified perturbation per method
+    plot_url = _plot_accuracy(results, accuracy, victim, out, storage_options)
+    examples_url = _plot_examples(train_url, protected_urls, preset, method_overrides or {}, out,
+                                  storage_options)
+
+    summary = {"test_accuracy": accuracy, "victim": {k: victim[k] for k in ("arch", "epochs")},
+               "methods": list(methods), "preset": preset, "timings": timings,
+               "protected": protected_urls, "plots": [plot_url, examples_url],
+               "seconds": round(time.time() - started, 1)}
+    storage.write_bytes(storage.join(out, "demo.json"),
+                        json.dumps(summary, indent=1).encode(), storage_options)
+    return summary
+
+
+def _demo_data(data: str, max_train: int | None, storage_options) -> None:
+    """The digits under ``data`` (once): all of them, or the first ``max_train`` training digits
+    and all test digits (a smaller demo, for tests)."""
+    from ue_dist.data.converters import write_splits
+    from ue_dist.data.sources import digits_arrays
+    from ue_dist.runtime.data_jobs import convert
+
+    if storage.exists(storage.join(data, "train", "_dataset.json"), storage_options):
+        return
+    if max_train is None:
+        convert("digits", [data], storage_options=storage_options, shard_size=500)
+        return
+    splits = digits_arrays()
+    x, y = splits["train"]
+    write_splits(data, {"train": (x[:max_train], y[:max_train]), "test": splits["test"]},
+                 "digits", shard_size=max(1, max_train // 3 + 1),
+                 storage_options=storage_options, num_classes=10)
+
+
+def _plot_accuracy(results: Mapping[str, Any], accuracy: Mapping[str, float],
+                   victim: Mapping[str, Any], out: str, storage_options) -> str:
+    from ue_dist.runtime.report import _figure_bytes, _pyplot
+
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for k, r in results.items():
@@ -95,6 +118,15 @@ def run_demo(out: str, methods: Sequence[str] = DEFAULT_METHODS, *, preset: str 
     ax.legend(fontsize=8)
     plot_url = storage.join(out, "demo_accuracy.png")
     storage.write_bytes(plot_url, _figure_bytes(fig), storage_options)
+    return plot_url
+
+
+def _plot_examples(train_url: str, protected_urls: Mapping[str, str], preset: str,
+                   method_overrides: Mapping[str, Sequence[str]], out: str, storage_options) -> str:
+    from ue_dist.data.dataset import load_imageset
+    from ue_dist.methods.base import build_method
+    from ue_dist.runtime.report import plot_examples
+
     clean = load_imageset(train_url, storage_options)
     examples = {}
     for name, url in protected_urls.items():
@@ -102,17 +134,10 @@ def run_demo(out: str, methods: Sequence[str] = DEFAULT_METHODS, *, preset: str 
         order = {k: i for i, k in enumerate(prot.keys)}
         idx = [order[k] for k in clean.keys[:6]]
         examples[name] = {"clean": clean.images[:6].numpy(), "protected": prot.images[idx].numpy(),
-                          "eps": build_method(name, preset, (method_overrides or {}).get(name, ())).eps}
+                          "eps": build_method(name, preset, method_overrides.get(name, ())).eps}
     examples_url = storage.join(out, "demo_examples.png")
     storage.write_bytes(examples_url, plot_examples(examples), storage_options)
-
-    summary = {"test_accuracy": accuracy, "victim": {k: victim[k] for k in ("arch", "epochs")},
-               "methods": list(methods), "preset": preset, "timings": timings,
-               "protected": protected_urls, "plots": [plot_url, examples_url],
-               "seconds": round(time.time() - started, 1)}
-    storage.write_bytes(storage.join(out, "demo.json"),
-                        json.dumps(summary, indent=1).encode(), storage_options)
-    return summary
+    return examples_url
 
 
 def demo_text(summary: Mapping[str, Any]) -> str:
