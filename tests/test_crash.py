@@ -5,7 +5,7 @@
 * ``ue-dist fit`` killed after its first checkpoint, then run again with the same run name: it
   resumes from that checkpoint.
 * A fit with ``--max-failures 1`` survives one of its Ray Train worker processes being killed
-  (found through the documented ``UE_DIST_WORKER_PID_FILE`` hook of ``ue_dist.runtime.train``).
+  (found by its process title, ``ray::RayTrainWorker...``, in the command's session).
 
 Each command runs as a subprocess in its own process group with its own local Ray; the group is
 killed as a whole, so nothing outlives the test.
@@ -24,7 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import check_consistent, fit_classwise, make_source, shard_bytes_by_name
+from helpers import (check_consistent, fit_classwise, make_source, ray_train_worker_pids,
+                     shard_bytes_by_name)
 
 BIN = Path(sys.executable).parent
 # EM (quick) with a checkpoint every 10 of 80 steps and no early stop: a fit long enough to be
@@ -165,23 +166,26 @@ def test_fit_survives_a_killed_worker_with_max_failures(tmp_path, digits16):
     from ue_dist.methods.base import load_state
 
     storage = tmp_path / "runs"
-    pid_file = tmp_path / "worker.pid"
     args = ["fit", "--method", "em", "--preset", "quick", *QUICK_EM,
             str(digits16 / "train"), str(tmp_path / "em.pt"), "--storage", str(storage),
             "--run-name", "em-ft", "--max-failures", "1", "--cpus-per-worker", "1", "--json"]
     log = tmp_path / "fit-ft.log"
-    proc = _start(args, log, UE_DIST_WORKER_PID_FILE=str(pid_file))
+    proc = _start(args, log)
+    successors: list[int] = []
     try:
         _wait_for(lambda: _checkpoint_registered(storage, "em-ft"), proc, 400, log,
                   "a checkpoint")
-        victim = int(Path(f"{pid_file}.0").read_text())
+        (victim,) = ray_train_worker_pids(proc.pid)  # one worker (--workers 1)
         os.kill(victim, signal.SIGKILL)  # one Ray Train worker process dies
+        _wait_for(lambda: successors.extend(p for p in ray_train_worker_pids(proc.pid)
+                                            if p != victim) or successors, proc, 300, log,
+                  "a new Ray Train worker")
         rc = proc.wait(timeout=500)
     finally:
         _kill_group(proc)
     text = log.read_text()
     assert rc == 0, text[-3000:]
-    assert int(Path(f"{pid_file}.0").read_text()) != victim  # a new worker took over
+    assert successors and victim not in successors  # a new worker took over
     assert "resuming source-model training at step" in text, text[-3000:]
     state = load_state(str(tmp_path / "em.pt"))
     assert state["method"] == "em" and state["image_shape"] == [3, IMAGE_SIZE, IMAGE_SIZE]
