@@ -71,5 +71,13 @@ def test_only_checkpointed_reports_reach_ray_train(monkeypatch):
     assert calls == []
     assert ctx.history == [{"step": s, "loss": 0.5} for s in range(3)]
     assert len(logged) == 3 and logged[-1] == "metrics step=2 loss=0.5"
+    # a method that logs its own progress gets no "metrics" echo of the same figures
+    chatty = RayTrainContext(torch.device("cpu"), seed=0, metrics_log_interval_s=60.0)
+    lines: list[str] = []
+    chatty._log = lines.append
+    chatty._last_metrics_log -= 120  # however long it was silent before its own line
+    chatty.log("em step 25/200 loss 1.6")
+    chatty.report({"step": 25, "loss": 1.6})
+    assert lines == ["em step 25/200 loss 1.6"]
     ctx.report({"epoch": 1}, state={"w": torch.zeros(2)})
     assert len(calls) == 1 and calls[0][0] == {"epoch": 1} and calls[0][1] is not None
