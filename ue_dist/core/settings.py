@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any, Mapping
 
 from ue_dist.core.config import SettingsError, check_radius, parse_radius
@@ -93,11 +94,11 @@ def parse_text(key: str, raw: str, setting: Setting) -> Any:
             raise ValueError
         if kind in ("int", "seed"):
             return int(text)
-        if kind == "radius":
-            return parse_radius(text, f"--set {key}")
-        if kind == "float":
-            return parse_radius(text, f"--set {key}") if "/" in text else float(text)
-    except ValueError:
+        if kind in ("radius", "float"):
+            # a number or a fraction; its range (finite, >= 0, <= 1 ...) is check_value's to
+            # judge, so the message names the setting's valid range
+            return float(Fraction(text)) if "/" in text else float(text)
+    except (ValueError, ZeroDivisionError):
         raise SettingsError(f"--set {key}: expected {_describe(setting)}, got {raw!r}") from None
     if kind == "list":
         try:
