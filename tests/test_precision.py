@@ -91,7 +91,7 @@ def test_check_and_resolve():
         assert check_precision(p) == p
     with pytest.raises(SettingsError, match=r"precision must be one of fp32, bf16, auto, got 'fp16'"):
         check_precision("fp16")
-    with pytest.raises(SettingsError, match="victim setting precision"):
+    with pytest.raises(SettingsError, match="precision for victim must be one of fp32, bf16, auto, got .half."):
         resolve_victim_settings("quick", {"precision": "half"})
     assert resolve_precision("fp32", "cpu") == "fp32"
     assert resolve_precision("bf16", "cpu") == "bf16"
