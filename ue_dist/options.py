@@ -31,6 +31,8 @@ import sys
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Mapping, Sequence
 
+from ue_dist.core.adversarial import AT_METHODS
+
 _UNSET = object()
 _WARNED: set[str] = set()
 
@@ -270,7 +272,7 @@ EVALUATE = Command("evaluate", "Train one victim on a (possibly protected) train
     Opt("epochs", type=int, spec=False, help="training epochs (default: the preset's)"),
     Opt("adv_eps", metavar="R", spec=False,
         help="adversarial-training radius, e.g. 8/255 (0 = standard)"),
-    Opt("adv_method", choices=("pgd", "trades"), spec=False, help="adversarial loss (default pgd)"),
+    Opt("adv_method", choices=AT_METHODS, spec=False, help="adversarial loss (default pgd)"),
     Opt("defense", spec=False,
         help="training-data defence: none, mixup, cutout, cutmix, mean, median, gaussian, "
              "jpeg[:quality=Q], grayscale"),

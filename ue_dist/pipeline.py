@@ -103,12 +103,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
 
 
-def select(keys: Sequence[str], fraction: float, seed: int) -> np.ndarray:
-    """The seeded ``fraction`` of ``keys``, decided per key: a shard and the whole set it
-    belongs to select the same samples."""
-    return selected_for_protection(keys, float(fraction), int(seed))
-
-
 def perturb_selected(config: PipelineConfig, images: torch.Tensor, labels: torch.Tensor,
                      mask: np.ndarray, seed: int | None = None) -> torch.Tensor:
     """uint8 ``images`` with the ``mask``ed ones perturbed in batches under the epsilon contract;
@@ -158,7 +152,7 @@ def protect_shard(config: PipelineConfig, src: str, dst_url: str,
     try:
         samples = read_shard(src, config.storage_options)
         check_samples(config, src, samples)
-        mask = select([s.key for s in samples], config.fraction, config.seed)
+        mask = selected_for_protection([s.key for s in samples], config.fraction, config.seed)
         written = protect_samples(config, src, samples, mask)
         commit_shard(config, src, dst_url, written, mask, fingerprint)
     except ShardError as exc:
@@ -229,7 +223,7 @@ def protect_set(config: PipelineConfig, data: ImageSet, delta: torch.Tensor, dst
     from ue_dist.data.dataset import write_imageset
 
     if mask is None:
-        mask = select(data.keys, config.fraction, config.seed)
+        mask = selected_for_protection(data.keys, config.fraction, config.seed)
     method = config.method
     protected = torch.from_numpy(apply_perturbation(data.images, delta, method.eps))
     sources = [(m or {}).get("source_shard") for m in data.meta]
@@ -241,4 +235,4 @@ def protect_set(config: PipelineConfig, data: ImageSet, delta: torch.Tensor, dst
 
 __all__ = ["PipelineConfig", "check_samples", "commit_shard", "finish_set", "no_state",
            "open_config", "output_meta", "perturb_selected", "protect_samples", "protect_set",
-           "protect_shard", "read_state", "seed_everything", "select", "shard_seed"]
+           "protect_shard", "read_state", "seed_everything", "shard_seed"]

@@ -121,7 +121,8 @@ def protect_dataset_jointly(src: str, dst: str, state_url: str, *, preset: str =
     in each worker, which loads it)."""
     from ue_dist.data import storage
     from ue_dist.data.dataset import load_imageset
-    from ue_dist.pipeline import PipelineConfig, protect_set, read_state, select
+    from ue_dist.methods.protect import selected_for_protection
+    from ue_dist.pipeline import PipelineConfig, protect_set, read_state
 
     storage.refuse_inside(dst, src)
     method = build_method("bayes", preset, overrides)
@@ -131,7 +132,7 @@ def protect_dataset_jointly(src: str, dst: str, state_url: str, *, preset: str =
     config = PipelineConfig(method=method, state=state, state_url=state_url,
                             fraction=float(fraction), seed=int(seed),
                             storage_options=storage_options)
-    chosen = select(data.keys, config.fraction, config.seed)
+    chosen = selected_for_protection(data.keys, config.fraction, config.seed)
     out = _run_joint(state, data.images, data.labels, preset=preset, overrides=overrides,
                      fixed=~torch.from_numpy(chosen), num_workers=num_workers, use_gpu=use_gpu,
                      cpus_per_worker=cpus_per_worker, storage_path=None, seed=seed)

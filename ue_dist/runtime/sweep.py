@@ -285,9 +285,11 @@ def prepare(method: str, settings: Mapping[str, Any], train: ImageSet, root: str
 def mix(train: ImageSet, protected: torch.Tensor, fraction: float, seed: int,
         method: str | None, eps: float | None) -> ImageSet:
     """``train`` with the seeded ``fraction`` of samples swapped for their protected images."""
-    from ue_dist.pipeline import finish_set, select
+    from ue_dist.methods.protect import selected_for_protection
+    from ue_dist.pipeline import finish_set
 
-    return finish_set(train, protected, select(train.keys, fraction, seed), method, eps)
+    return finish_set(train, protected, selected_for_protection(train.keys, fraction, seed),
+                      method, eps)
 
 
 # the trial -------------------------------------------------------------------------------------
