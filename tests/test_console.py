@@ -65,6 +65,65 @@ def test_protect_console_has_no_ray_internals(tmp_path):
     assert verbose.returncode == 0 and "Started a local Ray instance" in verbose.stderr
 
 
+class _Terminal:
+    """A stderr that says it is a terminal and keeps what was written."""
+
+    def __init__(self) -> None:
+        self.text = ""
+
+    def isatty(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        self.text += text
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_router_redraws_worker_progress_lines_on_a_terminal(tmp_path, monkeypatch):
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    from ue_dist.core.progress import ProgressLine
+
+    monkeypatch.setattr(console, "_state", {"log_path": str(tmp_path / "x.log"), "file": None})
+    lines = []
+    bar = ProgressLine("[ue-dist] victim epochs", 4, lines.append, lines=4)
+    for epoch in range(1, 5):
+        bar.update(epoch, f"loss {1 / epoch:.2f}")
+    terminal = _Terminal()
+    saved = list(dispatcher.handlers)
+    try:
+        console.hush()
+        monkeypatch.setattr(sys, "stderr", terminal)
+        dispatcher.emit({"pid": 7, "lines": lines[:2]})
+        dispatcher.emit({"pid": 8, "lines": ["[ue-dist] fit em: state written"]})
+        dispatcher.emit({"pid": 7, "lines": lines[2:]})
+    finally:
+        dispatcher.handlers = saved
+        if console._state["file"] is not None:
+            console._state["file"].close()
+    # unfinished progress lines replace each other in place; any other line (and the last
+    # progress line, 4/4) starts after a newline and ends with one
+    assert terminal.text == ("\r" + lines[0] + "\x1b[K" + "\r" + lines[1] + "\x1b[K"
+                             + "\n[ue-dist] fit em: state written\n"
+                             + "\r" + lines[2] + "\x1b[K" + "\n" + lines[3] + "\n")
+
+
+def test_progress_line_of_a_resumed_stage_counts_only_new_work():
+    from ue_dist.core.context import LocalContext
+
+    lines = []
+    bar = LocalContext(log=lines.append).progress("[em] source-model steps", 200)
+    bar.start(100)  # resumed half-way: the first tenths are not printed again
+    for step in range(101, 201):
+        bar.update(step, "loss 0.1")
+    assert [line.split("] ", 2)[2].split(" ")[0] for line in lines] == \
+        ["120/200", "140/200", "160/200", "180/200", "200/200"]  # a line per tenth of the total
+    assert "ETA" in lines[0] and lines[-1].endswith("elapsed")
+
+
 def test_progress_line_prints_tenths_with_rate_and_eta():
     from ue_dist.runtime.console import ProgressLine
 

@@ -72,7 +72,7 @@ def test_cli_check_prints_the_resolved_spec(capsys, monkeypatch):
     ({"evaluate": {"victim_preset": "paper", "victim_overrides": {"archh": "x"}}}, r"archh"),
     ({"evaluate": {"victim_set": {"epochs": 1}}},
      r"'victim_set' in evaluate; valid keys: .*; did you mean 'victim_overrides'\?"),
-    ({"fit": {"gpus_per_worker": 2}}, r"fit.gpus_per_worker must be one of 0, 1, got 2"),
+    ({"fit": {"gpus_per_worker": -1}}, r"fit.gpus_per_worker must be >= 0.0, got -1.0"),
     ({"convert": {"source": "tiff"}}, r"convert.source must be one of .*cifar10"),
     ({"root": "${NO_SUCH_VAR_UE}/x"}, r"\$\{NO_SUCH_VAR_UE\} is not set"),
     ({"name": "a/b"}, r"plain name"),

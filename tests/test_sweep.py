@@ -183,7 +183,10 @@ def test_fast_sweep_writes_report_and_resumes(ray_cluster, small_digits_urls, tm
     assert not first["resumed"]
     done_before = {r["key"]: r["finished_at"] for r in first["rows"]}
 
-    second = run_sweep(spec, str(tmp_path), progress=lambda m: None)
+    said = []
+    second = run_sweep(spec, str(tmp_path), progress=said.append)
+    trial_lines = [line for line in said if line.startswith("[sweep] trials [")]
+    assert trial_lines and " 2/2 " in trial_lines[-1], said  # counts the trial done before
     assert second["resumed"] and second["completed"] == 2 and not second["errors"]
     rows = {r["key"]: r for r in second["rows"]}
     assert failing in rows

@@ -27,7 +27,7 @@ def test_two_worker_ddp_fit_gives_a_working_state(small_digits, tmp_path, ray_lo
     result = fit_method("em", "data/train", state_url, preset="quick",
                         # 2 PGD steps, not 10: the DDP plumbing is under test, not EM's loop
                         overrides={"train_steps": 20, "stop_acc": 0.0, "steps_u": 2},
-                        num_workers=2,
+                        workers=2,
                         cpus_per_worker=0.5, storage_path="runs",
                         progress=lambda m: None)
     assert result["metrics"].get("done") is True

@@ -15,6 +15,7 @@ import sys
 from typing import Any, Callable
 
 from ue_dist import options as opts
+from ue_dist.core.progress import to_stderr
 
 _RUN: dict[str, Callable[[argparse.Namespace], int | None]] = {}
 
@@ -84,12 +85,12 @@ def _fit(args: argparse.Namespace) -> int:
     method = build_method(args.method, args.preset, args.overrides)
     print_settings(f"fit {args.method} ({args.preset})", method.settings)
     result = fit_method(args.method, args.train, args.state, preset=args.preset,
-                        overrides=args.overrides, num_workers=args.workers,
-                        use_gpu=args.gpus_per_worker > 0, cpus_per_worker=args.cpus_per_worker,
+                        overrides=args.overrides, workers=args.workers,
+                        gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
                         storage_path=args.storage, run_name=args.run_name,
                         storage_options=storage_options(args), max_failures=args.max_failures,
                         train_fraction=args.train_fraction, overwrite=args.overwrite,
-                        progress=lambda m: print(m, file=sys.stderr, flush=True))
+                        progress=to_stderr)
     result["settings"] = method.settings
     emit(args, result)
     return 0
@@ -111,7 +112,7 @@ def _demo(args: argparse.Namespace) -> int:
     summary = run_demo(args.out, [m for m in args.methods.split(",") if m], preset=args.preset,
                        victim_preset=args.victim_preset, victim_overrides=args.victim_overrides,
                        storage_options=storage_options(args),
-                       progress=lambda m: print(m, file=sys.stderr, flush=True))
+                       progress=to_stderr)
     emit(args, summary, demo_text)
     return 0
 
@@ -127,7 +128,7 @@ def _protect_cmd(args: argparse.Namespace) -> int:
                       mode=args.mode, watch=args.watch, poll_seconds=args.poll_seconds,
                       max_polls=args.max_polls, stop_file=args.stop_file,
                       storage_options=storage_options(args), wait_for_lease=args.wait_for_lease,
-                      progress=lambda m: print(m, file=sys.stderr, flush=True))
+                      progress=to_stderr)
     emit(args, summary)
     if summary["bad_shards"]:
         print(f"ue-dist protect: {len(summary['bad_shards'])} bad shard(s) skipped: " + ", ".join(
@@ -190,8 +191,8 @@ def _evaluate(args: argparse.Namespace) -> int:
                                        [f"{k}={v}" for k, v in overrides.items()])
     print_settings(f"victim ({args.victim_preset})", settings)
     result = evaluate(args.train, args.test, settings, args.subset, storage_options(args),
-                      use_ray=args.ray, num_cpus=args.cpus_per_worker,
-                      num_gpus=args.gpus_per_worker)
+                      use_ray=args.ray, cpus_per_worker=args.cpus_per_worker,
+                      gpus_per_worker=args.gpus_per_worker)
     emit(args, result, _evaluate_text)
     return 0
 
@@ -223,7 +224,7 @@ def _sweep(args: argparse.Namespace) -> int:
         from ue_dist.data.storage import mask_secrets
         emit(args, mask_secrets(checked))  # credentials in storage_options are shown as ***
         return 0
-    result = run_sweep(spec, args.storage, progress=lambda m: print(m, file=sys.stderr, flush=True))
+    result = run_sweep(spec, args.storage, progress=to_stderr)
     emit(args, result, _sweep_text)
     return 3 if result["errors"] else 0
 
@@ -237,7 +238,7 @@ def _run_cmd(args: argparse.Namespace) -> int:
     if args.check:
         emit(args, printable_spec(spec))  # credentials in storage_options are shown as ***
         return 0
-    result = run_job(spec, progress=lambda m: print(m, file=sys.stderr, flush=True))
+    result = run_job(spec, progress=to_stderr)
     emit(args, result)
     return 0 if result["ok"] else 3
 

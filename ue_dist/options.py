@@ -183,8 +183,9 @@ FIT = Command("fit", "Fit a method (source model, generator or embedding) on Ray
     Opt("workers", type=int, default=1, low=1, help="Ray Train workers (DDP)"),
     Opt("cpus_per_worker", type=float, default=1.0, low=0.01,
         help="CPUs per worker; fractions share a small machine"),
-    Opt("gpus_per_worker", type=int, default=0, choices=(0, 1),
-        help="1: one GPU per worker (NCCL); 0: CPU workers (gloo)",
+    Opt("gpus_per_worker", type=float, default=0.0, low=0.0,
+        help="GPUs per worker (0: CPU workers, gloo); workers with a whole GPU each use NCCL, "
+             "workers sharing GPUs (a fraction each) use gloo",
         aliases=(Alias("--gpu", value=1), Alias("use_gpu", convert=lambda v: 1 if v else 0))),
     Opt("storage", spec=False,
         help="run storage for checkpoints (default $UE_DIST_STORAGE or ./runs)"),
@@ -233,12 +234,13 @@ PROTECT = Command("protect", "Protect every shard of SRC into DST on Ray Data (r
         help="incremental: skip shards the ledger says are done and whose source is unchanged; "
              "overwrite: redo every shard; sync: incremental, and remove outputs whose source "
              "shard is gone"),
-    Opt("wait_for_lease", type=float, default=0.0, metavar="SECONDS", spec=False,
+    Opt("wait_for_lease", type=float, default=0.0, low=0.0, metavar="SECONDS", spec=False,
         help="if another run is writing DST, wait up to SECONDS for it (0: refuse at once)"),
     Opt("watch", type=bool, spec=False,
         help="keep listing SRC and protect new shards as they land (Ctrl-C to stop)"),
-    Opt("poll_seconds", type=float, default=30.0, spec=False, help="listing interval with --watch"),
-    Opt("max_polls", type=int, spec=False, help="stop --watch after N listings"),
+    Opt("poll_seconds", type=float, default=30.0, low=0.0, spec=False,
+        help="listing interval with --watch"),
+    Opt("max_polls", type=int, low=1, spec=False, help="stop --watch after N listings"),
     Opt("stop_file", metavar="URL", spec=False, help="stop --watch once this file exists"),
     replace(PRESET, spec=False), replace(SET, spec=False), *COMMON),
     "ue-dist protect --method em --state out/em.pt out/digits/train out/em-protected "
@@ -373,6 +375,12 @@ def option(options: Sequence[Opt], name: str) -> Opt:
     return next(o for o in options if o.name == name)
 
 
+def default(command: Command, name: str) -> Any:
+    """The declared default of ``command``'s option ``name``: the runtime's keyword arguments
+    take their defaults from here, so each default is written once."""
+    return option(command.options, name).default
+
+
 # the command line -----------------------------------------------------------------------------
 class _DeprecatedAlias(argparse.Action):
     """A hidden old spelling: warns once (naming the new one), then does what the new one does."""
@@ -480,6 +488,8 @@ def _number(value: Any, opt: Opt, where: str, error: type[Exception]) -> int | f
     if opt.type is int and int(value) != value:
         raise error(f"{where} must be an integer, got {value!r}")
     value = opt.type(value)
+    if value != value:  # NaN passes every comparison
+        raise error(f"{where} must be a number, got {value!r}")
     low, high = opt.low, opt.high
     if (low is not None and value < low) or (high is not None and value > high):
         bound = f"lie in [{low}, {high}]" if high is not None else f"be >= {low}"

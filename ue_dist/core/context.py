@@ -13,6 +13,8 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
+from ue_dist.core.progress import ProgressLine
+
 
 def format_metrics(metrics: dict[str, Any]) -> str:
     """``k=v`` pairs for a log line, floats to 4 significant digits."""
@@ -76,6 +78,11 @@ class FitContext:
     def log(self, message: str) -> None:
         if self.is_main:
             self._log(message)
+
+    def progress(self, label: str, total: int, lines: int = 10) -> ProgressLine:
+        """A progress line for a long stage, printed through ``log`` (so by the main worker
+        only), ``lines`` times at most; the driver's console redraws it on a terminal."""
+        return ProgressLine(label, total, self.log, lines=lines, tty=False)
 
 
 class LocalContext(FitContext):

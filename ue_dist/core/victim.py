@@ -239,6 +239,8 @@ def train_victim(train: ImageSet, test: ImageSet, settings: Mapping[str, Any],
     fetch = uint8_fetch(images, train.labels, ctx.device)
     loss = victim_loss(s, defense, aug_kind, num_classes, ctx.device)
     seen, train_seconds = 0, 0.0
+    bar = ctx.progress("victim epochs", int(s["epochs"]), lines=4)
+    bar.start(loop.epoch)
     for epoch in range(loop.epoch, int(s["epochs"])):
         t0 = time.perf_counter()
         lr = loop.train_epoch(fetch, loss)
@@ -250,8 +252,8 @@ def train_victim(train: ImageSet, test: ImageSet, settings: Mapping[str, Any],
         record = {"epoch": epoch + 1, "test_acc": test_acc, **metrics, "lr": lr,
                   "seconds": time.perf_counter() - t0}
         per_epoch.append(record)
-        ctx.log(f"victim epoch {epoch + 1}/{s['epochs']}: loss {record['train_loss']:.4f} "
-                f"train acc {record['train_acc']:.4f} test acc {test_acc:.4f}")
+        bar.update(epoch + 1, f"loss {record['train_loss']:.4f} · train acc "
+                   f"{record['train_acc']:.4f} · test acc {test_acc:.4f}")
         ctx.report(dict(record), {"kind": "victim", "fingerprint": fingerprint,
                                   "per_epoch": copy.deepcopy(per_epoch), "loop": loop.state_dict()})
         if on_epoch is not None:

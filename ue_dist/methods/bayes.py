@@ -251,12 +251,13 @@ def train_embedding(settings: Mapping[str, Any], model: nn.Module, train: ImageS
         loop.load_state_dict(resumed["loop"])
     kind = default_augmentation(train.image_shape[1]) if s["embed_augment"] else "none"
     fetch = uint8_fetch(train.images, train.labels, ctx.device)
+    bar = ctx.progress("[bayes] embedding epochs", epochs)
+    bar.start(loop.epoch)
     for epoch in range(loop.epoch, epochs):
         loop.train_epoch(fetch, cross_entropy_loss(kind))
         metrics = {"embed_epoch": epoch, **loop.take_metrics()}
         ctx.report(metrics, {"embed_epoch": epoch, "loop": loop.state_dict()})
-        ctx.log(f"[bayes] embedding epoch {epoch + 1}/{epochs} loss {metrics['train_loss']:.4f} "
-                f"acc {metrics['train_acc']:.3f}")
+        bar.update(epoch + 1, f"loss {metrics['train_loss']:.4f} · acc {metrics['train_acc']:.3f}")
     return loop.model
 
 

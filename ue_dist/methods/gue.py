@@ -456,6 +456,8 @@ class Gue(Method):
         ctx.log(f"[{self.name}] fitting on {len(fit_idx)} images ({len(split['val'])} held out for "
                 f"selection, {len(split['unseen'])} never seen), {steps_per_epoch} steps/epoch")
         epochs = int(s["epochs"])
+        bar = ctx.progress(f"[{self.name}] epochs", epochs)
+        bar.start(start_epoch)
         for epoch in range(start_epoch, epochs):
             record, step = bome_epoch(players, train, fit_idx[ctx.shard_indices(len(fit_idx))],
                                       epoch, step, steps_per_epoch, s, ctx)
@@ -466,7 +468,8 @@ class Gue(Method):
                 record["val_acc"] = score
                 if best["score"] is None or score <= best["score"]:
                     best = {"score": score, "epoch": epoch + 1, "generator": _cpu_state(gen)}
-            ctx.log(f"[{self.name}] " + format_metrics(record))
+            bar.update(epoch + 1, format_metrics({k: v for k, v in record.items()
+                                                  if k not in ("epoch", "step")}))
             checkpoint = self._state(train, gen, best, split) | {"training": {
                 "generator": _cpu_state(gen), "classifier": _cpu_state(players["cls"]),
                 "gen_opt": players["gen_opt"].state_dict(),

@@ -213,6 +213,8 @@ def train_source_model(method: Method, train: ImageSet, ctx: FitContext,
         return method.new_state(train, **payload, **(extra_state or {}))
 
     stopped, metrics = False, {}
+    bar = ctx.progress(f"[{method.name}] source-model steps", total)
+    bar.start(loop.step)
     while loop.step < total and not stopped:
         lr = loop.lr
         loop.train_step(fetch, loss)
@@ -222,9 +224,11 @@ def train_source_model(method: Method, train: ImageSet, ctx: FitContext,
             metrics = {"step": step, "lr": lr, **loop.take_metrics()}
             # the same decision on every worker: the accuracy is averaged over all of them
             stopped = stop_acc > 0 and metrics["train_acc"] >= stop_acc
-            ctx.log(f"{method.name} step {step}/{total} lr {lr:.4g} loss {metrics['train_loss']:.4f} "
-                    f"acc {metrics['train_acc']:.3f}"
-                    + (" -> stop (train accuracy >= stop_acc)" if stopped else ""))
+            bar.update(step, f"lr {lr:.4g} · loss {metrics['train_loss']:.4f} · "
+                       f"acc {metrics['train_acc']:.3f}")
+            if stopped:
+                bar.note(f"[{method.name}] step {step}: train accuracy {metrics['train_acc']:.3f} "
+                         f">= stop_acc {stop_acc}; source model done")
         if ckpt_every > 0 and step % ckpt_every == 0 and step < total and not stopped:
             ctx.report(metrics if logged else {"step": step}, state_now(resumable=True))
         elif logged:

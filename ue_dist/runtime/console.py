@@ -25,6 +25,8 @@ import threading
 import time
 from typing import Any
 
+from ue_dist.core.progress import PROGRESS_RE, ProgressLine
+
 #: Start of every line ue_dist prints inside Ray workers (fit, victims): the router shows these.
 WORKER_MARK = "[ue-dist"
 
@@ -35,50 +37,6 @@ _lock = threading.Lock()
 def worker_print(message: str) -> None:
     """How ue_dist code inside Ray workers prints: marked, so the router shows it."""
     print(f"{WORKER_MARK}] {message}", flush=True)
-
-
-def _clock(seconds: float) -> str:
-    seconds = max(0, int(round(seconds)))
-    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
-
-
-class ProgressLine:
-    """One stage's progress: done/total, a bar, the stage's own figures (a rate) and the ETA.
-
-    On a terminal (``say`` is ``print`` and stderr is a tty) one line is redrawn in place; in a
-    log or a captured run, a line is printed at each tenth of the total (and the last), so a
-    60-shard protection prints about 10 lines, not 60.
-    """
-
-    def __init__(self, label: str, total: int, say: Any = print) -> None:
-        self.label, self.total, self.say = label, max(1, int(total)), say
-        self.tty = say is print and sys.stderr.isatty()
-        self.started = time.perf_counter()
-        self._shown = 0  # tenths already printed
-
-    def text(self, done: int, figures: str = "") -> str:
-        frac = min(1.0, done / self.total)
-        bar = "#" * int(20 * frac) + "." * (20 - int(20 * frac))
-        elapsed = time.perf_counter() - self.started
-        eta = elapsed / done * (self.total - done) if done else float("nan")
-        tail = f"ETA {_clock(eta)}" if done < self.total and done else f"{_clock(elapsed)} elapsed"
-        return f"{self.label} [{bar}] {done}/{self.total}" + (f" · {figures}" if figures else "") \
-            + f" · {tail}"
-
-    def update(self, done: int, figures: str = "") -> None:
-        line = self.text(done, figures)
-        if self.tty:
-            sys.stderr.write("\r" + line + ("\n" if done >= self.total else ""))
-            sys.stderr.flush()
-            return
-        tenth = int(10 * done / self.total)
-        if tenth > self._shown or done >= self.total:
-            self._shown = tenth
-            self.say(line)
-
-    def note(self, message: str) -> None:
-        """A line of its own (a skipped shard) without breaking the redrawn bar."""
-        self.say(("\n" if self.tty else "") + message)
 
 
 def default_log_path(command: str) -> str:
@@ -169,6 +127,19 @@ def _route_worker_output() -> None:
     except ImportError:  # another Ray layout: leave Ray's printer in place
         return
     recent: collections.deque = collections.deque(maxlen=256)
+    redrawn = {"open": False}  # a progress line is on the terminal, not yet ended by a newline
+
+    def show(text: str) -> None:
+        # on a terminal a worker's progress line replaces the previous one in place
+        match = PROGRESS_RE.search(text)
+        # a finished stage's last line stays, even when another stage redraws after it
+        if sys.stderr.isatty() and match and match.group(1) != match.group(2):
+            sys.stderr.write("\r" + text + "\x1b[K")
+            redrawn["open"] = True
+        else:
+            sys.stderr.write(("\n" if redrawn["open"] else "") + text + "\n")
+            redrawn["open"] = False
+        sys.stderr.flush()
 
     def handle(batch: dict[str, Any]) -> None:
         pid = batch.get("pid")
@@ -179,7 +150,7 @@ def _route_worker_output() -> None:
                 if (pid, text) in recent:
                     continue
                 recent.append((pid, text))
-                print(text.lstrip(), file=sys.stderr, flush=True)
+                show(text.lstrip())
             else:
                 _write(f"({who} pid={pid}) {text}")
 
@@ -188,5 +159,5 @@ def _route_worker_output() -> None:
     dispatcher.add_handler("ue_dist_console", handle)
 
 
-__all__ = ["WORKER_MARK", "default_log_path", "hush", "log_path", "native_stderr_to_log", "quiet",
+__all__ = ["ProgressLine", "WORKER_MARK", "default_log_path", "hush", "log_path", "native_stderr_to_log", "quiet",
            "worker_print"]

@@ -11,13 +11,15 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Mapping, Sequence
 
+from ue_dist import options as opts
 from ue_dist.data import storage
 
-DEFAULT_METHODS = ("em",)
+DEFAULT_METHODS = tuple(opts.default(opts.DEMO, "methods").split(","))
 
 
-def run_demo(out: str, methods: Sequence[str] = DEFAULT_METHODS, *, preset: str = "quick",
-             victim_preset: str = "quick", victim_overrides: Sequence[str] = (),
+def run_demo(out: str = opts.default(opts.DEMO, "out"), methods: Sequence[str] = DEFAULT_METHODS,
+             *, preset: str = opts.default(opts.DEMO, "preset"),
+             victim_preset: str = opts.default(opts.DEMO, "victim_preset"), victim_overrides: Sequence[str] = (),
              method_overrides: Mapping[str, Sequence[str]] | None = None,
              max_train: int | None = None, storage_options: Mapping[str, Any] | None = None,
              progress: Callable[[str], None] = print) -> dict[str, Any]:
@@ -47,7 +49,7 @@ def run_demo(out: str, methods: Sequence[str] = DEFAULT_METHODS, *, preset: str 
         # A rerun with the same settings resumes the finished Ray Train run (cheap); changed
         # settings or code get a new run, so a demo never mixes old states with new settings.
         fit_method(name, train_url, state_url, preset=preset,
-                   overrides=(method_overrides or {}).get(name, ()), num_workers=1,
+                   overrides=(method_overrides or {}).get(name, ()), workers=1,
                    storage_path=storage.join(out, "runs"), storage_options=storage_options,
                    overwrite=True, progress=progress)
         t1 = time.time()
@@ -63,7 +65,7 @@ def run_demo(out: str, methods: Sequence[str] = DEFAULT_METHODS, *, preset: str 
     jobs = {"clean": train_url, **protected_urls}
     with ThreadPoolExecutor(max_workers=2) as pool:
         futures = {k: pool.submit(evaluate, url, test_url, victim, "all", storage_options,
-                                  use_ray=True, num_cpus=1) for k, url in jobs.items()}
+                                  use_ray=True, cpus_per_worker=1) for k, url in jobs.items()}
         results = {k: f.result() for k, f in futures.items()}
 
     accuracy = {k: round(float(r["test_acc"]), 4) for k, r in results.items()}

@@ -12,6 +12,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from ue_dist import options as opts
 from ue_dist.core.config import SettingsError
 from ue_dist.core.context import LocalContext
 from ue_dist.core.victim import (SUBSETS, check_compatible, select_subset, train_victim,
@@ -37,11 +38,19 @@ def _evaluate_local(train_url: str, test_url: str, settings: Mapping[str, Any], 
     return result
 
 
-def evaluate(train_url: str, test_url: str, settings: Mapping[str, Any], subset: str = "all",
-             storage_options: Mapping[str, Any] | None = None, *, use_ray: bool = False,
-             num_cpus: float = 1.0, num_gpus: float = 0.0,
+def _declared(name: str) -> Any:
+    return opts.default(opts.EVALUATE, name)
+
+
+def evaluate(train_url: str, test_url: str, settings: Mapping[str, Any],
+             subset: str = _declared("subset"), storage_options: Mapping[str, Any] | None = None,
+             *, use_ray: bool = False, cpus_per_worker: float = _declared("cpus_per_worker"),
+             gpus_per_worker: float = _declared("gpus_per_worker"),
              log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """One victim. Settings are validated in the caller's process before anything runs."""
+    """One victim (``ue-dist evaluate``'s options, ``ue_dist.options.EVALUATE``), in this
+    process or, with ``use_ray``, as one Ray task with ``cpus_per_worker``/``gpus_per_worker``.
+    Settings are validated in the caller's process before anything runs."""
+    num_cpus, num_gpus = float(cpus_per_worker), float(gpus_per_worker)
     settings = validate_victim_settings(settings)
     from ue_dist.data.storage import absolute
     train_url, test_url = absolute(train_url), absolute(test_url)

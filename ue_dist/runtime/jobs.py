@@ -240,9 +240,8 @@ def run_job(spec: Mapping[str, Any], progress: Callable[[str], None] = print) ->
         say(f"[ue-dist run {name}] fit {method['name']} ({method['preset']}) -> {state_url}")
         steps["fit"] = fit_method(
             method["name"], spec["data"]["train"], state_url, preset=method["preset"],
-            overrides=method["overrides"], num_workers=fit["workers"],
-            use_gpu=fit["gpus_per_worker"] > 0,
-            cpus_per_worker=fit["cpus_per_worker"], storage_path=storage.join(root, "runs"),
+            overrides=method["overrides"], workers=fit["workers"],
+            gpus_per_worker=fit["gpus_per_worker"], cpus_per_worker=fit["cpus_per_worker"], storage_path=storage.join(root, "runs"),
             run_name=f"{name}-fit", storage_options=so, max_failures=fit["max_failures"],
             train_fraction=fit["train_fraction"], progress=say)
 
@@ -269,8 +268,8 @@ def run_job(spec: Mapping[str, Any], progress: Callable[[str], None] = print) ->
             say(f"[ue-dist run {name}] evaluate: {ev['settings']['arch']} victim on the {label} "
                 f"training set")
             result = evaluate(train_url, spec["data"]["test"], ev["settings"], ev["subset"], so,
-                              use_ray=True, num_cpus=ev["cpus_per_worker"],
-                              num_gpus=ev["gpus_per_worker"])
+                              use_ray=True, cpus_per_worker=ev["cpus_per_worker"],
+                              gpus_per_worker=ev["gpus_per_worker"])
             steps["evaluate"][label] = {k: v for k, v in result.items() if k != "per_epoch"}
             say(f"[ue-dist run {name}] evaluate: {label} -> test accuracy "
                 f"{result.get('test_acc')}")

@@ -37,6 +37,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from ue_dist import options as opts_schema
 from ue_dist.core.config import SettingsError
 from ue_dist.data import storage
 from ue_dist.pipeline import shard_seed  # noqa: F401  (re-exported: the seed of one shard)
@@ -52,49 +53,42 @@ RESOURCE_WAIT_S = 600
 Progress = Callable[[str], None]
 
 
+def _declared(name: str) -> Any:
+    return opts_schema.default(opts_schema.PROTECT, name)
+
+
 @dataclass(frozen=True)
 class ProtectOptions:
-    """The options of one ``protect`` run (the keyword arguments of ``protect``)."""
+    """The options of one ``protect`` run (the keyword arguments of ``protect``); the defaults
+    and valid ranges are those declared for the command in ``ue_dist.options``."""
 
     state_url: str | None = None
-    preset: str = "paper"
+    preset: str = _declared("preset")
     overrides: Sequence[str] | Mapping[str, Any] = ()
-    fraction: float = 1.0
-    seed: int = 0
-    actors: int = 1
-    gpus_per_actor: float = 0
-    cpus_per_actor: float = 0.5
-    batch_size: int = 256
-    mode: str = "incremental"
+    fraction: float = _declared("fraction")
+    seed: int = _declared("seed")
+    actors: int = _declared("actors")
+    gpus_per_actor: float = _declared("gpus_per_actor")
+    cpus_per_actor: float = _declared("cpus_per_actor")
+    batch_size: int = _declared("batch_size")
+    mode: str = _declared("mode")
     watch: bool = False
-    poll_seconds: float = 30.0
+    poll_seconds: float = _declared("poll_seconds")
     max_polls: int | None = None
     stop_file: str | None = None
     storage_options: Mapping[str, Any] | None = None
-    wait_for_lease: float = 0.0
+    wait_for_lease: float = _declared("wait_for_lease")
     lease_ttl_s: float = DEFAULT_TTL_S
 
     def check(self) -> None:
-        """Refuse a bad value, naming its option."""
-        if self.mode not in MODES:
-            raise SettingsError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
-        if not 0.0 <= float(self.fraction) <= 1.0:
-            raise SettingsError(f"--fraction must lie in [0, 1], got {self.fraction}")
-        if int(self.actors) < 1:
-            raise SettingsError(f"--actors must be >= 1, got {self.actors}")
-        gpus, cpus = float(self.gpus_per_actor), float(self.cpus_per_actor)
-        if not (math.isfinite(gpus) and math.isfinite(cpus)) or gpus < 0 or cpus <= 0:
-            raise SettingsError(f"--gpus-per-actor must be >= 0 and --cpus-per-actor > 0, got "
+        """Refuse a bad value, naming its option (by its command-line flag)."""
+        for name in ("fraction", "seed", "actors", "gpus_per_actor", "cpus_per_actor",
+                     "batch_size", "mode", "poll_seconds", "wait_for_lease", "max_polls"):
+            opt = opts_schema.option(opts_schema.PROTECT.options, name)
+            opts_schema.check_value(getattr(self, name), opt, opt.flag, SettingsError)
+        if not math.isfinite(float(self.gpus_per_actor) + float(self.cpus_per_actor)):
+            raise SettingsError(f"--gpus-per-actor and --cpus-per-actor must be finite, got "
                                 f"{self.gpus_per_actor} and {self.cpus_per_actor}")
-        if int(self.batch_size) < 1:
-            raise SettingsError(f"--batch-size must be >= 1, got {self.batch_size}")
-        if float(self.poll_seconds) < 0:
-            raise SettingsError(f"--poll-seconds must be >= 0, got {self.poll_seconds}")
-        if self.max_polls is not None and int(self.max_polls) < 1:
-            raise SettingsError(f"max_polls must be >= 1, got {self.max_polls}")
-        if not float(self.wait_for_lease) >= 0:
-            raise SettingsError(f"--wait-for-lease must be >= 0 seconds, got "
-                                f"{self.wait_for_lease}")
 
 
 class ShardProtector:

@@ -26,6 +26,7 @@ import io
 import json
 import math
 import os
+import threading
 import time
 from typing import Any, Callable, Mapping
 
@@ -34,6 +35,7 @@ import torch
 from ue_dist import options as opts
 from ue_dist.core.config import SettingsError, parse_radius
 from ue_dist.core.context import LocalContext
+from ue_dist.core.progress import ProgressLine
 from ue_dist.core.defenses import parse_defense
 from ue_dist.core.models import check_arch
 from ue_dist.core.victim import (check_compatible, resolve_victim_settings,
@@ -451,6 +453,54 @@ def _new_tuner(spec: Mapping[str, Any], trainable: Any, path: str, fs: Any) -> A
                                                 storage_filesystem=fs, verbose=0))
 
 
+def trial_count(spec: Mapping[str, Any]) -> int:
+    """How many trials the validated ``spec`` runs (the grid, times the search's samples)."""
+    n = len(spec["archs"]) * len(spec["adv_eps"]) * len(spec["defenses"]) * len(spec["seeds"])
+    if spec["search"] is None:
+        return n * len(spec["methods"]) * len(spec["fractions"]) * len(spec["subsets"])
+    return n * int(spec["search"]["num_samples"])
+
+
+class _TrialProgress:
+    """While Tune runs (``verbose=0``): a progress line as trials finish, counted from the
+    result files the trials write (so a resumed sweep counts the ones done before it)."""
+
+    def __init__(self, root: str, so, total: int, say: Callable[[str], None],
+                 poll_seconds: float = 5.0) -> None:
+        self.url, self.so, self.poll = storage.join(root, "results"), so, poll_seconds
+        self.line = ProgressLine("[sweep] trials", total, say)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="ue-dist-sweep-progress", daemon=True)
+
+    def count(self) -> int:
+        try:
+            return sum(1 for name in storage.ls(self.url, self.so) if str(name).endswith(".json"))
+        except (FileNotFoundError, storage.StorageError):  # none yet, or a slow listing
+            return 0
+
+    def _run(self) -> None:
+        self.shown = self.count()
+        self.line.start(self.shown)
+        while not self.stop.wait(self.poll):
+            self._show(self.count())
+
+    def _show(self, done: int) -> None:
+        if done != self.shown:
+            self.shown = done
+            self.line.update(done)
+
+    def __enter__(self) -> "_TrialProgress":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop.set()
+        self.thread.join()
+        done = self.count()
+        if done == self.line.total:  # the last trial finished between two polls
+            self._show(done)
+
+
 def _summary(spec: Mapping[str, Any], grid: Any, root: str, so, train: ImageSet,
              cache: Mapping[str, Any], resumed: bool) -> dict[str, Any]:
     """The finished trials' rows (from ``results/``), the report files and, for a search, the best."""
@@ -525,9 +575,15 @@ def run_sweep(spec: Mapping[str, Any], storage_path: str | None = None,
                     todo[f"{method}:{seed}"] = (settings, _prep.remote(method, settings, train_ref, device))
         progress(f"[ue-dist] sweep {spec['name']}: fitting/protecting {len(todo)} (method, seed) "
                  f"pair(s) (cached in {storage.join(root, '_cache')})")
-        for key, (settings, ref) in todo.items():
+        line = ProgressLine("[sweep] fits", len(todo), progress)
+        pending = {ref: (key, settings) for key, (settings, ref) in todo.items()}
+        while pending:  # as each finishes, not in submission order
+            [ref], _ = ray.wait(list(pending), num_returns=1)
+            key, settings = pending.pop(ref)
             state_url, images_url = ray.get(ref)
             cache[key] = {"state": state_url, "images": images_url, "settings": settings}
+            line.update(len(todo) - len(pending))
+        cache = {key: cache[key] for key in todo}  # the spec's order, whichever finished first
 
     job = {"root": root, "storage_options": so, "resources": spec["resources"], "cache": cache,
            "victim_settings": spec["victim_settings"], "search": spec["search"], "spec": spec,
@@ -540,7 +596,8 @@ def run_sweep(spec: Mapping[str, Any], storage_path: str | None = None,
                                    resume_errored=True, storage_filesystem=fs)
     else:
         tuner = _new_tuner(spec, trainable, path, fs)
-    grid = tuner.fit()
+    with _TrialProgress(root, so, trial_count(spec), progress):
+        grid = tuner.fit()
     summary = _summary(spec, grid, root, so, train, cache, resumed)
     progress(f"[ue-dist] sweep {spec['name']}: {summary['completed']}/{len(grid)} trial(s) done"
              + (f", {len(summary['errors'])} failed" if summary["errors"] else "")

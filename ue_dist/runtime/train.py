@@ -17,6 +17,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
+from ue_dist import options as opts
 from ue_dist.core.context import FitContext, format_metrics
 from ue_dist.data import storage
 from ue_dist.methods.base import StateError, build_method, save_state
@@ -111,12 +112,25 @@ def default_run_name(method: str, train_url: str, state_url: str, settings: Mapp
     return f"fit-{method}-{hashlib.sha1(blob.encode()).hexdigest()[:10]}"
 
 
-def fit_method(method_name: str, train_url: str, state_url: str, *, preset: str = "paper",
-               overrides: Sequence[str] | Mapping[str, Any] = (), num_workers: int = 1,
-               use_gpu: bool = False, cpus_per_worker: float = 1.0, storage_path: str | None = None,
-               run_name: str | None = None, storage_options: Mapping[str, Any] | None = None,
-               max_failures: int = 0, train_fraction: float = 1.0, overwrite: bool = False,
+def _declared(name: str) -> Any:
+    return opts.default(opts.FIT, name)
+
+
+def fit_method(method_name: str, train_url: str, state_url: str, *,
+               preset: str = _declared("preset"), overrides: Sequence[str] | Mapping[str, Any] = (),
+               workers: int = _declared("workers"),
+               cpus_per_worker: float = _declared("cpus_per_worker"),
+               gpus_per_worker: float = _declared("gpus_per_worker"),
+               storage_path: str | None = None, run_name: str | None = None,
+               storage_options: Mapping[str, Any] | None = None,
+               max_failures: int = _declared("max_failures"),
+               train_fraction: float = _declared("train_fraction"), overwrite: bool = False,
                progress: Callable[[str], None] = print) -> dict[str, Any]:
+    """Fit ``method_name`` on ``train_url`` with a Ray Train worker group; write its state to
+    ``state_url``. The options are ``ue-dist fit``'s (``ue_dist.options.FIT``): the run lives
+    in ``storage_path`` (``--storage``; default ``$UE_DIST_STORAGE`` or ``./runs``) under
+    ``run_name`` (default derived from the method, data, state URL and settings), so a rerun
+    resumes it."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -138,25 +152,29 @@ def fit_method(method_name: str, train_url: str, state_url: str, *, preset: str 
     storage_path = storage.absolute(storage_path or default_storage())
     fs, path = pyarrow_filesystem(storage_path, storage_options)
     ensure_ray()
-    progress(f"[ue-dist] fit {method_name}: run {run_name} in {storage_path} "
-             f"({num_workers} worker(s), {'GPU' if use_gpu else 'CPU'})")
+    gpus = float(gpus_per_worker)
+    progress(f"[ue-dist] fit {method_name}: run {run_name} in {storage_path} ({workers} "
+             f"worker(s), " + (f"{gpus:g} GPU each)" if gpus > 0 else "CPU)"))
     config = {"method": method_name, "preset": preset, "overrides": dict(method.settings),
               "train_url": train_url, "storage_options": dict(storage_options or {}),
-              "use_gpu": use_gpu, "seed": int(method.settings.get("seed", 0)),
+              "use_gpu": gpus > 0, "seed": int(method.settings.get("seed", 0)),
               "train_fraction": train_fraction, "run_name": run_name, "started": time.time()}
+    # NCCL needs a GPU of its own per rank; workers sharing GPUs reduce through gloo
+    backend = "nccl" if gpus >= 1 or (gpus > 0 and int(workers) == 1) else "gloo"
+    resources = {"CPU": float(cpus_per_worker), **({"GPU": gpus} if gpus > 0 else {})}
     trainer = TorchTrainer(
-        _fit_worker, train_loop_config=config,
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": cpus_per_worker}),
+        _fit_worker, train_loop_config=config, torch_config=TorchConfig(backend=backend),
+        scaling_config=ScalingConfig(num_workers=int(workers), use_gpu=gpus > 0,
+                                     resources_per_worker=resources),
         run_config=RunConfig(name=run_name, storage_path=path, storage_filesystem=fs,
                              failure_config=FailureConfig(max_failures=max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)))
     from ue_dist.runtime.ray_env import check_resources, user_error_in
-    if not check_resources({"CPU": float(cpus_per_worker), "GPU": 1.0 if use_gpu else 0.0},
-                           "one fit worker (--cpus-per-worker, --gpu)"):
+    if not check_resources({"CPU": float(cpus_per_worker), "GPU": gpus},
+                           "one fit worker (--cpus-per-worker, --gpus-per-worker)"):
         progress(f"[ue-dist] fit {method_name}: no node offers {cpus_per_worker:g} CPU"
-                 f"{' and 1 GPU' if use_gpu else ''} per worker yet; waiting for the cluster")
+                 + (f" and {gpus:g} GPU" if gpus > 0 else "") + " per worker yet; waiting for "
+                 "the cluster")
     try:
         result = trainer.fit()
         if result.error is not None:
