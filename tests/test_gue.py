@@ -213,6 +213,53 @@ def test_selection_uses_held_out_training_images_never_a_test_set():
     assert (state["fit_count"], state["val_count"], state["unseen_count"]) == (36, 12, 0)
 
 
+def test_gue_at_selects_against_an_adversarially_trained_victim(monkeypatch):
+    import ue_dist.core.victim as victim_module
+
+    seen = []
+    real = victim_module.train_victim
+
+    def spy(train, test, settings, ctx=None, **kw):
+        seen.append(dict(settings))
+        return real(train, test, settings, ctx, **kw)
+
+    monkeypatch.setattr(victim_module, "train_victim", spy)
+    data = tiny_set(n=48)
+    tiny_at = TINY | {"val_fraction": 0.25, "select_every": 2, "select_epochs": 1,
+                      "at_steps": 1, "select_adv_steps": 2}
+    state = GueAT(GueAT.resolve("quick", tiny_at)).fit(
+        data, LocalContext(device="cpu", seed=0, log=lambda m: None))
+    (chosen,) = seen  # one selection check (epoch 2 of 2)
+    assert chosen["adv_eps"] == pytest.approx(4 / 255) and chosen["adv_method"] == "pgd"
+    assert chosen["adv_steps"] == 2 and chosen["adv_step_size"] == pytest.approx(1 / 255)
+    # the state records how its generator was selected
+    assert state["settings"]["select_adv_eps"] == pytest.approx(4 / 255)
+    assert GueAT.resolve("paper", {})["select_adv_eps"] == pytest.approx(4 / 255)
+    seen.clear()
+    Gue(Gue.resolve("quick", TINY | {"val_fraction": 0.25, "select_every": 2,
+                                     "select_epochs": 1})).fit(
+        data, LocalContext(device="cpu", seed=0, log=lambda m: None))
+    assert seen[0]["adv_eps"] == 0.0  # GUE's selection victim trains normally
+
+
+def test_learning_rates_follow_the_milestones():
+    from ue_dist.methods.gue import build_players, set_learning_rates
+
+    s = Gue.resolve("quick", TINY | {"lr_milestones": [2, 4], "lr_decay": 0.1})
+    players = build_players(s, 8 / 255, tiny_set(), LocalContext(device="cpu", seed=0))
+    rates = []
+    for epoch in range(6):
+        set_learning_rates(players, s, epoch)
+        rates.append((players["gen_opt"].param_groups[0]["lr"],
+                      players["cls_opt"].param_groups[0]["lr"]))
+    gen, cls = float(s["gen_lr"]), float(s["cls_lr"])
+    expected = [1, 1, 0.1, 0.1, 0.01, 0.01]  # MultiStepLR([2, 4]) stepped after each epoch
+    assert rates == [pytest.approx((gen * f, cls * f)) for f in expected]
+    paper = GueAT.resolve("paper", {})
+    assert (paper["gen_momentum"], paper["gen_weight_decay"], paper["lr_milestones"]) == \
+        (0.9, 5e-4, [120, 140])
+
+
 def test_bad_states_are_refused_clearly(fitted, tmp_path):
     method, data, state, _ = fitted
     with pytest.raises(StateError, match="shape"):

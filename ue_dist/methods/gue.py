@@ -21,8 +21,10 @@ The Stackelberg game is solved with BOME (Algorithm 1): per mini-batch,
 
 Shapes: images ``B x C x H x W`` float in [0, 1]; ``perturb`` is one generator forward pass in
 eval mode (batch-independent), so it streams over shards and protects data that arrive after
-fitting. Model selection uses a held-out part of the *training* data (``val_fraction``), never a
-test set; ``train_fraction`` fits on a seeded subset and never looks at the rest.
+fitting. Model selection keeps the generator whose protected fit images leave a fresh victim
+(``select_epochs``, ``select_arch``; for GUE-AT trained with PGD-AT at ``select_adv_eps``, as in
+the authors' ``gue_adv.py``) least accurate on a held-out part of the *training* data
+(``val_fraction``) -- never a test set, where the authors' code measures on CIFAR's test set; ``train_fraction`` fits on a seeded subset and never looks at the rest.
 
 ``precision`` (``fp32``/``bf16``/``auto``) runs the generator and classifier forwards of BOME
 and of ``perturb`` under bf16 autocast (channels_last models); the generator's ``eps * tanh``
@@ -44,7 +46,8 @@ from ue_dist.core.config import SettingsError, parse_radius
 from ue_dist.core.context import FitContext, format_metrics
 from ue_dist.core.models import ARCHITECTURES, SmallCNN, WithNormalize, build_model
 from ue_dist.core.precision import PRECISIONS, in_precision, prepare_model, resolve_precision
-from ue_dist.core.settings import Setting, choice, count, fraction, non_negative, positive_int
+from ue_dist.core.settings import (Setting, choice, count, fraction, non_negative, positive,
+                                   positive_int)
 from ue_dist.core.unet import UNetGenerator
 from ue_dist.data.imageset import ImageSet
 from ue_dist.methods.base import Method, StateError, register
@@ -272,6 +275,17 @@ def build_players(settings: Mapping[str, Any], eps: float, train: ImageSet,
             "cls_opt": torch.optim.SGD(cls.parameters(), lr=float(s["cls_lr"]))}
 
 
+def set_learning_rates(players: Mapping[str, Any], settings: Mapping[str, Any], epoch: int) -> None:
+    """Both players' learning rates for (0-based) ``epoch``: the base rates times ``lr_decay``
+    per milestone passed, as the authors' MultiStepLR stepped once per epoch (a resumed run
+    gets the same rates from the epoch alone)."""
+    factor = float(settings["lr_decay"]) ** sum(
+        1 for m in settings["lr_milestones"] if epoch >= int(m))
+    for opt, key in ((players["gen_opt"], "gen_lr"), (players["cls_opt"], "cls_lr")):
+        for group in opt.param_groups:
+            group["lr"] = float(settings[key]) * factor
+
+
 def bome_epoch(players: dict[str, Any], train: ImageSet, local_idx: torch.Tensor, epoch: int,
                step: int, steps_per_epoch: int, settings: Mapping[str, Any],
                ctx: FitContext) -> tuple[dict[str, Any], int]:
@@ -317,10 +331,15 @@ def selection_score(method: Method, gen: nn.Module, train: ImageSet,
     gen.train(was_training)
     poisoned = ImageSet(protected, fit_set.labels.clone(), fit_set.keys, fit_set.meta,
                         train.num_classes)
+    s = method.settings
+    adv_eps = float(s["select_adv_eps"])
+    # GUE-AT keeps the generator that is strongest against the defence it exists for: its
+    # selection victim trains with PGD-AT (the authors' gue_adv.py: 4/255, 10 steps of eps/4)
     victim_settings = resolve_victim_settings("quick", {
-        "arch": method.settings["select_arch"], "epochs": int(method.settings["select_epochs"]),
-        "seed": int(ctx.seed), "eval_robust": False,
-        "precision": str(method.settings["precision"])})
+        "arch": s["select_arch"], "epochs": int(s["select_epochs"]), "seed": int(ctx.seed),
+        "eval_robust": False, "precision": str(s["precision"]), "adv_eps": adv_eps,
+        "adv_method": "pgd", "adv_steps": int(s["select_adv_steps"]),
+        "adv_step_size": adv_eps / 4 if adv_eps > 0 else None})
     # every worker scores the same (synchronised) generator the same way: no broadcast needed
     quiet = LocalContext(device=ctx.device, seed=int(ctx.seed), log=lambda _msg: None)
     result = train_victim(poisoned, val_set, victim_settings, ctx=quiet)
@@ -373,6 +392,10 @@ _COMMON = {
     "select_every": 5,            # epochs between selection checks; 0 = keep the last generator
     "select_epochs": 5,           # victim epochs per selection check (authors: 5)
     "select_arch": "resnet18",
+    "select_adv_eps": 0.0,        # > 0: the selection victim trains with PGD-AT at this radius
+    "select_adv_steps": 10,       # ... with this many steps of select_adv_eps / 4 (authors)
+    "lr_milestones": [],          # epochs after which both players' learning rates decay
+    "lr_decay": 0.1,
     "cls_width": 0,               # > 0: width of the small CNN follower (0: the arch's default)
     "log_every": 1,               # steps between per-step metric reports
     "precision": "fp32",          # fp32 | bf16 | auto: autocast for generator/classifier forwards
@@ -396,6 +419,11 @@ _DECLARED: dict[str, Setting] = {
     "split_seed": count("seeds the train/val/unseen split (the fit's own seed is the run's)"),
     "select_every": count("epochs between selection checks (0: keep the last)"),
     "select_epochs": count(), "select_arch": choice(*sorted(ARCHITECTURES)),
+    "select_adv_eps": Setting("radius", "PGD-AT radius of the selection victim (0: standard)"),
+    "select_adv_steps": positive_int("PGD steps of the selection victim's adversarial training"),
+    "lr_milestones": Setting("list", "epochs after which both learning rates are multiplied by "
+                                     "lr_decay (MultiStepLR)"),
+    "lr_decay": positive(),
     "cls_width": count("small-CNN follower width (0: the arch's default)"),
     "log_every": positive_int(), "precision": choice(*PRECISIONS),
 }
@@ -432,6 +460,9 @@ class Gue(Method):
     def validate_settings(self) -> None:
         super().validate_settings()
         s = self.settings
+        ms = s["lr_milestones"]
+        if not all(isinstance(m, int) and not isinstance(m, bool) and m >= 1 for m in ms):
+            raise SettingsError(f"lr_milestones must be a list of epochs >= 1, got {ms!r}")
         if s["follower_loss"] != "ce":
             if not float(s["at_eps"]) > 0:
                 raise SettingsError(f"at_eps must be > 0 when follower_loss={s['follower_loss']!r}")
@@ -459,6 +490,7 @@ class Gue(Method):
         bar = ctx.progress(f"[{self.name}] epochs", epochs)
         bar.start(start_epoch)
         for epoch in range(start_epoch, epochs):
+            set_learning_rates(players, s, epoch)
             record, step = bome_epoch(players, train, fit_idx[ctx.shard_indices(len(fit_idx))],
                                       epoch, step, steps_per_epoch, s, ctx)
             _sync_buffers(gen, ctx)
@@ -554,13 +586,19 @@ class GueAT(Gue):
     adversarial loss with ``follower_loss=pgd``) at radius ``at_eps``, 10 PGD steps of eps_a/4.
 
     Threat model: L-inf perturbations of radius ``eps``; the victim may train adversarially with
-    a radius up to about ``at_eps``.
+    a radius up to about ``at_eps``. Model selection trains its victim with PGD-AT at
+    ``select_adv_eps`` (paper: 4/255, 10 steps of 1/255), so the kept generator is the one
+    strongest against adversarial training, not against standard training.
     """
 
     name = "gue-at"
     presets = {
+        # the authors' gue_adv.py: generator SGD momentum 0.9 and weight decay 5e-4, both
+        # learning rates x0.1 after epochs 120 and 140, and a PGD-AT selection victim
         "paper": _preset(width=64, arch="resnet18", epochs=150, batch_size=256,
-                         follower_loss="trades", at_eps=4 / 255),
+                         follower_loss="trades", at_eps=4 / 255, gen_momentum=0.9,
+                         gen_weight_decay=5e-4, lr_milestones=[120, 140],
+                         select_adv_eps=4 / 255),
         # digits on one CPU core in about 14 minutes (measured 824 s). Against PGD-AT (2/255)
         # victims trained 24 epochs it needs the wider U-Net and the epochs: width 8 left them at
         # 93.3-98.3 % (12-36 epochs); width 16, 24 epochs: 80.0 / 85.8 / 80.6 % (victim seeds
@@ -569,7 +607,7 @@ class GueAT(Gue):
                          inner_steps=3, gen_lr=1.0, gen_momentum=0.9, cls_lr=0.05,
                          follower_loss="trades", at_eps=4 / 255, at_steps=5,
                          val_fraction=0.0, select_every=0, select_epochs=2,
-                         select_arch="small-cnn"),
+                         select_arch="small-cnn", select_adv_eps=4 / 255, select_adv_steps=5),
     }
 
     def validate_settings(self) -> None:
