@@ -348,3 +348,33 @@ def test_real_fashion_mnist_convert(tmp_path, capsys):
     raw = idx_array(os.path.join(REAL, "train-images-idx3-ubyte.gz"), ndim=3)[:1, ..., None]
     assert np.array_equal(first.image, np.repeat(_resize(raw, 32), 3, 3)[0])
     print(f"convert fashion-mnist: {seconds:.1f} s")
+
+
+@needs_real
+def test_demo_data_is_a_balanced_seeded_subset_of_the_real_files():
+    from ue_dist.runtime.demo import FASHION_MNIST_DEMO_TRAIN, _demo_arrays
+
+    splits, keys, extra = _demo_arrays("fashion-mnist")
+    x, y = splits["train"]
+    assert x.shape == (FASHION_MNIST_DEMO_TRAIN, 32, 32, 3) and extra["classes"] == FASHION_MNIST_CLASSES
+    assert np.bincount(y).tolist() == [FASHION_MNIST_DEMO_TRAIN // 10] * 10
+    assert splits["test"][0].shape == (10000, 32, 32, 3)  # the whole official test set
+    assert np.bincount(splits["test"][1]).tolist() == [1000] * 10
+    # each key names the image's position in the official file, and the image is that one
+    raw = idx_array(os.path.join(REAL, "train-images-idx3-ubyte.gz"), ndim=3)
+    positions = [int(k.rsplit("-", 1)[1]) for k in keys["train"]]
+    assert positions == sorted(set(positions)) and len(positions) == FASHION_MNIST_DEMO_TRAIN
+    for i in (0, 1234, FASHION_MNIST_DEMO_TRAIN - 1):
+        p = positions[i]
+        assert np.array_equal(x[i], np.repeat(_resize(raw[p:p + 1, ..., None], 32), 3, 3)[0])
+    assert _demo_arrays("fashion-mnist")[1] == keys  # seeded: the same subset every time
+
+
+def test_demo_refuses_a_folder_holding_another_datasets_demo(tmp_path):
+    from ue_dist.core.config import SettingsError
+    from ue_dist.runtime.demo import _demo_data
+
+    (tmp_path / "data" / "train").mkdir(parents=True)  # what a digits demo leaves
+    (tmp_path / "data" / "train" / "_dataset.json").write_text('{"source": "digits"}')
+    with pytest.raises(SettingsError, match="holds the digits demo's data, not the fashion-mnist"):
+        _demo_data(str(tmp_path / "data"), "fashion-mnist", None, None)  # one folder, one dataset

@@ -111,6 +111,7 @@ def _demo(args: argparse.Namespace) -> int:
     print_settings("victim", resolve_victim_settings(args.victim_preset, args.victim_overrides))
     summary = run_demo(args.out, [m for m in args.methods.split(",") if m], preset=args.preset,
                        victim_preset=args.victim_preset, victim_overrides=args.victim_overrides,
+                       dataset=args.dataset,
                        storage_options=storage_options(args),
                        progress=to_stderr)
     emit(args, summary, demo_text)
