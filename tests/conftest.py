@@ -46,6 +46,18 @@ def moto_s3():
 
 
 @pytest.fixture(scope="session")
+def two_nodes(moto_s3, tmp_path_factory):
+    """One real two-node Ray cluster for the session (head with dashboard + worker, 1 CPU each,
+    tests/helpers.py ``two_node_cluster``): jobs are submitted to it and CLI commands join it
+    (``RAY_ADDRESS``), so each system test does not pay for starting and stopping Ray. Its
+    nodes carry the moto S3 variables in their environment, as an instance role would."""
+    from helpers import two_node_cluster
+
+    with two_node_cluster(tmp_path_factory.mktemp("two-nodes")) as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="session")
 def s3_server(moto_s3):
     """The same server under the name the data-layer tests use."""
     return moto_s3

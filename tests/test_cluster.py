@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import submit, two_node_cluster
+from helpers import submit
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
@@ -122,7 +122,7 @@ def test_no_secrets_inline_in_cluster_configs_and_job_specs():
 
 # a real two-node cluster --------------------------------------------------------------------------
 @pytest.mark.system
-def test_two_node_cluster_runs_a_job_spec_through_the_jobs_api(tmp_path):
+def test_two_node_cluster_runs_a_job_spec_through_the_jobs_api(tmp_path, two_nodes):
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     work = tmp_path / "work"
@@ -138,18 +138,18 @@ method: {{name: classwise, preset: quick}}
 fit: {{workers: 1, cpus_per_worker: 0.5}}
 protect: {{actors: 2, cpus_per_actor: 0.5}}
 """)
-    with two_node_cluster(tmp_path) as cluster:
-        from ray.util.state import list_nodes
+    cluster = two_nodes
+    from ray.util.state import list_nodes
 
-        assert len([n for n in list_nodes(address=cluster["dashboard"]) if n.state == "ALIVE"]) == 2
-        proc, job_id = submit(cluster, work, ["ue-dist", "run", "jobs/tiny.yaml", "--json"])
-        logs = proc.stdout + proc.stderr
-        assert proc.returncode == 0, logs[-4000:]
-        client = JobSubmissionClient(cluster["dashboard"])
-        info = client.get_job_info(job_id)
-        assert info.status == JobStatus.SUCCEEDED
-        assert info.entrypoint == "ue-dist run jobs/tiny.yaml --json"
-        job_logs = client.get_job_logs(job_id)
+    assert len([n for n in list_nodes(address=cluster["dashboard"]) if n.state == "ALIVE"]) == 2
+    proc, job_id = submit(cluster, work, ["ue-dist", "run", "jobs/tiny.yaml", "--json"])
+    logs = proc.stdout + proc.stderr
+    assert proc.returncode == 0, logs[-4000:]
+    client = JobSubmissionClient(cluster["dashboard"])
+    info = client.get_job_info(job_id)
+    assert info.status == JobStatus.SUCCEEDED
+    assert info.entrypoint == "ue-dist run jobs/tiny.yaml --json"
+    job_logs = client.get_job_logs(job_id)
     assert "[ue-dist run tiny] protect" in job_logs
     result = json.loads(next(line for line in job_logs.splitlines() if line.startswith('{"name"')))
     assert result["ok"] and result["steps"]["protect"]["shards_done"] == 4

@@ -40,7 +40,7 @@ def test_router_shows_marked_lines_once_and_logs_the_rest(tmp_path, monkeypatch,
 
 
 @pytest.mark.system
-def test_protect_console_has_no_ray_internals(tmp_path):
+def test_protect_console_has_no_ray_internals(tmp_path, two_nodes):
     src, state = str(tmp_path / "src"), str(tmp_path / "state.pt")
     make_source(src, n_shards=2, per_shard=12)
     fit_classwise(state)
@@ -48,10 +48,11 @@ def test_protect_console_has_no_ray_internals(tmp_path):
                UE_DIST_LOG_DIR=str(tmp_path / "logs"))
     env.pop("RAY_ADDRESS", None)
 
-    def run(*extra):
+    def run(*extra, **more_env):
         return subprocess.run([str(BIN / "ue-dist"), "protect", "--method", "classwise",
                                "--state", state, src, str(tmp_path / f"dst{len(extra)}"), *extra],
-                              env=env, capture_output=True, text=True, timeout=300)
+                              env=dict(env, **more_env), capture_output=True, text=True,
+                              timeout=300)
 
     quiet = run()
     assert quiet.returncode == 0, quiet.stderr
@@ -61,8 +62,11 @@ def test_protect_console_has_no_ray_internals(tmp_path):
     assert lines[-1].startswith("[ue-dist] Ray's own log lines: ")
     log = Path(lines[-1].split(": ", 1)[1].split(" (-v", 1)[0])
     assert log.parent == tmp_path / "logs" and "Started a local Ray instance" in log.read_text()
-    verbose = run("-v")
-    assert verbose.returncode == 0 and "Started a local Ray instance" in verbose.stderr
+    # -v leaves Ray's own lines on the terminal; this run joins the session's cluster (a second
+    # local Ray start would cost more than the check)
+    verbose = run("-v", RAY_ADDRESS=two_nodes["gcs"])
+    assert verbose.returncode == 0, verbose.stderr
+    assert "Connecting to existing Ray cluster at address" in verbose.stderr
 
 
 class _Terminal:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import fit_classwise, make_source, submit, two_node_cluster
+from helpers import fit_classwise, make_source, submit
 
 BIN = Path(sys.executable).parent
 
@@ -93,7 +93,7 @@ def test_protect_cli_on_s3_never_prints_or_writes_the_secret(moto_s3, s3_bucket,
 
 @pytest.mark.system
 def test_ray_job_on_s3_keeps_the_secret_out_of_job_info_logs_and_outputs(moto_s3, s3_bucket,
-                                                                          tmp_path):
+                                                                          tmp_path, two_nodes):
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     secret = moto_s3["secret"]
@@ -103,18 +103,18 @@ def test_ray_job_on_s3_keeps_the_secret_out_of_job_info_logs_and_outputs(moto_s3
     (work / "README").write_text("working dir of a credentials test job\n")
     # The nodes carry the credentials in their environment (as an instance role would provide
     # them); the job itself gets none: no secrets in entrypoint, runtime env or metadata.
-    with two_node_cluster(tmp_path) as cluster:
-        proc, job_id = submit(cluster, work, [
-            "ue-dist", "protect", "--method", "classwise", "--state", state, src, dst,
-            "--actors", "2", "--json"], runtime_env={"env_vars": {"UE_DIST_NOTE": "creds-test"}})
-        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-        client = JobSubmissionClient(cluster["dashboard"])
-        info = client.get_job_info(job_id)
-        assert info.status == JobStatus.SUCCEEDED
-        job_logs = client.get_job_logs(job_id)
-        info_text = json.dumps({"entrypoint": info.entrypoint, "runtime_env": info.runtime_env,
-                                "metadata": info.metadata, "message": info.message}, default=str)
-        logs_hits = _files_containing(cluster["temp_dir"], secret.encode())
+    cluster = two_nodes  # the session's (tests/conftest.py); earlier tests' logs are searched too
+    proc, job_id = submit(cluster, work, [
+        "ue-dist", "protect", "--method", "classwise", "--state", state, src, dst,
+        "--actors", "2", "--json"], runtime_env={"env_vars": {"UE_DIST_NOTE": "creds-test"}})
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    client = JobSubmissionClient(cluster["dashboard"])
+    info = client.get_job_info(job_id)
+    assert info.status == JobStatus.SUCCEEDED
+    job_logs = client.get_job_logs(job_id)
+    info_text = json.dumps({"entrypoint": info.entrypoint, "runtime_env": info.runtime_env,
+                            "metadata": info.metadata, "message": info.message}, default=str)
+    logs_hits = _files_containing(cluster["temp_dir"], secret.encode())
     summary = json.loads(next(line for line in job_logs.splitlines() if line.startswith("{")))
     assert summary["shards_done"] == 2
     assert secret not in info_text and "AWS_SECRET_ACCESS_KEY" not in info_text
