@@ -44,6 +44,43 @@ def test_gaussian_filter_preserves_constants_and_lowers_high_frequencies():
     assert out.std() < 0.5 * checker.std()
 
 
+def _impulse(size=5):
+    x = torch.zeros(1, 1, size, size)
+    x[0, 0, size // 2, size // 2] = 1.0
+    return x
+
+
+def test_gaussian_default_is_the_rem_authors_cv2_kernel():
+    # cv2.GaussianBlur(x, (3, 3), 0) (REM's utils/generic.py) uses OpenCV's fixed [1, 2, 1] / 4
+    # kernel: the impulse response is its outer product
+    k = torch.tensor([0.25, 0.5, 0.25])
+    out = gaussian_filter(_impulse())[0, 0, 1:4, 1:4]
+    assert torch.allclose(out, torch.outer(k, k), atol=1e-7)
+    assert parse_defense("gaussian").params == {"size": 3, "sigma": 0.0}
+    # uint8 image and the output of cv2 5.0 GaussianBlur(img, (3, 3), 0) on it (border
+    # BORDER_REFLECT_101); cv2 rounds in fixed point, so one pixel differs by 1
+    img = torch.tensor([[217, 69, 19, 208, 128, 186], [143, 208, 100, 8, 216, 220],
+                        [20, 108, 1, 171, 65, 98], [206, 175, 215, 99, 148, 134]], dtype=torch.uint8)
+    cv2 = torch.tensor([[159, 129, 91, 112, 164, 188], [140, 121, 89, 102, 148, 169],
+                        [124, 119, 105, 107, 124, 131], [127, 126, 123, 121, 116, 111]])
+    ours = preprocess("gaussian", img.view(1, 1, 4, 6))[0, 0].long()
+    assert (ours - cv2).abs().max() <= 1 and (ours == cv2).sum() >= 23
+
+
+def test_gaussian_sigma_08_matches_the_hand_computed_kernel():
+    # sigma = 0.3 * ((3 - 1) * 0.5 - 1) + 0.8 = 0.8: taps exp(-1 / (2 * 0.64)) = 0.45783 and 1,
+    # normalised by 1 + 2 * 0.45783
+    side = 0.45783336 / (1 + 2 * 0.45783336)
+    k = torch.tensor([side, 1 - 2 * side, side])
+    assert abs(side - 0.238994) < 1e-5
+    out = gaussian_filter(_impulse(), sigma=0.8)[0, 0, 1:4, 1:4]
+    assert torch.allclose(out, torch.outer(k, k), atol=1e-6)
+    assert out.sum().item() == pytest.approx(1.0, abs=1e-6)
+    assert parse_defense("gaussian:sigma=0.8").params["sigma"] == 0.8
+    with pytest.raises(SettingsError, match="sigma must be >= 0"):
+        parse_defense("gaussian:sigma=-1")
+
+
 def test_grayscale_channels_equal_and_luminance():
     x = torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(2))
     g = grayscale(x)

@@ -49,6 +49,34 @@ def test_every_spec_in_jobs_loads_and_validates(path, monkeypatch):
         assert spec["root"].startswith(ENV["UE_DIST_ROOT"])
         assert spec["evaluate"]["settings"]["arch"] == "resnet18"
         assert spec["sweep"] is not None and spec["sweep"]["data"]["train"] == spec["data"]["train"]
+        _check_papers_protocol(path.stem.split("-", 1)[1], spec)
+
+
+# each CIFAR-10 job: its paper's victim preset and grid (architectures, adversarial radii)
+PAPER_GRIDS = {
+    # REM Table 3's architectures, Table 1's adversarial radii
+    "rem": ("rem", ["resnet18", "resnet50", "vgg16", "densenet121", "wrn-34-10"],
+            [0, 1 / 255, 2 / 255, 3 / 255, 4 / 255]),
+    # GUE Table 2's architectures, Table 4's radii
+    "gue": ("gue", ["resnet18", "vgg16", "resnet50", "densenet121", "wrn-28-10"],
+            [0, 2 / 255, 4 / 255]),
+    # the Bayes-error paper's Table 1
+    "bayes": ("bayes", ["resnet18", "resnet34", "vgg19", "densenet121", "mobilenetv2"], [0]),
+}
+
+
+def _check_papers_protocol(method, spec):
+    from ue_dist.core.victim import resolve_victim_settings
+    from ue_dist.runtime.sweep import validate_spec
+
+    preset, archs, radii = PAPER_GRIDS[method]
+    sweep = validate_spec(spec["sweep"])
+    assert sweep["victim_preset"] == preset
+    assert sweep["archs"] == archs and sweep["adv_eps"] == pytest.approx(radii)
+    evaluate = spec["evaluate"]["settings"]
+    expected = resolve_victim_settings(preset)
+    assert {k: v for k, v in evaluate.items() if k != "adv_eps"} == \
+        {k: v for k, v in expected.items() if k != "adv_eps"}
 
 
 def test_cli_check_prints_the_resolved_spec(capsys, monkeypatch):

@@ -67,3 +67,34 @@ def test_pgd_rejects_bad_arguments():
         pgd(lambda z: z.sum(), x, eps=0.1, step_size=0.1, steps=1, norm="l1")
     with pytest.raises(ValueError, match="step_size > 0"):
         pgd(lambda z: z.sum(), x, eps=0.1, step_size=0.0, steps=1)
+
+
+@pytest.mark.parametrize("method", ["pgd", "trades"])
+def test_l2_adversarial_training_examples_stay_in_the_l2_ball_and_raise_the_loss(method):
+    # REM App. E: PGD-AT / TRADES in the L2 ball; the step is the normalised gradient times the
+    # step size, then the projection onto the ball (core/pgd, the REM authors' pgd_attacker.py)
+    from ue_dist.core.adversarial import adversarial_examples
+
+    model = _linear_model()
+    x = torch.rand(8, 3, 8, 8, generator=torch.Generator().manual_seed(1)) * 0.5 + 0.25
+    y = torch.arange(8) % 4
+    eps = 100 / 255  # REM Table 11's larger L2 radius
+    x_adv = adversarial_examples(model, x, y, method=method, eps=eps, step_size=eps / 5,
+                                 steps=10, norm="l2", generator=torch.Generator().manual_seed(3))
+    d = (x_adv - x).flatten(1)
+    assert d.norm(dim=1).max() <= eps + 1e-5
+    assert d.norm(dim=1).min() > 0.9 * eps  # 10 steps of eps/5 reach the sphere
+    # an L2 ball, not the L-inf one: some pixel moves by more than the L-inf radius would allow
+    # at the same L2 budget spread evenly (eps / sqrt(d))
+    assert d.abs().max() > 2 * eps / d.shape[1] ** 0.5
+    # the attack beats a random direction of the same L2 length by far (CE for PGD-AT, the KL
+    # to the clean prediction for TRADES)
+    g = torch.Generator().manual_seed(4)
+    rand = torch.randn(x.shape, generator=g)
+    x_rand = x + rand / rand.flatten(1).norm(dim=1).view(-1, 1, 1, 1) * eps
+    with torch.no_grad():
+        p = F.softmax(model(x), 1)
+        objective = (lambda z: F.cross_entropy(model(z), y)) if method == "pgd" else \
+            (lambda z: F.kl_div(F.log_softmax(model(z), 1), p, reduction="batchmean"))
+        clean, moved, random = objective(x), objective(x_adv), objective(x_rand)
+    assert moved > clean and moved - clean > 5 * (random - clean).abs(), (clean, moved, random)

@@ -231,6 +231,13 @@ def test_settings_errors_and_warning():
     paper = get_method("rem").presets["paper"]
     assert (paper["arch"], paper["train_steps"], paper["batch_size"], paper["eot_samples"],
             paper["steps_u"], paper["steps_a"]) == ("resnet18", 5000, 128, 5, 10, 10)
+    # TAP's clean model as the REM authors' train_clr.sh: 40,000 steps, x0.1 every 16,000;
+    # its attack 250 steps of rho_u / 125 (gen_tap.sh: --pgd-step-size 0.064 at radius 8)
+    tap = get_method("tap").presets["paper"]
+    assert (tap["arch"], tap["train_steps"], tap["batch_size"], tap["lr"], tap["momentum"],
+            tap["weight_decay"], tap["lr_decay_every"], tap["lr_decay"]) == \
+        ("resnet18", 40000, 128, 0.1, 0.9, 5e-4, 16000, 0.1)
+    assert (tap["steps"], tap["step_frac"]) == (250, pytest.approx(0.064 / 8))
     with pytest.warns(UserWarning, match="rho_a=.* >= rho_u=eps"):
         build_method("rem", "quick", ["rho_a=8/255"])
     with warnings.catch_warnings():

@@ -37,6 +37,128 @@ def test_presets_have_the_documented_keys():
             paper["batch_size"], paper["epochs"]) == ("resnet18", 0.1, 0.9, 5e-4, "cosine", 128, 100)
 
 
+def test_paper_and_quick_presets_keep_their_values():
+    # the per-paper presets added settings; `paper` and `quick` train exactly as before them
+    added = {"iterations": 0, "adv_norm": "linf", "adv_step_frac": 0.25, "adv_lr": None}
+    common = {"momentum": 0.9, "weight_decay": 5e-4, "milestones": [0.5, 0.75], "augment": True,
+              "adv_eps": 0.0, "adv_method": "pgd", "adv_steps": 10, "adv_step_size": None,
+              "trades_beta": 6.0, "defense": "none", "seed": 0, "eval_robust": True,
+              "eval_eps": None, "eval_steps": 20, "eval_batch_size": 500, "precision": "auto"}
+    assert VICTIM_PRESETS["paper"] == {**common, **added, "arch": "resnet18", "epochs": 100,
+                                       "batch_size": 128, "lr": 0.1, "schedule": "cosine"}
+    assert VICTIM_PRESETS["quick"] == {**common, **added, "arch": "small-cnn", "epochs": 8,
+                                       "batch_size": 64, "lr": 0.05, "schedule": "cosine",
+                                       "adv_steps": 5, "eval_steps": 10}
+    # settings stored before the new ones existed still validate, as they trained
+    old = {k: v for k, v in resolve_victim_settings("paper").items() if k not in added}
+    assert resolve_victim_settings("paper") == {**old, **added}
+    from ue_dist.core.victim import validate_victim_settings
+    assert validate_victim_settings(old) == {**old, **added}
+
+
+def test_each_papers_victim_preset_resolves_to_its_figures():
+    rem, gue, bayes = (resolve_victim_settings(p) for p in ("rem", "gue", "bayes"))
+    # REM App. A.4: 40,000 iterations, batch 128, SGD 0.1/0.9/5e-4, x0.1 every 16,000; 10 PGD
+    # steps of rho_a / 5
+    assert (rem["iterations"], rem["epochs"], rem["batch_size"], rem["lr"], rem["momentum"],
+            rem["weight_decay"], rem["schedule"]) == (40000, 0, 128, 0.1, 0.9, 5e-4, "step")
+    assert [round(m * 40000) for m in rem["milestones"]] == [16000, 32000]
+    assert (rem["adv_steps"], rem["adv_step_frac"], rem["adv_method"]) == (10, 0.2, "pgd")
+    # GUE: 100 epochs, lr 0.01 (0.1 adversarial), x0.1 at epochs 75 and 90, 10 steps of eps/4
+    assert (gue["epochs"], gue["lr"], gue["adv_lr"], gue["momentum"], gue["weight_decay"],
+            gue["schedule"]) == (100, 0.01, 0.1, 0.9, 5e-4, "step")
+    assert [round(m * 100) for m in gue["milestones"]] == [75, 90]
+    assert (gue["adv_steps"], gue["adv_step_frac"], gue["trades_beta"]) == (10, 0.25, 1.0)
+    # Bayes-error paper: 100 epochs, SGD 0.1/0.9/5e-4, cosine
+    assert (bayes["epochs"], bayes["lr"], bayes["momentum"], bayes["weight_decay"],
+            bayes["schedule"], bayes["iterations"]) == (100, 0.1, 0.9, 5e-4, "cosine", 0)
+    # one run length: a preset counted in iterations refuses epochs as well
+    with pytest.raises(SettingsError, match="iterations=40000 and epochs=5"):
+        resolve_victim_settings("rem", ["epochs=5"])
+    assert resolve_victim_settings("rem", ["epochs=5", "iterations=0"])["epochs"] == 5
+
+
+def test_victim_preset_choices_come_from_the_presets():
+    from ue_dist import options as opts
+    from ue_dist.cli import build_parser
+
+    assert tuple(opts.VICTIM_PRESET.valid_choices()) == tuple(VICTIM_PRESETS)
+    assert {"rem", "gue", "bayes"} <= set(VICTIM_PRESETS)
+    assert tuple(opts.PRESET.valid_choices()) == ("paper", "quick")  # method presets unchanged
+    args = build_parser().parse_args(["evaluate", "--train", "a", "--test", "b",
+                                      "--victim-preset", "rem"])
+    assert args.victim_preset == "rem"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["fit", "--method", "em", "a", "b", "--preset", "rem"])
+    for spec in ("SWEEP_SPEC",):
+        sweep_opt = opts.option(getattr(opts, spec), "victim_preset")
+        assert opts.check_value("gue", sweep_opt, "victim_preset", SettingsError) == "gue"
+        with pytest.raises(SettingsError, match="bayes"):
+            opts.check_value("nope", sweep_opt, "victim_preset", SettingsError)
+
+
+def test_a_victim_counted_in_iterations_steps_its_schedule_per_iteration(digits):
+    train, test = _small(digits[0], 128), _small(digits[1], 40)
+    # 128 samples, batch 32: 4 steps a pass; 10 iterations = passes of 4, 4 and 2 steps;
+    # lr x0.1 at iteration 5 (milestone 0.5)
+    s = resolve_victim_settings("quick", {"epochs": 0, "iterations": 10, "batch_size": 32,
+                                          "schedule": "step", "milestones": [0.5]})
+
+    class Keep(LocalContext):
+        def __init__(self):
+            super().__init__(device="cpu", log=lambda m: None)
+            self.states = []
+
+        def report(self, metrics, state=None):
+            super().report(metrics, state)
+            self.states.append(state)
+
+    ctx = Keep()
+    out = train_victim(train, test, s, ctx)
+    assert [r["step"] for r in out["per_epoch"]] == [4, 8, 10]
+    assert [r["epoch"] for r in out["per_epoch"]] == [1, 2, 3]
+    assert [r["lr"] for r in out["per_epoch"]] == pytest.approx([0.05, 0.005, 0.005])
+    # resumed after the first pass, the rest comes out identical
+    resumed = quiet()
+    resumed.last_state = ctx.states[0]
+    again = train_victim(train, test, s, resumed)
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "seconds"} for r in rs]  # noqa: E731
+    assert strip(again["per_epoch"]) == strip(out["per_epoch"])
+
+
+def test_adversarial_step_learning_rate_and_norm_come_from_the_settings(digits, monkeypatch):
+    import ue_dist.core.victim as victim
+
+    seen = {}
+    real_examples, real_robust = victim.adversarial_examples, victim.robust_accuracy
+
+    def examples(*a, **kw):
+        seen.setdefault("attack", (kw["step_size"], kw["norm"]))
+        return real_examples(*a, **kw)
+
+    def robust(*a, **kw):
+        if kw["eps"] > 0:  # the clean per-epoch evaluation has eps 0
+            seen.setdefault("eval", (kw["eps"], kw["norm"]))
+        return real_robust(*a, **kw)
+
+    monkeypatch.setattr(victim, "adversarial_examples", examples)
+    monkeypatch.setattr(victim, "robust_accuracy", robust)
+    train, test = _small(digits[0], 64), _small(digits[1], 20)
+    # the GUE preset's adversarial learning rate (0.1, not its standard 0.01), REM's rho_a / 5
+    # and an L2 ball of radius 2 (valid only as an L2 radius)
+    s = resolve_victim_settings("gue", {"arch": "small-cnn", "epochs": 1, "adv_eps": 2.0,
+                                        "adv_norm": "l2", "adv_step_frac": 0.2, "adv_steps": 1,
+                                        "eval_steps": 1, "batch_size": 32})
+    out = train_victim(train, test, s, quiet())
+    assert out["per_epoch"][0]["lr"] == pytest.approx(0.1)
+    assert seen["attack"] == (pytest.approx(0.4), "l2")
+    assert seen["eval"] == (2.0, "l2") and out["robust_eps"] == 2.0
+    standard = train_victim(train, test, {**s, "adv_eps": 0.0}, quiet())
+    assert standard["per_epoch"][0]["lr"] == pytest.approx(0.01)
+    with pytest.raises(SettingsError, match="adv_eps"):
+        resolve_victim_settings("paper", {"adv_eps": 2.0})  # an L-inf radius must be <= 1
+
+
 def test_clean_digits_victim_learns(digits):
     train, test = _small(digits[0], 718, step=2), digits[1]
     s = resolve_victim_settings("quick", {"epochs": 3, "augment": False, "batch_size": 32})

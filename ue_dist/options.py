@@ -92,6 +92,11 @@ def _presets() -> Sequence[str]:
     return PRESETS
 
 
+def _victim_presets() -> Sequence[str]:
+    from ue_dist.core.victim import VICTIM_PRESETS
+    return tuple(VICTIM_PRESETS)
+
+
 def _modes() -> Sequence[str]:
     from ue_dist.runtime.protect import MODES
     return MODES
@@ -131,9 +136,10 @@ PRESET = Opt("preset", default="paper", choices=_presets,
                   "laptop CPU")
 SET = Opt("overrides", type=dict, flags=("--set",), metavar="KEY=VALUE",
           help="override one method setting (repeatable); unknown keys are an error")
-VICTIM_PRESET = Opt("victim_preset", default="paper", choices=_presets,
-                    help="victim settings: paper = the papers' victims; quick = a small CNN for "
-                         "a laptop CPU")
+VICTIM_PRESET = Opt("victim_preset", default="paper", choices=_victim_presets,
+                    help="victim settings: paper = ResNet-18, 100 epochs, SGD 0.1, cosine; quick "
+                         "= a small CNN for a laptop CPU; rem, gue, bayes = each paper's own "
+                         "protocol (core/victim.py)")
 VICTIM_SET = Opt("victim_overrides", type=dict, flags=("--victim-set",), metavar="KEY=VALUE",
                  help="override one victim setting (repeatable); unknown keys are an error")
 COMMON = (STORAGE_OPTION, JSON)

@@ -3,6 +3,12 @@
 * PGD-AT (Madry et al., "Towards Deep Learning Models Resistant to Adversarial Attacks", ICLR
   2018): train on ``argmax_{|d| <= eps} CE(f(x + d), y)``, found by PGD from a uniform random
   start in the ball.
+
+Both run in the L-inf ball (signed steps) or, with ``norm="l2"``, the L2 ball (REM App. E):
+steps of ``step_size`` along the per-sample normalised gradient, projected back onto the ball,
+as in the REM authors' ``attacks/pgd_attacker.py`` (core/pgd). The L2 random start is
+``core.pgd.random_init``'s (uniform radius, random direction); the REM code starts from a box
+of side ``2 eps / steps`` instead.
 * TRADES (Zhang et al., "Theoretically Principled Trade-off between Robustness and Accuracy",
   ICML 2019): ``CE(f(x), y) + beta * KL(f(x) || f(x'))`` with ``x'`` maximising the KL, found by
   PGD from ``x + 0.001 * N(0, 1)`` (the start of the authors' code, TRADES/trades.py).
@@ -47,16 +53,17 @@ def _logits(model: Model, x: torch.Tensor) -> torch.Tensor:
 
 def adversarial_examples(model: Model, x: torch.Tensor, targets: torch.Tensor, *, method: str,
                          eps: float, step_size: float, steps: int,
-                         generator: torch.Generator | None = None) -> torch.Tensor:
-    """``x + d``: the PGD-AT or TRADES adversarial batch at L-inf radius ``eps``.
+                         generator: torch.Generator | None = None,
+                         norm: str = "linf") -> torch.Tensor:
+    """``x + d``: the PGD-AT or TRADES adversarial batch at ``norm`` radius ``eps``.
 
     ``d`` is found on a detached copy of ``x`` and is itself detached, so when ``x`` carries a
     graph (GUE's generator output) the result still does, through ``x``.
     """
     if method == "pgd":
         delta = pgd(lambda z: F.cross_entropy(_logits(model, z), targets, reduction="sum"), x,
-                    eps=eps, step_size=step_size, steps=steps, maximize=True, random_start=True,
-                    generator=generator)
+                    eps=eps, step_size=step_size, steps=steps, norm=norm, maximize=True,
+                    random_start=True, generator=generator)
     elif method == "trades":
         with torch.no_grad():
             p_clean = F.softmax(_logits(model, x.detach()), dim=1)
@@ -65,7 +72,8 @@ def adversarial_examples(model: Model, x: torch.Tensor, targets: torch.Tensor, *
         init = 0.001 * torch.randn(x.shape, generator=generator, device=where).to(x.device)
         delta = pgd(lambda z: F.kl_div(F.log_softmax(_logits(model, z), dim=1), p_clean,
                                        reduction="sum"),
-                    x, eps=eps, step_size=step_size, steps=steps, maximize=True, init=init)
+                    x, eps=eps, step_size=step_size, steps=steps, norm=norm, maximize=True,
+                    init=init)
     else:
         raise ValueError(f"unknown adversarial training method {method!r}; valid: "
                          f"{', '.join(AT_METHODS)}")
@@ -94,12 +102,13 @@ def adversarial_loss(model: Model, x: torch.Tensor, x_adv: torch.Tensor, targets
 
 
 def attack_accuracy_batch(model: Model, x: torch.Tensor, y: torch.Tensor, *, eps: float,
-                          steps: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Correct predictions (a count) on ``x`` under PGD-``steps`` at ``eps`` with steps of
-    ``eps / 4`` (PGD-20 at 8/255 steps 2/255); clean accuracy at ``eps = 0``."""
+                          steps: int, generator: torch.Generator | None = None,
+                          norm: str = "linf") -> torch.Tensor:
+    """Correct predictions (a count) on ``x`` under PGD-``steps`` at ``norm`` radius ``eps``
+    with steps of ``eps / 4`` (PGD-20 at 8/255 steps 2/255); clean accuracy at ``eps = 0``."""
     if eps > 0:
         x = x + pgd(lambda z: F.cross_entropy(_logits(model, z), y, reduction="sum"), x, eps=eps,
-                    step_size=eps / 4, steps=steps, generator=generator)
+                    step_size=eps / 4, steps=steps, norm=norm, generator=generator)
     with torch.no_grad():
         return (model(x).argmax(1) == y).sum()
 
@@ -107,7 +116,7 @@ def attack_accuracy_batch(model: Model, x: torch.Tensor, y: torch.Tensor, *, eps
 def robust_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                     indices: torch.Tensor, *, device: torch.device, batch_size: int = 500,
                     eps: float = 0.0, steps: int = 20, seed: int = 0,
-                    precision: str = "fp32") -> int:
+                    precision: str = "fp32", norm: str = "linf") -> int:
     """Correct predictions over ``images[indices]`` (uint8) in batches, clean or under PGD;
     the model in eval mode, forwards under ``precision`` (the attack's delta stays fp32)."""
     precision = resolve_precision(precision, device)
@@ -120,5 +129,5 @@ def robust_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
         y = labels[b].to(device)
         with autocast(device, precision):
             correct += attack_accuracy_batch(model, x, y, eps=eps, steps=steps,
-                                             generator=generator)
+                                             generator=generator, norm=norm)
     return int(correct)

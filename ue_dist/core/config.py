@@ -52,6 +52,9 @@ def is_radius(key: str) -> bool:
     return key == "eps" or key.endswith("_eps") or key.startswith("rho")
 
 
+_VICTIM_L2 = ("adv_eps", "eval_eps", "adv_step_size")  # radii in the victim's adv_norm ball
+
+
 def check_radius(key: str, value: Any, settings: Mapping[str, Any] | None = None,
                  what: str = "settings") -> float | None:
     """The one place radii are validated (``resolve_settings`` and ``Method`` call it).
@@ -60,6 +63,8 @@ def check_radius(key: str, value: Any, settings: Mapping[str, Any] | None = None
       (0, 1]; with ``norm: l2`` (bayes) an L2 radius, which may exceed 1: finite and > 0.
     * ``*_eps`` / ``rho*`` (adversarial-training radii of source models and victims, evaluation
       radii): L-inf, in [0, 1]; 0 turns the adversary off; None where the default allows it.
+      A victim with ``adv_norm: l2`` (REM App. E) has L2 radii (``adv_eps``, ``eval_eps``,
+      ``adv_step_size``): finite and >= 0, e.g. 100/255.
 
     NaN and inf are always refused; the message names the setting and the valid range.
     """
@@ -69,9 +74,14 @@ def check_radius(key: str, value: Any, settings: Mapping[str, Any] | None = None
     if value is None or isinstance(value, bool):
         raise SettingsError(f"{where} must be a number or a fraction like 8/255, got {value!r}")
     radius = parse_radius(value, key) if not isinstance(value, (int, float)) else float(value)
-    l2 = key == "eps" and str((settings or {}).get("norm", "linf")).lower() == "l2"
+    settings = settings or {}
+    l2 = str(settings.get("norm", "linf")).lower() == "l2" if key == "eps" else \
+        key in _VICTIM_L2 and str(settings.get("adv_norm", "linf")).lower() == "l2"
     if key == "eps" and l2:
         ok, valid = math.isfinite(radius) and radius > 0, "a finite number > 0 (an L2 radius)"
+    elif l2:
+        ok, valid = math.isfinite(radius) and radius >= 0, \
+            "a finite number >= 0 (an L2 radius, adv_norm l2; 0 = off)"
     elif key == "eps":
         ok, valid = math.isfinite(radius) and 0 < radius <= 1, \
             "a finite number in (0, 1] (an L-inf radius on the [0, 1] pixel scale, e.g. 8/255)"

@@ -3,7 +3,8 @@
 Two kinds, named by one string (``"median"``, ``"jpeg:quality=30"``, ``"cutout:size=8"``):
 
 * data pre-processing, applied once to the uint8 training images before training:
-  3x3 ``mean``, ``median`` and ``gaussian`` low-pass filters (REM paper, App. D), ``jpeg``
+  3x3 ``mean``, ``median`` and ``gaussian`` low-pass filters (REM paper, App. D; as the
+  REM authors' ``cv2.blur`` / ``cv2.medianBlur`` / ``cv2.GaussianBlur(x, (3, 3), 0)``), ``jpeg``
   re-compression and ``grayscale`` (image shortcut squeezing, Liu et al. 2023);
 * batch augmentations, applied to every float training batch and returning soft targets:
   ``mixup`` (Zhang et al. 2017), ``cutout`` (DeVries & Taylor 2017), ``cutmix`` (Yun et al.
@@ -28,7 +29,8 @@ DEFENSES: dict[str, tuple[str, dict[str, Any]]] = {
     "none": ("none", {}),
     "mean": ("pre", {"size": 3}),
     "median": ("pre", {"size": 3}),
-    "gaussian": ("pre", {"size": 3, "sigma": 1.0}),
+    # sigma 0: OpenCV's kernel for the size, as the REM authors' cv2.GaussianBlur(x, (3, 3), 0)
+    "gaussian": ("pre", {"size": 3, "sigma": 0.0}),
     "jpeg": ("pre", {"quality": 10}),
     "grayscale": ("pre", {}),
     "mixup": ("batch", {"alpha": 1.0}),
@@ -81,8 +83,9 @@ def parse_defense(spec: str | None) -> Defense:
 def _check_params(name: str, p: dict[str, Any]) -> None:
     if name in ("mean", "median", "gaussian") and (p["size"] < 1 or p["size"] % 2 == 0):
         raise SettingsError(f"defense {name!r}: size must be an odd positive integer, got {p['size']}")
-    if name == "gaussian" and not p["sigma"] > 0:
-        raise SettingsError(f"defense 'gaussian': sigma must be > 0, got {p['sigma']}")
+    if name == "gaussian" and not p["sigma"] >= 0:
+        raise SettingsError(f"defense 'gaussian': sigma must be >= 0 (0: OpenCV's sigma for the "
+                            f"size), got {p['sigma']}")
     if name == "jpeg" and not 1 <= p["quality"] <= 95:
         raise SettingsError(f"defense 'jpeg': quality must lie in [1, 95], got {p['quality']}")
     if name in ("mixup", "cutmix") and not p["alpha"] > 0:
@@ -102,9 +105,30 @@ def median_filter(x: torch.Tensor, size: int = 3) -> torch.Tensor:
     return kornia.filters.median_blur(x, (size, size))
 
 
-def gaussian_filter(x: torch.Tensor, size: int = 3, sigma: float = 1.0) -> torch.Tensor:
+# OpenCV's fixed kernels for sigma <= 0 and an odd size <= 7 (getGaussianKernel's
+# small_gaussian_tab): cv2.GaussianBlur(x, (3, 3), 0) filters with [1/4, 1/2, 1/4], not with the
+# sigma = 0.3 * ((3 - 1) * 0.5 - 1) + 0.8 = 0.8 its documentation states ([0.239, 0.522, 0.239]).
+_CV2_FIXED = {1: (1.0,), 3: (0.25, 0.5, 0.25), 5: (0.0625, 0.25, 0.375, 0.25, 0.0625),
+              7: (0.03125, 0.109375, 0.21875, 0.28125, 0.21875, 0.109375, 0.03125)}
+
+
+def gaussian_kernel1d(size: int, sigma: float = 0.0) -> torch.Tensor:
+    """The 1-D kernel cv2.getGaussianKernel(size, sigma) builds: for ``sigma <= 0`` its fixed
+    kernel (size <= 7) or ``sigma = 0.3 * ((size - 1) * 0.5 - 1) + 0.8``; else exp(-x^2 / 2s^2)."""
+    if sigma <= 0 and size in _CV2_FIXED:
+        return torch.tensor(_CV2_FIXED[size])
+    if sigma <= 0:
+        sigma = 0.3 * ((size - 1) * 0.5 - 1) + 0.8
+    x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    k = torch.exp(-x ** 2 / (2 * sigma ** 2))
+    return (k / k.sum()).float()
+
+
+def gaussian_filter(x: torch.Tensor, size: int = 3, sigma: float = 0.0) -> torch.Tensor:
+    """Separable Gaussian blur with cv2's default border (BORDER_REFLECT_101 = torch 'reflect')."""
     import kornia
-    return kornia.filters.gaussian_blur2d(x, (size, size), (sigma, sigma), border_type="reflect")
+    k = gaussian_kernel1d(size, sigma).to(x)[None]
+    return kornia.filters.filter2d_separable(x, k, k, border_type="reflect")
 
 
 def grayscale(x: torch.Tensor) -> torch.Tensor:

@@ -100,6 +100,14 @@ class BatchOrder:
         self.generator = torch.Generator().manual_seed(int(seed))
         self.mine = ctx.shard_indices(self.n) if ctx.distributed else None
 
+    def batches_per_epoch(self) -> int:
+        """How many batches :meth:`epoch` returns (drawn on a copy: the order is untouched)."""
+        state = self.generator.get_state()
+        try:
+            return len(self.epoch())
+        finally:
+            self.generator.set_state(state)
+
     def epoch(self) -> list[torch.Tensor]:
         """Draw the next epoch's permutation; its batches for this worker."""
         perm = torch.randperm(self.n, generator=self.generator)
@@ -178,11 +186,12 @@ class TrainLoop:
         if self.schedule_per == "step":
             self.scheduler.step()
 
-    def train_epoch(self, fetch: Fetch, loss_fn: Loss) -> float:
+    def train_epoch(self, fetch: Fetch, loss_fn: Loss, stop_at: int | None = None) -> float:
         """The rest of the current epoch of the order (all of a fresh one), then the per-epoch
-        schedule step; returns the learning rate the epoch ran at."""
+        schedule step; returns the learning rate the epoch ran at. ``stop_at``: end the epoch
+        early once ``step`` reaches it (the last, partial epoch of a step-counted run)."""
         self.train_step(fetch, loss_fn)
-        while self._pos < len(self._batches):
+        while self._pos < len(self._batches) and (stop_at is None or self.step < stop_at):
             self.train_step(fetch, loss_fn)
         lr = self.lr
         self.epoch += 1

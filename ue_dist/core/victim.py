@@ -4,13 +4,21 @@ training set, report its accuracy on the clean test set).
 Settings (``VICTIM_PRESETS``, flat, resolved like every other settings dict):
 
 * ``paper``: ResNet-18, SGD lr 0.1, momentum 0.9, weight decay 5e-4, cosine annealing, batch
-  128, 100 epochs, crop+flip augmentation (the Bayes-error paper's victim; the GUE paper uses
-  the same optimiser with lr 0.01 and step decay at epochs 75/90: ``schedule=step``,
-  ``milestones=[0.75, 0.9]``, ``lr=0.01``). Adversarial training (Madry et al. 2018; the REM
-  paper) runs PGD with ``adv_steps`` = 10 steps of ``adv_step_size`` (None: ``adv_eps / 4``;
-  REM uses ``adv_eps / 5`` on CIFAR) inside the L-inf ball of radius ``adv_eps``; ``adv_method
-  = trades`` uses the TRADES loss (Zhang et al. 2019) with ``trades_beta`` (6 as in TRADES).
+  128, 100 epochs, crop+flip augmentation. Adversarial training (Madry et al. 2018) runs PGD
+  with ``adv_steps`` = 10 steps of ``adv_step_size`` (None: ``adv_eps * adv_step_frac``, 1/4)
+  inside the ``adv_norm`` ball (``linf``, or ``l2`` as in REM App. E) of radius ``adv_eps``;
+  ``adv_method = trades`` uses the TRADES loss (Zhang et al. 2019) with ``trades_beta`` (6 as
+  in TRADES).
 * ``quick``: the small CNN, a few epochs: trains on the digits in well under a minute on one core.
+* each paper's own protocol: ``bayes`` (the same as ``paper``), ``rem`` (App. A.4: 40,000
+  iterations, ``iterations`` instead of epochs, lr x0.1 every 16,000, PGD steps of rho_a / 5)
+  and ``gue`` (lr 0.01, 0.1 under adversarial training via ``adv_lr``, x0.1 at epochs 75 and
+  90); the figures and their sources are at ``VICTIM_PRESETS``.
+
+``iterations`` > 0 counts optimiser steps instead of epochs (the REM victims; exact for any
+dataset size, where converting to epochs would round the decay points): the schedule steps per
+iteration, milestones are fractions of the iterations, and a record is made after every pass
+over the data and after the last step.
 
 ``precision`` (``fp32``, ``bf16``, ``auto``; ``ue_dist.core.precision``) runs every model
 forward of training, attacks and evaluation under bf16 autocast with a channels_last model;
@@ -18,7 +26,8 @@ losses, PGD deltas and optimiser state stay fp32.
 
 ``adv_eps = 0`` is standard training. ``robust_acc`` is PGD accuracy on the test set at
 ``eval_eps`` (None: the training radius; so None for a standard victim unless ``eval_eps`` is
-given), with ``eval_steps`` steps of ``eval_eps / 4`` -- PGD-20 at 8/255 uses 2/255 steps.
+given) in the ``adv_norm`` ball, with ``eval_steps`` steps of ``eval_eps / 4`` -- PGD-20 at
+8/255 uses 2/255 steps.
 
 Distributed: the same loop runs in every Ray Train worker. ``ctx.prepare_model`` wraps the
 model in DDP, each worker trains on its ``ctx.shard_indices`` slice of a seeded permutation
@@ -42,6 +51,7 @@ from ue_dist.core.config import SettingsError
 from ue_dist.core.context import FitContext, LocalContext
 from ue_dist.core.defenses import Defense, batch_augment, parse_defense, preprocess
 from ue_dist.core.models import build_model, check_arch
+from ue_dist.core.pgd import NORMS
 from ue_dist.core.precision import PRECISIONS, upcast
 from ue_dist.core.settings import (Setting, check_declared, choice, count, non_negative, positive,
                                    positive_int, resolve_declared)
@@ -51,8 +61,9 @@ from ue_dist.data.imageset import ImageSet
 
 _COMMON: dict[str, Any] = {
     "momentum": 0.9, "weight_decay": 5e-4, "milestones": [0.5, 0.75], "augment": True,
-    "adv_eps": 0.0, "adv_method": "pgd", "adv_steps": 10, "adv_step_size": None,
-    "trades_beta": 6.0, "defense": "none", "seed": 0, "eval_robust": True, "eval_eps": None,
+    "adv_eps": 0.0, "adv_method": "pgd", "adv_norm": "linf", "adv_steps": 10,
+    "adv_step_size": None, "adv_step_frac": 0.25, "adv_lr": None, "trades_beta": 6.0,
+    "iterations": 0, "defense": "none", "seed": 0, "eval_robust": True, "eval_eps": None,
     "eval_steps": 20, "eval_batch_size": 500,
     # bf16 where the hardware runs it natively: ~2x faster victims, accuracy within the seed
     # spread of fp32 (tests/test_precision.py); a victim's output is a figure, not bytes
@@ -64,7 +75,28 @@ VICTIM_PRESETS: dict[str, dict[str, Any]] = {
               "schedule": "cosine"},
     "quick": {**_COMMON, "arch": "small-cnn", "epochs": 8, "batch_size": 64, "lr": 0.05,
               "schedule": "cosine", "adv_steps": 5, "eval_steps": 10},
+    # the papers' own victims, by paper --------------------------------------------------------
+    # Bayes-error paper, "Experimental settings": 100 epochs, SGD lr 0.1, momentum 0.9, wd 5e-4,
+    # cosine annealing (the same as `paper`; the batch size is not stated, 128 as the others)
+    "bayes": {**_COMMON, "arch": "resnet18", "epochs": 100, "batch_size": 128, "lr": 0.1,
+              "schedule": "cosine"},
+    # REM App. A.4 = the authors' scripts/cifar10/train_rem.sh (train.py): 40,000 iterations of
+    # batch 128, SGD 0.1 / 0.9 / 5e-4, lr x0.1 every 16,000 (milestones 0.4 and 0.8 of the run,
+    # stepped per iteration); PGD-AT 10 steps of rho_a / 5 (--pgd-step-size 0.8 at --pgd-radius
+    # 4, in 1/255). Their loader drops the last partial batch; ours keeps it, so about one step
+    # in 390 has 80 images instead of 128.
+    "rem": {**_COMMON, "arch": "resnet18", "epochs": 0, "iterations": 40000, "batch_size": 128,
+            "lr": 0.1, "schedule": "step", "milestones": [0.4, 0.8], "adv_step_frac": 0.2},
+    # GUE paper, "Experimental settings" and "Adversarial Training": 100 epochs, SGD lr 0.01
+    # (0.1 when adversarially trained), momentum 0.9, wd 5e-4, x0.1 at epochs 75 and 90; the
+    # attack 10 PGD steps of eps_a / 4, TRADES lambda = 1 (its trade-off loss). Checked against
+    # the paper's text only: the authors' code was not found.
+    "gue": {**_COMMON, "arch": "resnet18", "epochs": 100, "batch_size": 128, "lr": 0.01,
+            "adv_lr": 0.1, "schedule": "step", "milestones": [0.75, 0.9], "trades_beta": 1.0},
 }
+# settings a stored victim may predate, with the values that reproduce how it then trained
+_ADDED_LATER: dict[str, Any] = {"precision": "fp32", "adv_norm": "linf", "adv_step_frac": 0.25,
+                                "adv_lr": None, "iterations": 0}
 
 SCHEDULES = ("cosine", "step", "none")
 SUBSETS = ("all", "clean", "protected")
@@ -81,13 +113,19 @@ def resolve_victim_settings(preset: str = "paper",
 VICTIM_SETTINGS: dict[str, Setting] = {
     "arch": Setting("str", "victim architecture (core/models.py)"),
     "epochs": count(), "batch_size": positive_int("global batch, split over the workers"),
+    "iterations": count("optimiser steps instead of epochs (0: train `epochs` epochs); the "
+                        "schedule then steps per iteration"),
     "lr": positive(), "momentum": non_negative(), "weight_decay": non_negative(),
+    "adv_lr": Setting("float", "learning rate when adv_eps > 0 (none: lr)", above=0,
+                      optional=True),
     "schedule": choice(*SCHEDULES), "milestones": Setting("list", "step schedule: fractions of "
-                                                                    "the epochs in (0, 1]"),
+                                                                    "the run in (0, 1]"),
     "augment": Setting("bool", "crop+flip (or flip) augmentation"),
     "adv_eps": Setting("radius", "PGD-AT / TRADES radius (0: standard training)"),
     "adv_method": choice(*ADV_METHODS), "adv_steps": count(),
-    "adv_step_size": Setting("radius", "none: adv_eps / 4", optional=True),
+    "adv_norm": choice(*NORMS, help="ball of adversarial training and robust evaluation"),
+    "adv_step_size": Setting("radius", "none: adv_eps * adv_step_frac", optional=True),
+    "adv_step_frac": positive("PGD-AT step as a fraction of adv_eps"),
     "trades_beta": non_negative(), "defense": Setting("str", "NAME[:k=v,...] (core/defenses.py)"),
     "seed": Setting("seed"), "eval_robust": Setting("bool", "PGD accuracy after training"),
     "eval_eps": Setting("radius", "none: the training radius", optional=True),
@@ -98,17 +136,20 @@ VICTIM_SETTINGS: dict[str, Setting] = {
 
 def validate_victim_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
     """``settings`` checked against ``VICTIM_SETTINGS``, plus what involves several of them."""
-    s = dict(settings)
-    s.setdefault("precision", "fp32")  # settings written before the option existed
+    s = {**_ADDED_LATER, **settings}
     s = check_declared(VICTIM_SETTINGS, s, "victim")
     check_arch(s["arch"])
     if s["adv_step_size"] is not None and not s["adv_step_size"] > 0:
-        raise SettingsError("adv_step_size must be > 0 (or None for adv_eps/4)")
+        raise SettingsError("adv_step_size must be > 0 (or None for adv_eps * adv_step_frac)")
+    if s["iterations"] > 0 and s["epochs"] > 0:
+        raise SettingsError(f"victim: give one run length: iterations={s['iterations']} and "
+                            f"epochs={s['epochs']} (set iterations=0 to train by epochs, or "
+                            "epochs=0 to train by iterations)")
     if s["adv_eps"] > 0 and s["adv_steps"] < 1:
         raise SettingsError("adversarial training (adv_eps > 0) needs adv_steps >= 1")
     ms = s["milestones"]
     if not all(isinstance(m, (int, float)) and 0 < m <= 1 for m in ms):
-        raise SettingsError(f"milestones must be a list of fractions of the epochs in (0, 1], got {ms!r}")
+        raise SettingsError(f"milestones must be a list of fractions of the run in (0, 1], got {ms!r}")
     parse_defense(s["defense"])
     return s
 
@@ -147,7 +188,8 @@ def victim_loss(s: Mapping[str, Any], defense: Defense, aug_kind: str, num_class
                 device: torch.device) -> Loss:
     """Augmentation, the batch defence, then CE on the batch or PGD-AT / TRADES at ``adv_eps``."""
     eps = float(s["adv_eps"])
-    step = float(s["adv_step_size"]) if s["adv_step_size"] is not None else eps / 4
+    step = float(s["adv_step_size"]) if s["adv_step_size"] is not None else \
+        eps * float(s["adv_step_frac"])
 
     def loss(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
              generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -162,7 +204,8 @@ def victim_loss(s: Mapping[str, Any], defense: Defense, aug_kind: str, num_class
         with evaluating(bare):
             x_adv = adversarial_examples(bare, x, targets, method=s["adv_method"], eps=eps,
                                          step_size=step, steps=int(s["adv_steps"]),
-                                         generator=generator if device.type == "cpu" else None)
+                                         generator=generator if device.type == "cpu" else None,
+                                         norm=s["adv_norm"])
         return adversarial_loss(net, x, x_adv.detach(), targets, method=s["adv_method"],
                                 beta=float(s["trades_beta"]))
 
@@ -172,23 +215,41 @@ def victim_loss(s: Mapping[str, Any], defense: Defense, aug_kind: str, num_class
 # evaluation -------------------------------------------------------------------------------------
 def evaluate_accuracy(model: torch.nn.Module, test: ImageSet, ctx: FitContext, batch_size: int = 500,
                       eps: float = 0.0, steps: int = 20, seed: int = 0,
-                      precision: str = "fp32") -> float:
-    """Clean (``eps`` = 0) or PGD-``steps`` L-inf accuracy on ``test``, summed over workers."""
+                      precision: str = "fp32", norm: str = "linf") -> float:
+    """Clean (``eps`` = 0) or PGD-``steps`` accuracy in the ``norm`` ball on ``test``, summed
+    over workers."""
     idx = ctx.shard_indices(len(test)) if ctx.distributed else torch.arange(len(test))
     correct = robust_accuracy(unwrap(model), test.images, test.labels, idx, device=ctx.device,
                               batch_size=batch_size, eps=eps, steps=steps, seed=seed,
-                              precision=precision)
+                              precision=precision, norm=norm)
     return ctx.all_reduce_mean(float(correct)) * ctx.world_size / len(test)
 
 
 # training ---------------------------------------------------------------------------------------
 def _schedule(s: Mapping[str, Any]) -> Schedule:
-    epochs = max(1, int(s["epochs"]))
+    # over the run's scheduler steps: iterations (stepped per step) or epochs
+    periods = int(s["iterations"]) or max(1, int(s["epochs"]))
     if s["schedule"] == "cosine":
-        return cosine_schedule(epochs)
+        return cosine_schedule(periods)
     if s["schedule"] == "step":
-        return step_schedule(sorted({max(1, int(round(m * epochs))) for m in s["milestones"]}))
+        return step_schedule(sorted({max(1, int(round(m * periods))) for m in s["milestones"]}))
     return constant_schedule()
+
+
+def _lr(s: Mapping[str, Any]) -> float:
+    """``adv_lr`` for an adversarially trained victim where the preset has one (GUE), else lr."""
+    return float(s["adv_lr"]) if s["adv_eps"] > 0 and s["adv_lr"] is not None else float(s["lr"])
+
+
+def _finished(loop: TrainLoop, s: Mapping[str, Any]) -> bool:
+    return loop.step >= int(s["iterations"]) if s["iterations"] else loop.epoch >= int(s["epochs"])
+
+
+def _passes(loop: TrainLoop, s: Mapping[str, Any]) -> int:
+    """Epoch records the run makes: ``epochs``, or the passes its ``iterations`` take."""
+    if not s["iterations"]:
+        return int(s["epochs"])
+    return math.ceil(int(s["iterations"]) / max(1, loop.order.batches_per_epoch()))
 
 
 def _fingerprint(s: Mapping[str, Any], train: ImageSet, test: ImageSet) -> str:
@@ -231,28 +292,30 @@ def train_victim(train: ImageSet, test: ImageSet, settings: Mapping[str, Any],
         torch.manual_seed(seed)
         model = build_model(s["arch"], num_classes, channels, min(height, width))
     loop = TrainLoop(model, ctx, n=len(train), batch_size=int(s["batch_size"]), seed=seed,
-                     lr=float(s["lr"]), momentum=float(s["momentum"]),
+                     lr=_lr(s), momentum=float(s["momentum"]),
                      weight_decay=float(s["weight_decay"]), precision=s["precision"],
-                     schedule=_schedule(s))
+                     schedule=_schedule(s), schedule_per="step" if s["iterations"] else "epoch")
     fingerprint = _fingerprint(s, train, test)
     per_epoch = _resume(loop, ctx, fingerprint)
     fetch = uint8_fetch(images, train.labels, ctx.device)
     loss = victim_loss(s, defense, aug_kind, num_classes, ctx.device)
     seen, train_seconds = 0, 0.0
-    bar = ctx.progress("victim epochs", int(s["epochs"]), lines=4)
+    bar = ctx.progress("victim epochs", _passes(loop, s), lines=4)
     bar.start(loop.epoch)
-    for epoch in range(loop.epoch, int(s["epochs"])):
+    while not _finished(loop, s):
         t0 = time.perf_counter()
-        lr = loop.train_epoch(fetch, loss)
+        lr = loop.train_epoch(fetch, loss, stop_at=int(s["iterations"]) or None)
         seen += loop.samples_seen
         train_seconds += time.perf_counter() - t0  # images/s counts training, not evaluation
         metrics = loop.take_metrics()
         test_acc = evaluate_accuracy(loop.model, test, ctx, int(s["eval_batch_size"]),
                                      precision=loop.precision)
-        record = {"epoch": epoch + 1, "test_acc": test_acc, **metrics, "lr": lr,
+        record = {"epoch": loop.epoch, "test_acc": test_acc, **metrics, "lr": lr,
                   "seconds": time.perf_counter() - t0}
+        if s["iterations"]:
+            record["step"] = loop.step
         per_epoch.append(record)
-        bar.update(epoch + 1, f"loss {record['train_loss']:.4f} · train acc "
+        bar.update(loop.epoch, f"loss {record['train_loss']:.4f} · train acc "
                    f"{record['train_acc']:.4f} · test acc {test_acc:.4f}")
         ctx.report(dict(record), {"kind": "victim", "fingerprint": fingerprint,
                                   "per_epoch": copy.deepcopy(per_epoch), "loop": loop.state_dict()})
@@ -286,7 +349,8 @@ def _final_result(loop: TrainLoop, s: Mapping[str, Any], test: ImageSet, ctx: Fi
     if s["eval_robust"] and robust_eps > 0:
         robust_acc = evaluate_accuracy(loop.model, test, ctx, int(s["eval_batch_size"]),
                                        eps=robust_eps, steps=int(s["eval_steps"]),
-                                       seed=int(s["seed"]), precision=loop.precision)
+                                       seed=int(s["seed"]), precision=loop.precision,
+                                       norm=s["adv_norm"])
     final = per_epoch[-1]["test_acc"] if per_epoch else evaluate_accuracy(
         loop.model, test, ctx, int(s["eval_batch_size"]), precision=loop.precision)
     return {"test_acc": final, "per_epoch": per_epoch, "robust_acc": robust_acc,
