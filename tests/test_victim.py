@@ -69,6 +69,7 @@ def test_each_papers_victim_preset_resolves_to_its_figures():
             gue["schedule"]) == (100, 0.01, 0.1, 0.9, 5e-4, "step")
     assert [round(m * 100) for m in gue["milestones"]] == [75, 90]
     assert (gue["adv_steps"], gue["adv_step_frac"], gue["trades_beta"]) == (10, 0.25, 1.0)
+    assert gue["batch_size"] == 256  # the authors' evaluation.py
     # Bayes-error paper: 100 epochs, SGD 0.1/0.9/5e-4, cosine
     assert (bayes["epochs"], bayes["lr"], bayes["momentum"], bayes["weight_decay"],
             bayes["schedule"], bayes["iterations"]) == (100, 0.1, 0.9, 5e-4, "cosine", 0)
