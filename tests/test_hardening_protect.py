@@ -158,12 +158,13 @@ def test_live_lease_refuses_then_waits(tmp_path, source, capsys):
 
 
 @pytest.mark.system
-def test_two_concurrent_cli_runs_one_refused(tmp_path, source):
-    """A second run into a DST that a live run holds is refused; the first finishes whole."""
+def test_two_concurrent_cli_runs_one_refused(tmp_path, source, two_nodes):
+    """A second run into a DST that a live run holds is refused; the first finishes whole.
+    Both join the session's cluster (two processes on one cluster, as two users would)."""
     src, state = source
     dst = str(tmp_path / "dst")
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
-    env.pop("RAY_ADDRESS", None)
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
+               RAY_ADDRESS=two_nodes["gcs"])
     log = open(tmp_path / "first.log", "w")
     first = subprocess.Popen([str(BIN / "ue-dist"), "protect", "--method", "classwise",
                               "--state", state, "--seed", "1", src, dst], env=env,
