@@ -5,9 +5,11 @@
 - With this machine's pip configuration (what CI has), the pinned torch resolves to the CPU build
   and no CUDA package comes along (fast: torch and torchvision only).
 - ``slow``: with no pip configuration at all, against the public index only, the whole project
-  resolves for this platform and for macOS arm64 and names torch 2.13.0. PyPI's index here offers
-  no separate metadata files, so pip downloads every wheel it considers (about 2.5 GB of CUDA
-  wheels on Linux, minutes); skipped, saying so, where the public index cannot be reached.
+  (test extra included) resolves on this platform and names torch 2.13.0. The index seen here
+  offers no separate metadata files, so pip downloads every wheel it considers (about 2.5 GB of
+  CUDA wheels on Linux; 14 min on this loaded 2-core machine); skipped, saying so, where the public
+  index cannot be reached. macOS is not checked: ``pip --platform`` still evaluates environment
+  markers for this machine, so torch's Linux-only CUDA requirements fail the resolve.
 """
 from __future__ import annotations
 
@@ -125,25 +127,15 @@ def test_this_machines_pip_config_resolves_the_cpu_torch(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("platform", ["this", "macos-arm64"])
-def test_public_index_alone_resolves_the_project(tmp_path, platform):
+def test_public_index_alone_resolves_the_project(tmp_path):
     reason = _public_index_unreachable()
     if reason:
         pytest.skip(reason)
-    if platform == "this":
-        args = [".[test]"]  # builds the project's metadata too, with build isolation
-    else:
-        # --platform needs wheels only, so the project's own requirements stand in for ".".
-        args = ["--only-binary=:all:", "--platform", "macosx_14_0_arm64", "--python-version",
-                f"{sys.version_info.major}.{sys.version_info.minor}", "--target",
-                str(tmp_path / "target"), *(str(r) for r in _requirements("test"))]
-    got = _resolve(args, public=True, tmp_path=tmp_path, timeout=1200)
+    # ".[test]" builds the project's metadata too, with build isolation (setuptools from PyPI).
+    got = _resolve([".[test]"], public=True, tmp_path=tmp_path, timeout=1800)
     pins = _pins()
     assert got["torch"] == pins["torch"] == Version("2.13.0"), got["torch"]
     assert got["torchvision"] == pins["torchvision"]
     ray = next(r for r in _requirements() if r.name == "ray")
     assert ray.specifier.contains(got["ray"]), got["ray"]
-    if platform == "this":
-        assert "ue-dist" in got
-    else:
-        assert not [n for n in got if n.startswith(CUDA_PREFIXES)]
+    assert "ue-dist" in got
