@@ -4,23 +4,37 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: demo test test-slow bench venv clean
+# Optional extra wheel index for the CPU-only torch build, e.g.
+#   make demo TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+# On Linux, PyPI's torch wheel pulls about 2.5 GB of CUDA libraries; on that index the same pinned
+# version (torch==2.13.0 matches 2.13.0+cpu) comes without them. Empty: pip's own configuration decides.
+TORCH_INDEX_URL ?=
+PIP_INSTALL = $(PY) -m pip install --disable-pip-version-check -c constraints.txt \
+	$(if $(TORCH_INDEX_URL),--extra-index-url $(TORCH_INDEX_URL))
 
-venv: $(VENV)/.installed
+.PHONY: demo test test-slow bench venv venv-test clean
 
-# constraints.txt pins the CPU torch wheel: without it pip pulls several GB of CUDA packages.
-$(VENV)/.installed: pyproject.toml constraints.txt
+venv: $(VENV)/.installed-run
+venv-test: $(VENV)/.installed-test
+
+# Stamps: a second `make` does not reinstall unless pyproject.toml or constraints.txt changed.
+# No -q: pip's progress is the only sign of life during a multi-minute first install.
+$(VENV)/.installed-run: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[test]"
+	$(PIP_INSTALL) -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed-run
+	$(PIP_INSTALL) -e ".[test]"
 	touch $@
 
 demo: venv
 	$(VENV)/bin/ue-dist demo --out out/demo
 
-test: venv
+test: venv-test
 	$(PY) -m pytest -q
 
-test-slow: venv
+test-slow: venv-test
 	$(PY) -m pytest -q -m slow
 
 bench: venv
