@@ -355,6 +355,9 @@ SWEEP_SPEC = (
     replace(VICTIM_SET, help="{key: value} victim settings"),
     Opt("resources_per_trial", type=dict, help="{cpu: float, gpu: float}"),
     Opt("max_concurrent_trials", type=int, low=1, help="default: as many as resources allow"),
+    Opt("max_failures", type=int, default=2, low=-1,
+        help="failures per trial (a killed worker, a lost node) survived by restarting the trial "
+             "from its last victim-epoch checkpoint (-1: any number, 0: none)"),
     Opt("storage_options", type=dict, help="fsspec options for data and storage URLs"),
     Opt("search", type=dict, help="{method, space, num_samples, fraction, seed}: search a "
                                   "method's settings"),
