@@ -263,6 +263,48 @@ def test_killed_trial_resumes_from_its_epoch_checkpoint(ray_cluster, small_digit
     assert len(open(out["report"]["csv"]).read().splitlines()) == 3  # header + both trials
 
 
+@pytest.mark.system
+def test_run_exits_3_when_sweep_trials_failed(ray_cluster, small_digits_urls, tmp_path,
+                                               monkeypatch, capsys):
+    """`ue-dist run` with a sweep step: a failed trial makes the job not ok (exit 3, named on
+    stderr), as `ue-dist sweep` does; rerun, the sweep resumes that trial and the job exits 0."""
+    from helpers import fit_classwise
+    from ue_dist.cli import main
+    from ue_dist.runtime import sweep as sweep_mod
+
+    state = str(tmp_path / "state.pt")
+    fit_classwise(state)  # the fit step is skipped: its state exists
+    sweep = {k: v for k, v in _spec(small_digits_urls, name="s", fractions=[1.0], max_failures=0,
+                                    resources_per_trial={"cpu": 0.5}).items() if k != "data"}
+    path = tmp_path / "job.json"
+    path.write_text(json.dumps({
+        "name": "j", "root": str(tmp_path / "out"), "data": small_digits_urls,
+        "method": {"name": "classwise", "preset": "quick"}, "fit": {"state": state},
+        "protect": {"actors": 1, "cpus_per_actor": 0.5}, "sweep": sweep}))
+    real = sweep_mod.run_sweep
+
+    def fail_every_trial(key):
+        raise RuntimeError(f"injected failure for trial {key}")
+
+    monkeypatch.setattr(sweep_mod, "run_sweep", lambda spec, storage_path=None, progress=print:
+                        real(spec, storage_path, progress, before_trial=fail_every_trial))
+    code = main(["run", str(path), "--json"])
+    out, err = capsys.readouterr()
+    assert code == 3, err
+    result = json.loads(out)  # stdout is the one JSON object (Tune's own table goes to stderr)
+    assert result["steps"]["protect"]["ok"] and len(result["steps"]["sweep"]["errors"]) == 1
+    assert result["ok"] is False and len(result["failures"]) == 1
+    assert "ue-dist run: 1 failure(s): sweep: trial classwise-f1-all" in err
+    assert "injected failure" in err
+    monkeypatch.setattr(sweep_mod, "run_sweep", real)
+    code = main(["run", str(path), "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["ok"] and result["failures"] == [] and result["steps"]["sweep"]["resumed"]
+    assert result["steps"]["sweep"]["completed"] == 1
+
+
 def test_evaluate_mixed_shards_subsets(digits_urls, tmp_path):
     from ue_dist.data.dataset import load_imageset, write_imageset
     from ue_dist.runtime.evaluate import evaluate

@@ -305,7 +305,8 @@ SWEEP = Command("sweep", "Ray Tune sweep of victims (method x fraction x archite
     *COMMON), "ue-dist sweep jobs/sweep-digits.yaml --storage runs")
 
 RUN = Command("run", "Run a job spec end to end: convert -> fit -> protect -> evaluate -> sweep "
-              "(every step resumable). Exit status 3 when shards were skipped as unreadable.", (
+              "(every step resumable). Exit status 3 when shards were skipped as unreadable or sweep "
+              "trials failed.", (
     Opt("spec", positional=True, metavar="SPEC",
         help="job spec (YAML or JSON, any fsspec URL), e.g. jobs/digits-quick.yaml"),
     Opt("check", type=bool,

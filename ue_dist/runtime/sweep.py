@@ -25,11 +25,13 @@ finished trials are kept, unfinished and errored ones run again.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import math
 import os
+import sys
 import threading
 import time
 from typing import Any, Callable, Mapping
@@ -649,7 +651,9 @@ def run_sweep(spec: Mapping[str, Any], storage_path: str | None = None,
                                    resume_errored=True, storage_filesystem=fs)
     else:
         tuner = _new_tuner(spec, trainable, path, fs)
-    with _TrialProgress(root, so, trial_count(spec), progress):
+    # Tune prints its experiment table to stdout even with verbose=0: keep stdout for --json
+    with contextlib.redirect_stdout(sys.stderr), _TrialProgress(root, so, trial_count(spec),
+                                                                progress):
         grid = tuner.fit()
     summary = _summary(spec, grid, root, so, train, cache, resumed)
     progress(f"[ue-dist] sweep {spec['name']}: {summary['completed']}/{len(grid)} trial(s) done"
