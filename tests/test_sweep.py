@@ -305,6 +305,36 @@ def test_run_exits_3_when_sweep_trials_failed(ray_cluster, small_digits_urls, tm
     assert result["steps"]["sweep"]["completed"] == 1
 
 
+def test_a_gpu_where_torch_has_none_is_an_error_naming_the_option():
+    from ue_dist.runtime.ray_env import ResourceError, gpu_device
+    from ue_dist.runtime.protect import ProtectOptions, ShardProtector
+
+    assert gpu_device(0, "resources_per_trial.gpu") == "cpu"
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    with pytest.raises(ResourceError, match=r"resources_per_trial.gpu = 0.5 asks for a GPU, but "
+                                            r"torch .* has no CUDA device"):
+        gpu_device(0.5, "resources_per_trial.gpu")
+    with pytest.raises(ResourceError, match=r"--gpus-per-actor = 1 asks for a GPU"):
+        ShardProtector(method_name="classwise", options=ProtectOptions(gpus_per_actor=1),
+                       dst_url="unused", run_hash="h", threads=1, use_gpu=True)
+
+
+@pytest.mark.system
+def test_sweep_asking_for_a_gpu_this_ray_lacks_is_refused(ray_cluster, small_digits_urls,
+                                                          tmp_path):
+    from ue_dist.runtime.ray_env import ResourceError
+    from ue_dist.runtime.sweep import run_sweep
+
+    if ray_cluster.cluster_resources().get("GPU"):
+        pytest.skip("this Ray has a GPU")
+    spec = _spec(small_digits_urls, resources_per_trial={"cpu": 0.5, "gpu": 1})
+    with pytest.raises(ResourceError, match=r"one sweep trial \(resources_per_trial\) asks for "
+                                            r"0.5 CPU, 1 GPU.*largest node: .*0 GPU"):
+        run_sweep(spec, str(tmp_path), progress=lambda m: None)
+    assert not os.path.exists(tmp_path / "t" / "_cache")  # nothing was fitted
+
+
 def test_evaluate_mixed_shards_subsets(digits_urls, tmp_path):
     from ue_dist.data.dataset import load_imageset, write_imageset
     from ue_dist.runtime.evaluate import evaluate
