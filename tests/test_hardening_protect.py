@@ -264,6 +264,18 @@ def test_impossible_actor_resources_are_refused(ray_local, source, tmp_path, cap
     assert not os.path.exists(tmp_path / "dst" / LEASE_FILE)
 
 
+@pytest.mark.system
+def test_a_gpu_this_ray_lacks_is_refused_not_run_on_the_cpu(ray_local, source, tmp_path, capsys):
+    if ray_local.cluster_resources().get("GPU"):
+        pytest.skip("this Ray has a GPU")
+    src, state = source
+    code, err = _cli(capsys, "protect", "--method", "classwise", "--state", state,
+                     "--gpus-per-actor", "1", src, str(tmp_path / "dst"))
+    assert code == 2, err
+    assert "(--cpus-per-actor, --gpus-per-actor) asks for 0.5 CPU, 1 GPU" in err, err
+    assert not list_shards(str(tmp_path / "dst"))
+
+
 # 6. protecting protected data is warned about ------------------------------------------------
 @pytest.mark.system
 def test_protecting_already_protected_data_warns(ray_local, source, tmp_path):

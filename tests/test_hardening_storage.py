@@ -388,6 +388,63 @@ def test_protect_survives_a_transient_get_and_put_byte_identical(moto_s3, s3_buc
     assert sorted(ledger.committed(f"{s3_bucket}/faulty/train")) == names
 
 
+def test_s3_requests_get_botocore_adaptive_retries_unless_told_otherwise(moto_s3, monkeypatch):
+    for var in ("AWS_MAX_ATTEMPTS", "AWS_RETRY_MODE"):
+        monkeypatch.delenv(var, raising=False)
+    fs, _ = storage.get_fs("s3://bucket-ue/k", {"config_kwargs": {"connect_timeout": 3}})
+    assert fs.config_kwargs == {"connect_timeout": 3, "retries": storage.S3_RETRIES}
+    assert storage.S3_RETRIES["mode"] == "adaptive"
+    fs, _ = storage.get_fs("s3://bucket-ue/k", FAST)  # the caller's retries win
+    assert fs.config_kwargs["retries"]["total_max_attempts"] == 1  # (botocore adds its mode)
+    assert fs.config_kwargs["retries"].get("mode") != "adaptive"
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")  # so do the standard AWS variables
+    fs, _ = storage.get_fs("s3://bucket-ue/k")
+    assert "retries" not in (fs.config_kwargs or {})
+    fs, _ = storage.get_fs(__file__)  # not S3: untouched
+    assert not hasattr(fs, "config_kwargs")
+
+
+@pytest.mark.system
+def test_protect_redoes_a_shard_whose_storage_error_outlived_the_retries(
+        moto_s3, s3_bucket, ray_local, digits_dir, tmp_path, monkeypatch):
+    """One input shard answers 503 to RETRY_ATTEMPTS + 1 GETs in a row (botocore's retries
+    off): inside the actor, ``storage`` gives up after RETRY_ATTEMPTS and the shard's task
+    fails; Ray Data runs it again (``actor_task_retry_on_errors``) and the run completes with
+    every shard. Without Ray Data's retries the same fault fails the run."""
+    import s3fs
+
+    from ue_dist.runtime import ledger
+    from ue_dist.runtime import protect as protect_mod
+
+    s3fs.S3FileSystem(endpoint_url=moto_s3["endpoint"]).put(
+        str(digits_dir / "train"), f"{s3_bucket}/src/train", recursive=True)
+    src, state = f"{s3_bucket}/src/train", str(tmp_path / "state.pt")
+    fit_classwise(state)
+    bucket, shard = s3_bucket[len("s3://"):], "src/train/shard-000002.tar"
+    faults = storage.RETRY_ATTEMPTS + 1
+    with fault_proxy(moto_s3) as proxy:
+        kwargs = dict(state_url=state, preset="quick", actors=1, cpus_per_actor=0.5,
+                      progress=None, storage_options={
+                          "endpoint_url": proxy.url,
+                          "config_kwargs": {"retries": {"total_max_attempts": 1}}})
+        monkeypatch.setattr(protect_mod, "ACTOR_TASK_RETRIES", 0)
+        proxy.fault("GET", f"{bucket}/{shard}", 503, "ServiceUnavailable", times=faults)
+        # (Ray Data hands the error back as its own UserCodeException: the cause is in the text)
+        with pytest.raises(Exception, match=r"cannot read .*shard-000002.*ServiceUnavailable"):
+            protect_mod.protect("classwise", src, f"{s3_bucket}/no-retries/train", **kwargs)
+        assert proxy.requests("GET", shard) == [503] * storage.RETRY_ATTEMPTS
+        proxy.faults.clear()
+        monkeypatch.undo()
+        assert protect_mod.ACTOR_TASK_RETRIES > 0
+        proxy.fault("GET", f"{bucket}/{shard}", 503, "ServiceUnavailable", times=faults)
+        before = len(proxy.requests("GET", shard))
+        summary = protect_mod.protect("classwise", src, f"{s3_bucket}/retried/train", **kwargs)
+        # 4 in the first attempt of the task, then 503 + 200 in the second
+        assert proxy.requests("GET", shard)[before:] == [503] * faults + [200]
+    assert summary["ok"] and summary["shards_done"] == 3 and summary["images"] == 1437
+    assert len(ledger.committed(f"{s3_bucket}/retried/train")) == 3
+
+
 # 3. radii ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("value", ["2", "inf", "nan", "0", "-1", "1.5"])
 def test_classwise_refuses_eps_outside_0_1(value):

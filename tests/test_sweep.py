@@ -1,6 +1,7 @@
 import json
 import math
 import os
+import signal
 import time
 
 import pytest
@@ -89,6 +90,8 @@ def _spec(urls, **kw):
     ({"resources_per_trial": {"cpus": 1}}, r"unknown key\(s\) 'cpus' in resources_per_trial; valid keys: cpu, gpu"),
     ({"method_overrides": {"classwise": {"epz": 1}}}, r"unknown setting 'epz'.*valid: eps, noise_seed"),
     ({"data": {"train": "x"}}, r"data needs test"),
+    ({"max_failures": -2}, r"max_failures must be >= -1, got -2"),
+    ({"max_failures": 1.5}, r"max_failures must be an integer"),
     ({"search": {"method": "classwise", "space": {"rho": [1]}}}, r"unknown setting 'rho'.*valid: eps"),
     ({"search": {"method": "classwise", "space": {"eps": {"uniformm": [0, 1]}}}},
      r"unknown key\(s\) 'uniformm' in search.space.eps; valid keys: choice, loguniform, randint, uniform"),
@@ -167,7 +170,7 @@ def test_class_wise_shortcut_protects_digits():
 def test_fast_sweep_writes_report_and_resumes(ray_cluster, small_digits_urls, tmp_path):
     from ue_dist.runtime.sweep import run_sweep
 
-    spec = _spec(small_digits_urls)
+    spec = _spec(small_digits_urls, max_failures=0)  # the failed trial stays failed: resume redoes it
     failing = trial_key({"method": "classwise", "fraction": 1.0, "subset": "all",
                          "arch": "small-cnn", "adv_eps": 0.0, "defense": "none", "seed": 0})
     marker = str(tmp_path / "failed-once")
@@ -206,6 +209,130 @@ def test_fast_sweep_writes_report_and_resumes(ray_cluster, small_digits_urls, tm
     # the method was fitted once and cached for both trials
     cached = os.listdir(os.path.join(tmp_path, "t", "_cache"))
     assert sum(name.endswith(".state.pt") for name in cached) == 1
+
+
+@pytest.mark.system
+def test_killed_trial_resumes_from_its_epoch_checkpoint(ray_cluster, small_digits_urls, tmp_path):
+    """One trial's process is SIGKILLed right after its first victim epoch (checkpointed through
+    Tune): Tune restarts it (max_failures), it resumes at epoch 2 without retraining epoch 1,
+    its records equal those of an uninterrupted victim, and the table is complete."""
+    from ue_dist.data.dataset import load_imageset
+    from ue_dist.runtime.sweep import method_settings, prepare, run_sweep, trial_inputs
+
+    spec = _spec(small_digits_urls, name="kill", victim_overrides={"epochs": 3, "augment": False},
+                 resources_per_trial={"cpu": 0.5}, max_failures=1)
+    config = {"method": "classwise", "fraction": 1.0, "subset": "all", "arch": "small-cnn",
+              "adv_eps": 0.0, "defense": "none", "seed": 0}
+    killed = trial_key(config)
+    marker, log = tmp_path / "killed-once", tmp_path / "epochs.log"
+
+    def after_epoch(key, record):  # a closure: pickled by value into the trial's process
+        with open(log, "a") as f:
+            f.write(f"{key} {record['epoch']} {os.getpid()}\n")
+        if key == killed and record["epoch"] == 1 and not marker.exists():
+            marker.write_text(str(os.getpid()))
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    out = run_sweep(spec, str(tmp_path), progress=lambda m: None, after_epoch=after_epoch)
+    assert marker.exists(), "the trial was never killed; nothing tested"
+    assert out["trials"] == 2 and out["completed"] == 2 and not out["errors"], out["errors"]
+    lines = [line.split() for line in log.read_text().splitlines()]
+    epochs = {key: [int(e) for k, e, _ in lines if k == key] for key in {k for k, _, _ in lines}}
+    assert epochs[killed] == [1, 2, 3]  # restarted at epoch 2, not from the start
+    assert len({pid for k, _, pid in lines if k == killed}) == 2  # in a new process
+    assert [e for k, es in epochs.items() if k != killed for e in es] == [1, 2, 3]
+    rows = {r["key"]: r for r in out["rows"]}
+    assert set(rows) == {killed, trial_key(dict(config, fraction=0.5))}
+    per_epoch = json.loads(storage.read_bytes(storage.join(str(tmp_path), "kill", "results",
+                                                           killed + ".json")))["per_epoch"]
+    assert [r["epoch"] for r in per_epoch] == [1, 2, 3]
+    # the same victim trained here without interruption: the same records, to the bit
+    validated = validate_spec(spec)
+    train = load_imageset(small_digits_urls["train"])
+    test = load_imageset(small_digits_urls["test"])
+    settings = method_settings(validated, "classwise", 0)
+    _, images = prepare("classwise", settings, train, storage.join(str(tmp_path), "kill"))
+    job = {"storage_options": {}, "search": None, "spec": validated,
+           "victim_settings": validated["victim_settings"],
+           "cache": {"classwise:0": {"images": images, "settings": settings}}}
+    _, data, victim = trial_inputs(config, train, job)
+    reference = train_victim(data, test, victim, LocalContext(device="cpu", log=lambda m: None))
+    for got, want in zip(per_epoch, reference["per_epoch"], strict=True):
+        for k in ("test_acc", "train_loss", "train_acc", "lr"):
+            assert got[k] == want[k], (got["epoch"], k, got[k], want[k])
+    assert len(open(out["report"]["csv"]).read().splitlines()) == 3  # header + both trials
+
+
+@pytest.mark.system
+def test_run_exits_3_when_sweep_trials_failed(ray_cluster, small_digits_urls, tmp_path,
+                                               monkeypatch, capsys):
+    """`ue-dist run` with a sweep step: a failed trial makes the job not ok (exit 3, named on
+    stderr), as `ue-dist sweep` does; rerun, the sweep resumes that trial and the job exits 0."""
+    from helpers import fit_classwise
+    from ue_dist.cli import main
+    from ue_dist.runtime import sweep as sweep_mod
+
+    state = str(tmp_path / "state.pt")
+    fit_classwise(state)  # the fit step is skipped: its state exists
+    sweep = {k: v for k, v in _spec(small_digits_urls, name="s", fractions=[1.0], max_failures=0,
+                                    resources_per_trial={"cpu": 0.5}).items() if k != "data"}
+    path = tmp_path / "job.json"
+    path.write_text(json.dumps({
+        "name": "j", "root": str(tmp_path / "out"), "data": small_digits_urls,
+        "method": {"name": "classwise", "preset": "quick"}, "fit": {"state": state},
+        "protect": {"actors": 1, "cpus_per_actor": 0.5}, "sweep": sweep}))
+    real = sweep_mod.run_sweep
+
+    def fail_every_trial(key):
+        raise RuntimeError(f"injected failure for trial {key}")
+
+    monkeypatch.setattr(sweep_mod, "run_sweep", lambda spec, storage_path=None, progress=print:
+                        real(spec, storage_path, progress, before_trial=fail_every_trial))
+    code = main(["run", str(path), "--json"])
+    out, err = capsys.readouterr()
+    assert code == 3, err
+    result = json.loads(out)  # stdout is the one JSON object (Tune's own table goes to stderr)
+    assert result["steps"]["protect"]["ok"] and len(result["steps"]["sweep"]["errors"]) == 1
+    assert result["ok"] is False and len(result["failures"]) == 1
+    assert "ue-dist run: 1 failure(s): sweep: trial classwise-f1-all" in err
+    assert "injected failure" in err
+    monkeypatch.setattr(sweep_mod, "run_sweep", real)
+    code = main(["run", str(path), "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["ok"] and result["failures"] == [] and result["steps"]["sweep"]["resumed"]
+    assert result["steps"]["sweep"]["completed"] == 1
+
+
+def test_a_gpu_where_torch_has_none_is_an_error_naming_the_option():
+    from ue_dist.runtime.ray_env import ResourceError, gpu_device
+    from ue_dist.runtime.protect import ProtectOptions, ShardProtector
+
+    assert gpu_device(0, "resources_per_trial.gpu") == "cpu"
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    with pytest.raises(ResourceError, match=r"resources_per_trial.gpu = 0.5 asks for a GPU, but "
+                                            r"torch .* has no CUDA device"):
+        gpu_device(0.5, "resources_per_trial.gpu")
+    with pytest.raises(ResourceError, match=r"--gpus-per-actor = 1 asks for a GPU"):
+        ShardProtector(method_name="classwise", options=ProtectOptions(gpus_per_actor=1),
+                       dst_url="unused", run_hash="h", threads=1, use_gpu=True)
+
+
+@pytest.mark.system
+def test_sweep_asking_for_a_gpu_this_ray_lacks_is_refused(ray_cluster, small_digits_urls,
+                                                          tmp_path):
+    from ue_dist.runtime.ray_env import ResourceError
+    from ue_dist.runtime.sweep import run_sweep
+
+    if ray_cluster.cluster_resources().get("GPU"):
+        pytest.skip("this Ray has a GPU")
+    spec = _spec(small_digits_urls, resources_per_trial={"cpu": 0.5, "gpu": 1})
+    with pytest.raises(ResourceError, match=r"one sweep trial \(resources_per_trial\) asks for "
+                                            r"0.5 CPU, 1 GPU.*largest node: .*0 GPU"):
+        run_sweep(spec, str(tmp_path), progress=lambda m: None)
+    assert not os.path.exists(tmp_path / "t" / "_cache")  # nothing was fitted
 
 
 def test_evaluate_mixed_shards_subsets(digits_urls, tmp_path):

@@ -241,7 +241,11 @@ def _run_cmd(args: argparse.Namespace) -> int:
         return 0
     result = run_job(spec, progress=to_stderr)
     emit(args, result)
-    return 0 if result["ok"] else 3
+    if result["failures"]:  # as `ue-dist protect` and `ue-dist sweep` do: exit 3, named
+        print(f"ue-dist run: {len(result['failures'])} failure(s): "
+              + "; ".join(result["failures"]), file=sys.stderr)
+        return 3
+    return 0
 
 
 

@@ -316,7 +316,8 @@ SWEEP = Command("sweep", "Ray Tune sweep of victims (method x fraction x archite
     *COMMON), "ue-dist sweep jobs/sweep-digits.yaml --storage runs")
 
 RUN = Command("run", "Run a job spec end to end: convert -> fit -> protect -> evaluate -> sweep "
-              "(every step resumable). Exit status 3 when shards were skipped as unreadable.", (
+              "(every step resumable). Exit status 3 when shards were skipped as unreadable or sweep "
+              "trials failed.", (
     Opt("spec", positional=True, metavar="SPEC",
         help="job spec (YAML or JSON, any fsspec URL), e.g. jobs/digits-quick.yaml"),
     Opt("check", type=bool,
@@ -366,6 +367,9 @@ SWEEP_SPEC = (
     replace(VICTIM_SET, help="{key: value} victim settings"),
     Opt("resources_per_trial", type=dict, help="{cpu: float, gpu: float}"),
     Opt("max_concurrent_trials", type=int, low=1, help="default: as many as resources allow"),
+    Opt("max_failures", type=int, default=2, low=-1,
+        help="failures per trial (a killed worker, a lost node) survived by restarting the trial "
+             "from its last victim-epoch checkpoint (-1: any number, 0: none)"),
     Opt("storage_options", type=dict, help="fsspec options for data and storage URLs"),
     Opt("search", type=dict, help="{method, space, num_samples, fraction, seed}: search a "
                                   "method's settings"),

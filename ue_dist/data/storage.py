@@ -46,7 +46,7 @@ class StorageTransientError(StorageError):
 
 
 #: Attempts (first try included) for a transient failure in read_bytes / write_bytes / exists / ls;
-#: botocore already retries each request (legacy mode: 5 attempts), this covers what escapes it.
+#: botocore already retries each request (``S3_RETRIES``: 5 attempts), this covers what escapes it.
 RETRY_ATTEMPTS = 4
 #: Seconds before the first retry; doubled for each further one (0.25, 0.5, 1.0: under 2 s).
 RETRY_BACKOFF_S = 0.25
@@ -359,10 +359,20 @@ def mask_secrets(obj: Any) -> Any:
     return obj
 
 
+#: botocore's retries for S3 unless the options or the environment set them: adaptive mode
+#: (client-side rate limiting once the endpoint throttles: many actors hitting one bucket back
+#: off together) with legacy mode's budget of retries, so a dead endpoint is named as soon.
+S3_RETRIES = {"mode": "adaptive", "max_attempts": 4}
+
+
 def _s3_defaults(options: dict[str, Any]) -> dict[str, Any]:
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     if endpoint and "endpoint_url" not in options and "client_kwargs" not in options:
         options["endpoint_url"] = endpoint
+    config = dict(options.get("config_kwargs") or {})
+    # a botocore Config outranks the AWS_MAX_ATTEMPTS / AWS_RETRY_MODE variables: leave those be
+    if "retries" not in config and not {"AWS_MAX_ATTEMPTS", "AWS_RETRY_MODE"} & set(os.environ):
+        options["config_kwargs"] = {**config, "retries": dict(S3_RETRIES)}
     return options
 
 

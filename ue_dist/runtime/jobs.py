@@ -256,32 +256,49 @@ def run_job(spec: Mapping[str, Any], progress: Callable[[str], None] = print) ->
         cpus_per_actor=prot["cpus_per_actor"], batch_size=prot["batch_size"], mode=prot["mode"],
         storage_options=so, progress=say)
 
-    ev = spec["evaluate"]
-    if ev is not None:
-        from ue_dist.runtime.evaluate import evaluate
-
-        runs = {"protected": prot["dst"]}
-        if ev["baseline"]:
-            runs = {"clean": spec["data"]["train"], **runs}
-        steps["evaluate"] = {}
-        for label, train_url in runs.items():
-            say(f"[ue-dist run {name}] evaluate: {ev['settings']['arch']} victim on the {label} "
-                f"training set")
-            result = evaluate(train_url, spec["data"]["test"], ev["settings"], ev["subset"], so,
-                              use_ray=True, cpus_per_worker=ev["cpus_per_worker"],
-                              gpus_per_worker=ev["gpus_per_worker"])
-            steps["evaluate"][label] = {k: v for k, v in result.items() if k != "per_epoch"}
-            say(f"[ue-dist run {name}] evaluate: {label} -> test accuracy "
-                f"{result.get('test_acc')}")
+    if spec["evaluate"] is not None:
+        steps["evaluate"] = _run_evaluate(spec, say)
 
     if spec["sweep"] is not None:
         from ue_dist.runtime.sweep import run_sweep
 
         steps["sweep"] = run_sweep(spec["sweep"], storage.join(root, "sweeps"), progress=say)
 
-    ok = not steps["protect"]["bad_shards"]
+    failures = job_failures(steps)
     return {"name": name, "root": root, "state": state_url, "protected": prot["dst"],
-            "steps": steps, "ok": ok}
+            "steps": steps, "failures": failures, "ok": not failures}
 
 
-__all__ = ["JobSpecError", "STEPS", "load_spec", "printable_spec", "run_job", "validate_spec"]
+def _run_evaluate(spec: Mapping[str, Any], say: Callable[[str], None]) -> dict[str, Any]:
+    """The evaluate step: a victim on the protected training set (and on the clean one with
+    ``baseline``)."""
+    from ue_dist.runtime.evaluate import evaluate
+
+    ev, name = spec["evaluate"], spec["name"]
+    runs = {"protected": spec["protect"]["dst"]}
+    if ev["baseline"]:
+        runs = {"clean": spec["data"]["train"], **runs}
+    out = {}
+    for label, train_url in runs.items():
+        say(f"[ue-dist run {name}] evaluate: {ev['settings']['arch']} victim on the {label} "
+            f"training set")
+        result = evaluate(train_url, spec["data"]["test"], ev["settings"], ev["subset"],
+                          spec["storage_options"], use_ray=True,
+                          cpus_per_worker=ev["cpus_per_worker"],
+                          gpus_per_worker=ev["gpus_per_worker"])
+        out[label] = {k: v for k, v in result.items() if k != "per_epoch"}
+        say(f"[ue-dist run {name}] evaluate: {label} -> test accuracy {result.get('test_acc')}")
+    return out
+
+
+def job_failures(steps: Mapping[str, Any]) -> list[str]:
+    """What makes a job that ran to its end not ok (``ue-dist run`` exits 3): shards skipped as
+    unreadable, sweep trials that failed."""
+    out = [f"protect: bad shard {b['shard']} ({b['reason']})"
+           for b in steps["protect"]["bad_shards"]]
+    out += [f"sweep: trial {e}" for e in (steps.get("sweep") or {}).get("errors", ())]
+    return out
+
+
+__all__ = ["JobSpecError", "STEPS", "job_failures", "load_spec", "printable_spec", "run_job",
+           "validate_spec"]

@@ -19,7 +19,9 @@ with ``mode="sync"``. One run writes a DST at a time: the run holds DST's lease
 
 Errors: a bad sample (undecodable, a label outside the state's classes, an unusable key) makes
 its shard a bad shard (skipped, named, exit 3); a bad setting or state is found in the driver
-before any actor starts (exit 2).
+before any actor starts (exit 2). Transient storage errors are retried by botocore, then by
+``ue_dist.data.storage``, then by Ray Data running the shard's task again (``ACTOR_TASK_RETRIES``);
+a GPU asked for (``--gpus-per-actor``) where no node or torch has one is an error (exit 2).
 
 Determinism: the perturbation of a shard depends only on (inputs, state, settings, seed, shard
 file name): the torch generator is seeded from ``(seed, shard name)`` before each shard, so a
@@ -50,6 +52,10 @@ from ue_dist.runtime.lease import DEFAULT_TTL_S, Lease
 MODES = ("incremental", "overwrite", "sync")
 #: How long a cluster may take to offer a node for an actor no current node can host.
 RESOURCE_WAIT_S = 600
+#: Times Ray Data runs a shard's actor task again after it raised a transient storage error
+#: that outlived botocore's and ``storage``'s own retries (a longer throttling or outage);
+#: bounded, so that an endpoint that stays down fails the run.
+ACTOR_TASK_RETRIES = 3
 Progress = Callable[[str], None]
 
 
@@ -96,30 +102,47 @@ class ShardProtector:
     call protects its shards with ``ue_dist.pipeline.protect_shard``."""
 
     def __init__(self, *, method_name: str, options: ProtectOptions, dst_url: str,
-                 run_hash: str, threads: int, use_gpu: bool) -> None:
+                 run_hash: str, threads: int, use_gpu: bool,
+                 task_retries: int = ACTOR_TASK_RETRIES) -> None:
         import torch
 
         import ue_dist  # noqa: F401  (package import fixes torchvision before any method import)
         from ue_dist.methods.base import build_method
         from ue_dist.pipeline import open_config
 
+        from ue_dist.runtime.ray_env import gpu_device
+
         torch.set_num_threads(max(1, threads))
-        device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        device = torch.device(gpu_device(options.gpus_per_actor if use_gpu else 0,
+                                         "--gpus-per-actor"))  # a CPU torch: error, not CPU
         method = build_method(method_name, options.preset, options.overrides)
         self.config = open_config(
             method, options.state_url, device=device, fraction=float(options.fraction),
             seed=int(options.seed), batch_size=int(options.batch_size),
             storage_options=options.storage_options, settings_hash=run_hash)
         self.dst_url = dst_url
+        # Ray retries an actor task on the same actor, with no bound of its own for errors
+        # (max_task_retries is -1): the attempts at each shard are counted here
+        self.task_retries, self.attempts = int(task_retries), {}
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+    def _protect_shard(self, src: str, fingerprint: Mapping[str, Any]) -> dict[str, Any]:
         from ue_dist.pipeline import protect_shard
 
+        try:
+            return protect_shard(self.config, src, self.dst_url, fingerprint)
+        except storage.StorageTransientError as exc:
+            self.attempts[src] = self.attempts.get(src, 0) + 1
+            if self.attempts[src] > self.task_retries:  # a StorageError is not retried
+                raise storage.StorageError(f"{exc} (the shard was tried "
+                                           f"{self.attempts[src]} times)") from None
+            raise
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         out: dict[str, list] = {"shard": [], "ok": [], "reason": [], "count": [],
                                 "protected": [], "already_protected": [], "seconds": []}
         for src, fingerprint in zip(batch["src"], batch["fingerprint"]):
             t0 = time.perf_counter()
-            row = protect_shard(self.config, str(src), self.dst_url, json.loads(str(fingerprint)))
+            row = self._protect_shard(str(src), json.loads(str(fingerprint)))
             out["shard"].append(ledger.shard_name(str(src)))
             out["ok"].append(row["ok"])
             out["reason"].append(row.get("reason", ""))
@@ -385,6 +408,8 @@ def _actor_dataset(pending: list[tuple[str, Any]], method_name: str, dst_url: st
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # the driver prints its own progress lines
     ctx.print_on_execution_start = False
+    # a shard is idempotent (atomic writes, its ledger record last): redoing it is safe
+    ctx.actor_task_retry_on_errors = [storage.StorageTransientError]
     cpus, gpus = float(opts.cpus_per_actor), float(opts.gpus_per_actor)
     if not check_resources({"CPU": cpus, "GPU": gpus},
                            "one protect actor (--cpus-per-actor, --gpus-per-actor)"):
@@ -399,7 +424,7 @@ def _actor_dataset(pending: list[tuple[str, Any]], method_name: str, dst_url: st
         num_cpus=cpus, num_gpus=gpus or None,
         fn_constructor_kwargs={"method_name": method_name, "options": opts, "dst_url": dst_url,
                                "run_hash": run_hash, "threads": max(1, int(math.floor(cpus))),
-                               "use_gpu": gpus > 0})
+                               "use_gpu": gpus > 0, "task_retries": ACTOR_TASK_RETRIES})
 
 
 def _run_pipeline(pending: list[tuple[str, Any]], method_name: str, dst_url: str,

@@ -60,6 +60,23 @@ def check_resources(need: Mapping[str, float], what: str) -> bool:
     return False
 
 
+def gpu_device(gpus: float, option: str) -> str:
+    """``"cuda"`` when ``gpus`` > 0 (``option`` asked for them), else ``"cpu"``. Runs in the Ray
+    worker that got the GPU: a CPU-only torch there (or no visible device) raises
+    ``ResourceError`` instead of silently running on the CPU."""
+    if float(gpus) <= 0:
+        return "cpu"
+    import torch
+
+    if not torch.cuda.is_available():
+        seen = os.environ.get("CUDA_VISIBLE_DEVICES")
+        raise ResourceError(
+            f"{option} = {float(gpus):g} asks for a GPU, but torch {torch.__version__} in this "
+            f"Ray worker has no CUDA device (CUDA_VISIBLE_DEVICES={seen!r}; a CPU-only torch "
+            f"build?); install a CUDA build of torch on the GPU nodes, or set {option} to 0")
+    return "cuda"
+
+
 def user_error_in(exc: BaseException) -> UserError | None:
     """The user error inside an exception Ray wrapped (actor and task errors, Ray Train's
     ``WorkerGroupError``/``ControllerError``), or None."""

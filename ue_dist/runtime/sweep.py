@@ -15,17 +15,23 @@
 
 Every trial is a Tune function trainable with its own resources (``tune.with_resources``,
 fractional CPUs allowed), FIFO scheduling (no early stopping), reporting test accuracy after
-every epoch, and writing its full result to ``results/KEY.json``. An interrupted sweep started
+every epoch together with a checkpoint of the victim (``runtime/tune_context``), and writing its
+full result to ``results/KEY.json``. A trial that fails (a killed worker, a lost node) is
+restarted up to ``max_failures`` times and resumes at the epoch after its last checkpoint. A
+GPU asked for (``resources_per_trial.gpu``) where no node or torch has one is an error, never a
+silent CPU run. An interrupted sweep started
 again with the same storage and name resumes (``Tuner.can_restore`` / ``Tuner.restore``):
 finished trials are kept, unfinished and errored ones run again.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import math
 import os
+import sys
 import threading
 import time
 from typing import Any, Callable, Mapping
@@ -165,6 +171,7 @@ def validate_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
     out["victim_settings"] = _victim_settings(spec)
     out["resources"] = _resources(spec["resources_per_trial"])
     out["max_concurrent_trials"] = spec["max_concurrent_trials"]
+    out["max_failures"] = spec["max_failures"]
     out["search"] = _validate_search(spec["search"], out) if spec["search"] is not None else None
     return out
 
@@ -307,8 +314,44 @@ def _result_url(root: str, key: str) -> str:
     return storage.join(root, "results", key + ".json")
 
 
+def trial_inputs(config: Mapping[str, Any], train: ImageSet, job: Mapping[str, Any],
+                 device: str = "cpu") -> tuple[dict[str, Any], ImageSet, dict[str, Any]]:
+    """``(row, data, victim)`` of one trial: its result row so far, the training set it trains
+    on (its fraction protected, its subset) and its victim settings."""
+    so = job["storage_options"]
+    search = job.get("search")
+    method = search["method"] if search else config["method"]
+    fraction = search["fraction"] if search else float(config["fraction"])
+    seed = int(config["seed"])
+    subset = config.get("subset", "all")
+    row: dict[str, Any] = {"key": trial_key(config), "method": method, "fraction": fraction,
+                           "subset": subset, "arch": config["arch"],
+                           "adv_eps": float(config["adv_eps"]), "defense": config["defense"],
+                           "seed": seed}
+    if search:
+        params = {k: config[k] for k in search["space"]}
+        row["params"] = json.dumps(params, sort_keys=True)
+        settings = method_settings(job["spec"], method, seed, params)
+        _, protected = fit_and_protect(method, settings, train, device)
+    elif fraction > 0:
+        protected = _load_tensor(job["cache"][f"{method}:{seed}"]["images"], so)
+        settings = job["cache"][f"{method}:{seed}"]["settings"]
+    else:
+        protected, settings = train.images, {"eps": None}
+    data = select_subset(mix(train, protected, fraction, seed, method, settings.get("eps")), subset)
+    row["protected"] = int(sum(bool(m.get("protected")) for m in data.meta))
+    row["train_size"] = len(data)
+    victim = dict(job["victim_settings"], arch=config["arch"], adv_eps=float(config["adv_eps"]),
+                  defense=config["defense"], seed=seed)
+    row["epochs"] = int(victim["epochs"])
+    return row, data, victim
+
+
 def _trial(config: dict[str, Any], *, train: ImageSet, test: ImageSet, job: dict[str, Any]) -> None:
     from ray import tune
+
+    from ue_dist.runtime.ray_env import gpu_device
+    from ue_dist.runtime.tune_context import TuneTrialContext
 
     torch.set_num_threads(max(1, int(job["resources"]["cpu"])))
     so = job["storage_options"]
@@ -321,40 +364,17 @@ def _trial(config: dict[str, Any], *, train: ImageSet, test: ImageSet, job: dict
     if job["before_trial"] is not None:
         job["before_trial"](key)
     started = time.time()
-    search = job.get("search")
-    method = search["method"] if search else config["method"]
-    fraction = search["fraction"] if search else float(config["fraction"])
-    seed = int(config["seed"])
-    subset = config.get("subset", "all")
-    row: dict[str, Any] = {"key": key, "method": method, "fraction": fraction, "subset": subset,
-                           "arch": config["arch"], "adv_eps": float(config["adv_eps"]),
-                           "defense": config["defense"], "seed": seed}
-    device = "cuda" if job["resources"]["gpu"] > 0 and torch.cuda.is_available() else "cpu"
-    if search:
-        params = {k: config[k] for k in search["space"]}
-        row["params"] = json.dumps(params, sort_keys=True)
-        settings = method_settings(job["spec"], method, seed, params)
-        _, protected = fit_and_protect(method, settings, train, device)
-    elif fraction > 0:
-        protected = _load_tensor(job["cache"][f"{method}:{seed}"]["images"], so)
-        settings = job["cache"][f"{method}:{seed}"]["settings"]
-    else:
-        protected, settings = train.images, {"eps": None}
-    mixed = mix(train, protected, fraction, seed, method, settings.get("eps"))
-    data = select_subset(mixed, subset)
-    row["protected"] = int(sum(bool(m.get("protected")) for m in data.meta))
-    row["train_size"] = len(data)
-    victim = dict(job["victim_settings"], arch=config["arch"], adv_eps=float(config["adv_eps"]),
-                  defense=config["defense"], seed=seed)
-    row["epochs"] = int(victim["epochs"])
+    device = gpu_device(job["resources"]["gpu"], "resources_per_trial.gpu")
+    row, data, victim = trial_inputs(config, train, job, device)
     if len(data) == 0:  # e.g. the clean part of a fully protected set: nothing to train on
         row.update(test_acc=math.nan, robust_acc=None, per_epoch=[], seconds=0.0, skipped=True)
     else:
-        def report(record: dict[str, Any]) -> None:
-            tune.report({k: v for k, v in record.items() if isinstance(v, (int, float))})
-
-        ctx = LocalContext(device=device, seed=seed, log=lambda msg: None)
-        result = train_victim(data, test, victim, ctx, on_epoch=report)
+        hook = job.get("after_epoch")
+        # each epoch: one tune.report carrying the victim's checkpoint; a restarted trial
+        # (FailureConfig) resumes from the last one at the next epoch
+        ctx = TuneTrialContext(device, int(config["seed"]),
+                               after_report=(lambda record: hook(key, record)) if hook else None)
+        result = train_victim(data, test, victim, ctx)
         row.update(test_acc=result["test_acc"], robust_acc=result["robust_acc"],
                    robust_eps=result["robust_eps"], per_epoch=result["per_epoch"],
                    images_per_s=result["images_per_s"])
@@ -448,9 +468,13 @@ def _new_tuner(spec: Mapping[str, Any], trainable: Any, path: str, fs: Any) -> A
         num_samples=search["num_samples"] if search else 1,
         search_alg=BasicVariantGenerator(random_state=search["seed"]) if search else None,
         max_concurrent_trials=spec["max_concurrent_trials"])
+    # a failed trial (a killed worker, a lost node) restarts from its last epoch checkpoint
+    run_config = tune.RunConfig(
+        name=spec["name"], storage_path=path, storage_filesystem=fs, verbose=0,
+        failure_config=tune.FailureConfig(max_failures=spec["max_failures"]),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=2))
     return tune.Tuner(trainable, param_space=_param_space(spec), tune_config=tune_config,
-                      run_config=tune.RunConfig(name=spec["name"], storage_path=path,
-                                                storage_filesystem=fs, verbose=0))
+                      run_config=run_config)
 
 
 def trial_count(spec: Mapping[str, Any]) -> int:
@@ -527,13 +551,72 @@ def _summary(spec: Mapping[str, Any], grid: Any, root: str, so, train: ImageSet,
     return summary
 
 
+def _check_trial_resources(spec: Mapping[str, Any], progress: Callable[[str], None]) -> None:
+    """A trial no node can host: an error on a Ray started here (no GPU on this machine, say),
+    a note on a cluster (its autoscaler may add such a node; Tune waits)."""
+    from ue_dist.runtime.ray_env import check_resources
+
+    res = spec["resources"]
+    if not check_resources({"CPU": res["cpu"], "GPU": res["gpu"]},
+                           "one sweep trial (resources_per_trial)"):
+        progress(f"[ue-dist] sweep {spec['name']}: no node offers {res['cpu']:g} CPU"
+                 + (f" and {res['gpu']:g} GPU" if res["gpu"] > 0 else "")
+                 + " per trial yet; the trials wait for the cluster to add one")
+
+
+def _fit_all(spec: Mapping[str, Any], train: ImageSet, root: str, so,
+             progress: Callable[[str], None]) -> dict[str, Any]:
+    """Fit and protect every (method, seed) once, in parallel Ray tasks, before any trial
+    starts; ``{"METHOD:SEED": {"state", "images", "settings"}}`` in the spec's order."""
+    import ray
+
+    from ue_dist.runtime.ray_env import gpu_device, user_error_in
+
+    res = spec["resources"]
+
+    @ray.remote(num_cpus=res["cpu"], num_gpus=res["gpu"])
+    def _prep(method, settings, train_ref):
+        torch.set_num_threads(max(1, int(res["cpu"])))
+        device = gpu_device(res["gpu"], "resources_per_trial.gpu")
+        return prepare(method, settings, train_ref, root, so, device)
+
+    todo = {}
+    train_ref = ray.put(train)
+    for method in spec["methods"]:
+        for seed in spec["seeds"]:
+            if max(spec["fractions"]) > 0:
+                settings = method_settings(spec, method, seed)
+                todo[f"{method}:{seed}"] = (settings, _prep.remote(method, settings, train_ref))
+    progress(f"[ue-dist] sweep {spec['name']}: fitting/protecting {len(todo)} (method, seed) "
+             f"pair(s) (cached in {storage.join(root, '_cache')})")
+    line = ProgressLine("[sweep] fits", len(todo), progress)
+    pending = {ref: (key, settings) for key, (settings, ref) in todo.items()}
+    cache: dict[str, Any] = {}
+    while pending:  # as each finishes, not in submission order
+        [ref], _ = ray.wait(list(pending), num_returns=1)
+        key, settings = pending.pop(ref)
+        try:
+            state_url, images_url = ray.get(ref)
+        except Exception as exc:  # e.g. a GPU asked for where torch has none: exit 2, not 1
+            user = user_error_in(exc)
+            if user is not None:
+                raise user from None
+            raise
+        cache[key] = {"state": state_url, "images": images_url, "settings": settings}
+        line.update(len(todo) - len(pending))
+    return {key: cache[key] for key in todo}  # the spec's order, whichever finished first
+
+
 def run_sweep(spec: Mapping[str, Any], storage_path: str | None = None,
               progress: Callable[[str], None] = print,
-              before_trial: Callable[[str], None] | None = None) -> dict[str, Any]:
+              before_trial: Callable[[str], None] | None = None,
+              after_epoch: Callable[[str, dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Run (or resume) the sweep described by ``spec``; returns the rows and the report files.
 
-    ``before_trial(key)`` runs in each trial's process before it trains (instrumentation, fault
-    injection: an exception fails that trial as any error would); it must be picklable."""
+    Hooks, run in each trial's process (instrumentation, fault injection; they must be
+    picklable): ``before_trial(key)`` before it trains (an exception fails that trial as any
+    error would), ``after_epoch(key, record)`` after each victim epoch's report, once its
+    checkpoint is saved."""
     from ray import tune
 
     from ue_dist.data.dataset import load_imageset
@@ -550,44 +633,16 @@ def run_sweep(spec: Mapping[str, Any], storage_path: str | None = None,
     test = load_imageset(spec["data"]["test"], so)
     check_compatible(train, test)
     ensure_ray()
+    _check_trial_resources(spec, progress)
     fs, path = pyarrow_filesystem(storage_path, so)
     exp_path = storage.join(path, spec["name"]) if fs is not None else os.path.join(path, spec["name"])
     resumed = bool(tune.Tuner.can_restore(exp_path, storage_filesystem=fs))
     _check_same_spec(spec, root, so, resumed)
-
-    # fit every (method, seed) once, in parallel Ray tasks, before any trial starts
-    cache: dict[str, Any] = {}
-    if spec["search"] is None:
-        import ray
-
-        @ray.remote(num_cpus=spec["resources"]["cpu"], num_gpus=spec["resources"]["gpu"])
-        def _prep(method, settings, train_ref, device):
-            torch.set_num_threads(max(1, int(spec["resources"]["cpu"])))
-            return prepare(method, settings, train_ref, root, so, device)
-
-        device = "cuda" if spec["resources"]["gpu"] > 0 else "cpu"
-        todo = {}
-        train_ref = ray.put(train)
-        for method in spec["methods"]:
-            for seed in spec["seeds"]:
-                if max(spec["fractions"]) > 0:
-                    settings = method_settings(spec, method, seed)
-                    todo[f"{method}:{seed}"] = (settings, _prep.remote(method, settings, train_ref, device))
-        progress(f"[ue-dist] sweep {spec['name']}: fitting/protecting {len(todo)} (method, seed) "
-                 f"pair(s) (cached in {storage.join(root, '_cache')})")
-        line = ProgressLine("[sweep] fits", len(todo), progress)
-        pending = {ref: (key, settings) for key, (settings, ref) in todo.items()}
-        while pending:  # as each finishes, not in submission order
-            [ref], _ = ray.wait(list(pending), num_returns=1)
-            key, settings = pending.pop(ref)
-            state_url, images_url = ray.get(ref)
-            cache[key] = {"state": state_url, "images": images_url, "settings": settings}
-            line.update(len(todo) - len(pending))
-        cache = {key: cache[key] for key in todo}  # the spec's order, whichever finished first
+    cache = _fit_all(spec, train, root, so, progress) if spec["search"] is None else {}
 
     job = {"root": root, "storage_options": so, "resources": spec["resources"], "cache": cache,
            "victim_settings": spec["victim_settings"], "search": spec["search"], "spec": spec,
-           "before_trial": before_trial}
+           "before_trial": before_trial, "after_epoch": after_epoch}
     trainable = tune.with_resources(tune.with_parameters(_trial, train=train, test=test, job=job),
                                     {"cpu": spec["resources"]["cpu"], "gpu": spec["resources"]["gpu"]})
     if resumed:
@@ -596,7 +651,9 @@ def run_sweep(spec: Mapping[str, Any], storage_path: str | None = None,
                                    resume_errored=True, storage_filesystem=fs)
     else:
         tuner = _new_tuner(spec, trainable, path, fs)
-    with _TrialProgress(root, so, trial_count(spec), progress):
+    # Tune prints its experiment table to stdout even with verbose=0: keep stdout for --json
+    with contextlib.redirect_stdout(sys.stderr), _TrialProgress(root, so, trial_count(spec),
+                                                                progress):
         grid = tuner.fit()
     summary = _summary(spec, grid, root, so, train, cache, resumed)
     progress(f"[ue-dist] sweep {spec['name']}: {summary['completed']}/{len(grid)} trial(s) done"
