@@ -267,7 +267,8 @@ def test_killed_trial_resumes_from_its_epoch_checkpoint(ray_cluster, small_digit
 def test_run_exits_3_when_sweep_trials_failed(ray_cluster, small_digits_urls, tmp_path,
                                                monkeypatch, capsys):
     """`ue-dist run` with a sweep step: a failed trial makes the job not ok (exit 3, named on
-    stderr), as `ue-dist sweep` does; rerun, the sweep resumes that trial and the job exits 0."""
+    stderr), as `ue-dist sweep` does. (That a rerun resumes the failed trial is
+    test_fast_sweep_writes_report_and_resumes'; a second Tune run here would only repeat it.)"""
     from helpers import fit_classwise
     from ue_dist.cli import main
     from ue_dist.runtime import sweep as sweep_mod
@@ -296,13 +297,6 @@ def test_run_exits_3_when_sweep_trials_failed(ray_cluster, small_digits_urls, tm
     assert result["ok"] is False and len(result["failures"]) == 1
     assert "ue-dist run: 1 failure(s): sweep: trial classwise-f1-all" in err
     assert "injected failure" in err
-    monkeypatch.setattr(sweep_mod, "run_sweep", real)
-    code = main(["run", str(path), "--json"])
-    out, err = capsys.readouterr()
-    assert code == 0, err
-    result = json.loads(out)
-    assert result["ok"] and result["failures"] == [] and result["steps"]["sweep"]["resumed"]
-    assert result["steps"]["sweep"]["completed"] == 1
 
 
 def test_a_gpu_where_torch_has_none_is_an_error_naming_the_option():
