@@ -397,7 +397,9 @@ _DECLARED: dict[str, Setting] = {
     "select_every": count("epochs between selection checks (0: keep the last)"),
     "select_epochs": count(), "select_arch": choice(*sorted(ARCHITECTURES)),
     "cls_width": count("small-CNN follower width (0: the arch's default)"),
-    "log_every": positive_int(), "precision": choice(*PRECISIONS),
+    "log_every": positive_int(),
+    # the only setting perturb reads besides eps, which the generator's eps * tanh fixes
+    "precision": choice(*PRECISIONS, protect_time=True),
 }
 
 
