@@ -253,14 +253,14 @@ def protect(method_name: str, src_url: str, dst_url: str, options: ProtectOption
                                      "state_sha256": state_sha, "fraction": float(opts.fraction),
                                      "seed": int(opts.seed)})
     run = _Run(_new_summary(method, src_url, dst_url, opts, run_hash))
-    if state is not None:
-        _say_settings(method, state, say)
     if state is not None:  # a state that does not fit the images is refused before any write
         run.shape_checked = _check_shape(method, state, opts.state_url, src_url, so)
     lease = Lease(dst_url, so, ttl_s=opts.lease_ttl_s)
     lease.acquire(wait_s=opts.wait_for_lease, say=say)
     t_start = time.perf_counter()
     try:
+        if state is not None:  # after the lease: a refused run's error stays its one line
+            _say_changed_settings(method, state, say)
         _remove_temps(dst_url, so, say)
         _poll(run, method, state, lease, say, method_name=method_name, src_url=src_url,
               dst_url=dst_url, opts=opts)
@@ -270,15 +270,15 @@ def protect(method_name: str, src_url: str, dst_url: str, options: ProtectOption
     return _finish(run.summary, time.perf_counter() - t_start, say)
 
 
-def _say_settings(method, state: Mapping[str, Any], say: Progress) -> None:
-    """Name where the settings come from, and what protect changed of the fitted ones."""
+def _say_changed_settings(method, state: Mapping[str, Any], say: Progress) -> None:
+    """Name the protect-time settings this run changed from those the state was fitted with."""
     from ue_dist.core.settings import same_value
 
     fitted = state.get("settings", {})
     changed = {k: v for k, v in method.settings.items() if not same_value(v, fitted.get(k))}
-    say(f"[protect] {method.name}: the settings the state was fitted with"
-        + (f"; changed for protection: {json.dumps(changed, sort_keys=True, default=str)}"
-           if changed else ""))
+    if changed:
+        say(f"[protect] {method.name}: the state's settings, changed for protection: "
+            + json.dumps(changed, sort_keys=True, default=str))
 
 
 def _finish(summary: dict[str, Any], seconds: float, say: Progress) -> dict[str, Any]:
