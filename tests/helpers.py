@@ -83,6 +83,20 @@ def fit_classwise(state_url, storage_options=None, image_size=32, noise_seed=0):
                storage_options)
 
 
+def fit_quick(name, state_url, image_size=8, n=48, overrides=()):
+    """Fit ``name`` with its ``quick`` preset (plus ``overrides``) on the first ``n`` digits,
+    in this process; returns the state."""
+    from ue_dist.core.context import LocalContext
+    from ue_dist.data.imageset import ImageSet
+
+    images, labels = digits_arrays(image_size)["train"]
+    train = ImageSet.from_numpy_hwc(images[:n], labels[:n], num_classes=10)
+    state = build_method(name, "quick", overrides).fit(
+        train, LocalContext(device="cpu", log=lambda m: None))
+    save_state(state, state_url)
+    return state
+
+
 def shard_bytes_by_name(url, storage_options=None):
     return {ledger.shard_name(u): storage.read_bytes(u, storage_options)
             for u in list_shards(url, storage_options)}

@@ -62,7 +62,7 @@ def test_defaults_are_the_same_as_before():
     args = build_parser().parse_args(["protect", "--method", "em", "S", "D"])
     assert (args.fraction, args.seed, args.actors, args.gpus_per_actor, args.cpus_per_actor,
             args.batch_size, args.mode, args.wait_for_lease, args.poll_seconds, args.preset) == \
-        (1.0, 0, 1, 0.0, 0.5, 256, "incremental", 0.0, 30.0, "paper")
+        (1.0, 0, 1, 0.0, 0.5, 256, "incremental", 0.0, 30.0, None)  # None: the state's settings
     args = build_parser().parse_args(["fit", "--method", "em", "T", "S"])
     assert (args.workers, args.cpus_per_worker, args.gpus_per_worker, args.max_failures,
             args.train_fraction, args.preset, args.overrides) == (1, 1.0, 0, 0, 1.0, "paper", [])

@@ -301,3 +301,49 @@ def test_method_refuses_other_image_shape(fitted, contract_data):
     for shape in ([c, h + 1, w], [1, h, w], [c, 32, 32]):
         with pytest.raises(StateError, match=r"shape"):
             method.check_state(state, shape)
+
+
+# --- protect uses the settings the state was fitted with (Method.for_state) -----------------------
+# the setting each method's noise takes its PGD / ascent step count from (a protect-time setting)
+STEP_SETTING = {"em": "steps_u", "rem": "steps_u", "tap": "steps", "bayes": "steps"}
+# methods whose fit depends on eps: the source model trains on noise of that radius, the class
+# patterns are drawn at it, the generator's eps * tanh is built with it
+EPS_FITTED = {"classwise", "em", "rem", "gue", "gue-at"}
+
+
+def test_method_for_its_state_takes_the_fitted_settings(fitted, contract_data):
+    name, method, state, out = fitted
+    cls = type(method)
+    bound = cls.for_state(state)  # what protect builds: no preset, no --set
+    assert bound.settings == state["settings"]
+    assert np.array_equal(_protect(bound, state, contract_data).numpy(), out.numpy()), name
+    for key in ("rho_a", "arch", "seed", "noise_seed", "at_eps", "embedding_state"):
+        assert key not in cls.declared or not cls.declared[key].protect_time, (name, key)
+    assert (name in EPS_FITTED) != cls.declared["eps"].protect_time, name
+    if name in EPS_FITTED:
+        with pytest.raises(SettingsError, match=re.escape(
+                "--set eps=16/255 conflicts with state file 's.pt', fitted with eps=8/255")):
+            cls.for_state(state, ["eps=16/255"], source="s.pt")
+    else:  # the fit never sees the noise: the same state protects at another radius
+        assert cls.for_state(state, ["eps=16/255"]).eps == pytest.approx(16 / 255)
+    assert cls.for_state(state, ["eps=8/255"]).settings == state["settings"]  # the fitted value
+
+
+def test_method_for_its_state_changes_only_protect_time_settings(fitted, contract_data):
+    name, method, state, out = fitted
+    cls = type(method)
+    key = STEP_SETTING.get(name)
+    if key is not None:  # more steps for the final noise: applied, and other bytes
+        steps = int(state["settings"][key]) + 1
+        bound = cls.for_state(state, [f"{key}={steps}"])
+        assert bound.settings == {**state["settings"], key: steps}
+        assert not np.array_equal(_protect(bound, state, contract_data).numpy(), out.numpy())
+    if name == "classwise":  # paper = quick: the preset agrees with the fit; a seed does not
+        assert cls.for_state(state, preset="paper").settings == state["settings"]
+        with pytest.raises(SettingsError, match="noise_seed=5 conflicts .* noise_seed=0"):
+            cls.for_state(state, ["noise_seed=5"])
+    else:  # the paper preset differs from the contract's fit in fitted settings: all named
+        with pytest.raises(SettingsError, match=r"--preset paper .* fixed by the fit"):
+            cls.for_state(state, preset="paper")
+    with pytest.raises(StateError, match="lack"):  # a state without its settings' full record
+        cls.for_state({**state, "settings": {"eps": method.eps}}, source="old.pt")

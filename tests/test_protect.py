@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
 
-from helpers import (N_SHARDS, PER_SHARD, add_shard, check_consistent, fit_classwise,
+from helpers import (N_SHARDS, PER_SHARD, add_shard, check_consistent, fit_classwise, fit_quick,
                      make_source, shard_bytes_by_name)
 from ue_dist.data import storage
 from ue_dist.data.shards import list_shards, read_shard
+from ue_dist.core.config import SettingsError
 from ue_dist.methods.base import StateError, method_names
 from ue_dist.methods.protect import selected_for_protection
 from ue_dist.runtime import ledger
@@ -150,6 +152,41 @@ def test_refusals_happen_before_anything_is_written(ray_local, tmp_path):
         protect("classwise", src, str(tmp_path / "d2"), state_url=state, fraction=1.5)
     with pytest.raises(Exception, match="unknown method"):
         protect("no-such-method", src, str(tmp_path / "d2"), state_url=state)
+
+
+def test_protect_takes_the_settings_the_state_was_fitted_with(ray_local, tmp_path, capsys):
+    """A state fitted with --preset quick is protected with quick's ascent without --preset
+    (before, the default paper preset's: 100 steps of 1/255 instead of 10 of 2/255)."""
+    src, state_url = str(tmp_path / "src"), str(tmp_path / "bayes.pt")
+    make_source(src, n_shards=2, image_size=8)
+    state = fit_quick("bayes", state_url)
+    runs = {"plain": {}, "quick": {"preset": "quick"}, "more": {"overrides": ["steps=11"]}}
+    out = {k: protect("bayes", src, str(tmp_path / k), state_url=state_url, progress=None, **kw)
+           for k, kw in runs.items()}
+    assert out["plain"]["settings"] == state["settings"] == out["quick"]["settings"]
+    assert out["more"]["settings"] == {**state["settings"], "steps": 11}  # a protect-time setting
+    plain = check_consistent(src, str(tmp_path / "plain"))
+    assert shard_bytes_by_name(str(tmp_path / "quick")) == plain
+    assert shard_bytes_by_name(str(tmp_path / "more")) != plain
+
+    # REM fitted at eps = 8/255, rho_a = 2/255 (quick; one step: only its settings matter here)
+    rem_url, dst = str(tmp_path / "rem.pt"), tmp_path / "refused"
+    fit_quick("rem", rem_url, overrides={"train_steps": 1})
+    with pytest.raises(SettingsError, match=re.escape(
+            "--set eps=16/255, rho_a=4/255 conflicts with state file " + repr(rem_url)
+            + ", fitted with eps=8/255, rho_a=2/255")):
+        protect("rem", src, str(dst), state_url=rem_url, overrides=["eps=16/255", "rho_a=4/255"],
+                progress=None)
+    with pytest.raises(SettingsError, match=r"--preset paper rho_a=4/255, arch='resnet18'"):
+        protect("rem", src, str(dst), state_url=rem_url, preset="paper", progress=None)
+    from ue_dist.cli import main
+
+    capsys.readouterr()
+    code = main(["protect", "--method", "rem", "--state", rem_url, "--set", "eps=16/255", src,
+                 str(dst)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "fitted with eps=8/255" in err, err
+    assert not dst.exists()  # refused before the lease, a ledger or a shard was written
 
 
 def test_missing_bucket_is_named(ray_local, s3_bucket, tmp_path):

@@ -3,9 +3,10 @@
 The options of every command are declared once, in ``ue_dist/options.py`` (the job and sweep
 specs are checked against the same declarations); this module builds the parsers from them and
 holds what each command runs. Commands that compute figures print them as one JSON object with
-``--json``; commands that fit or protect take ``--preset paper|quick`` and ``--set key=value``
-(the method's settings; victims take ``--victim-preset`` and ``--victim-set``) and print the
-settings they used.
+``--json``; commands that fit take ``--preset paper|quick`` and ``--set key=value`` (the
+method's settings; victims take ``--victim-preset`` and ``--victim-set``) and print the settings
+they used; ``protect`` starts from the settings its state was fitted with (``--set`` may change
+only the method's protect-time settings).
 """
 from __future__ import annotations
 
@@ -99,8 +100,11 @@ def _fit(args: argparse.Namespace) -> int:
 @command("methods")
 def _methods(args: argparse.Namespace) -> int:
     from ue_dist.methods import get_method, method_names
+    from ue_dist.core.settings import protect_time_keys
     out = {name: {"paper": get_method(name).paper, "needs_fit": get_method(name).needs_fit,
-                  "presets": get_method(name).presets} for name in method_names()}
+                  "presets": get_method(name).presets,
+                  "protect_time": protect_time_keys(get_method(name).declared)}
+           for name in method_names()}
     emit(args, out, lambda r: "\n".join(f"{k:10s} {v['paper']}" for k, v in r.items()))
     return 0
 

@@ -253,9 +253,18 @@ PROTECT = Command("protect", "Protect every shard of SRC into DST on Ray Data (r
         help="listing interval with --watch"),
     Opt("max_polls", type=int, low=1, spec=False, help="stop --watch after N listings"),
     Opt("stop_file", metavar="URL", spec=False, help="stop --watch once this file exists"),
-    replace(PRESET, spec=False), replace(SET, spec=False), *COMMON),
+    replace(PRESET, spec=False, default=None,
+            help="protect uses the settings the state was fitted with; --preset is optional: "
+                 "its values must agree with the fitted ones, except the method's protect-time "
+                 "settings (PGD steps of the final noise, precision; `ue-dist methods --json`), "
+                 "which it sets. A method that learns nothing (no --state) takes its settings "
+                 "from it (default paper)"),
+    replace(SET, spec=False,
+            help="change one protect-time setting (repeatable), e.g. steps_u=20; a setting the "
+                 "fit fixed (eps, rho_a, arch, seed, ...) is refused unless it equals the "
+                 "fitted value"), *COMMON),
     "ue-dist protect --method em --state out/em.pt out/digits/train out/em-protected "
-    "--preset quick --actors 2")
+    "--actors 2")
 
 BAYES_ERROR = Command("bayes-error", "Estimate the Bayes error (local posterior averaging) of a "
                       "dataset or a toy problem.", (

@@ -16,7 +16,9 @@ state, settings and seed:
 
 ``PipelineConfig`` is the per-run configuration (method, state, fraction, seed, batch size,
 device, storage options, settings hash); ``open_config`` builds it in a process or actor, reading
-the state once and validating it once.
+the state once and validating it once. ``open_method`` is where a protect run gets its method:
+with the settings the state was fitted with, changed only where a setting is declared
+protect-time (``Method.for_state``), so the driver and every actor use the same settings.
 """
 from __future__ import annotations
 
@@ -32,7 +34,8 @@ from ue_dist.core.quantize import apply_perturbation
 from ue_dist.data import storage
 from ue_dist.data.imageset import ImageSet
 from ue_dist.data.shards import Sample, ShardError, read_shard, write_shard
-from ue_dist.methods.base import Method, StateError, read_state_bytes, state_from_bytes
+from ue_dist.methods.base import (Method, StateError, get_method, read_state_bytes,
+                                  state_from_bytes)
 from ue_dist.methods.protect import protect_uint8, sample_meta, selected_for_protection
 from ue_dist.runtime import ledger  # Ray-free: the per-shard commit records
 
@@ -73,10 +76,34 @@ def read_state(method: Method, state_url: str | None,
         return None, None
     raw = read_state_bytes(state_url, storage_options)
     state = state_from_bytes(raw, state_url)
+    _check_read(method, state, state_url, loadable)
+    return state, hashlib.sha256(raw).hexdigest()
+
+
+def _check_read(method: Method, state: Mapping[str, Any], state_url: str, loadable: bool) -> None:
     method.check_state(state, None, source=state_url)
     if loadable:
         method.check_loadable(state, source=state_url)
-    return state, hashlib.sha256(raw).hexdigest()
+
+
+def open_method(method_name: str, state_url: str | None, *, preset: str | None = None,
+                overrides: Sequence[str] | Mapping[str, Any] = (),
+                storage_options: Mapping[str, Any] | None = None, loadable: bool = False
+                ) -> tuple[Method, dict[str, Any] | None, str | None]:
+    """``(method, state, sha256 of the state file)`` for protecting with the state at
+    ``state_url``: the method takes the settings the state was fitted with, ``overrides`` and
+    ``preset`` change only its protect-time settings and must agree with the fitted ones
+    (``Method.for_state``). Without a state (a method that learns nothing) the settings are
+    ``preset`` (default paper) plus ``overrides``; a method that needs a fit is refused."""
+    cls = get_method(method_name)
+    if not state_url:
+        method = cls(cls.resolve(preset or "paper", overrides))  # bad settings are named first
+        return (method, *read_state(method, None, storage_options))
+    raw = read_state_bytes(state_url, storage_options)
+    state = state_from_bytes(raw, state_url)
+    method = cls.for_state(state, overrides, preset, source=state_url)
+    _check_read(method, state, state_url, loadable)
+    return method, state, hashlib.sha256(raw).hexdigest()
 
 
 def open_config(method: Method, state_url: str | None, *, device: torch.device | str = "cpu",
@@ -84,6 +111,18 @@ def open_config(method: Method, state_url: str | None, *, device: torch.device |
     """The configuration of one process or actor: the state read and validated once, loaded
     once on ``device``. ``options``: the other ``PipelineConfig`` fields."""
     state, _ = read_state(method, state_url, options.get("storage_options"))
+    loaded = method.load(state if state is not None else no_state(method), device)
+    return PipelineConfig(method=method, state=state, state_url=state_url, loaded=loaded,
+                          device=device, **options)
+
+
+def open_protect_config(method_name: str, state_url: str | None, *, preset: str | None = None,
+                        overrides: Sequence[str] | Mapping[str, Any] = (),
+                        device: torch.device | str = "cpu", **options: Any) -> PipelineConfig:
+    """``open_config`` for a protect run: the method from ``open_method`` (the state's
+    settings), the state read once, loaded once on ``device``."""
+    method, state, _ = open_method(method_name, state_url, preset=preset, overrides=overrides,
+                                   storage_options=options.get("storage_options"))
     loaded = method.load(state if state is not None else no_state(method), device)
     return PipelineConfig(method=method, state=state, state_url=state_url, loaded=loaded,
                           device=device, **options)
@@ -234,5 +273,5 @@ def protect_set(config: PipelineConfig, data: ImageSet, delta: torch.Tensor, dst
 
 
 __all__ = ["PipelineConfig", "check_samples", "commit_shard", "finish_set", "no_state",
-           "open_config", "output_meta", "perturb_selected", "protect_samples", "protect_set",
+           "open_config", "open_method", "open_protect_config", "output_meta", "perturb_selected", "protect_samples", "protect_set",
            "protect_shard", "read_state", "seed_everything", "shard_seed"]

@@ -55,7 +55,8 @@ def _pipeline(src: str, dst: str, state: str, actors: int, gpus: float, batch: i
         if "images/s" in line:
             stamps.append((time.perf_counter(), int(line.split(" shards, ")[1].split()[0])))
 
-    summary = protect(METHOD, src, dst, state_url=state, preset=PRESET, overrides=OVERRIDES,
+    # the state's settings (those of the bare loop's method): protect takes them from the state
+    summary = protect(METHOD, src, dst, state_url=state,
                       actors=actors, cpus_per_actor=1.0, gpus_per_actor=gpus, batch_size=batch,
                       mode="overwrite", progress=progress)
     wall = time.perf_counter() - t0

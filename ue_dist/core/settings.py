@@ -29,7 +29,10 @@ class Setting:
     number, checked by ``check_radius``), ``seed`` (a non-negative integer; a method's seed is
     the setting of this kind), ``list`` or ``any``. ``low`` / ``high`` are inclusive bounds,
     ``above`` / ``below`` exclusive ones; ``choices`` the allowed strings; ``optional`` allows
-    None (``none`` on the command line).
+    None (``none`` on the command line). ``protect_time``: the setting only steers how
+    ``perturb`` computes the noise from the fitted state (PGD steps of the final noise, the
+    precision of its forwards), so ``protect`` may change it; every other setting is fixed by
+    the fit, and ``protect`` refuses a value that differs from the state's (``bind_fitted``).
     """
 
     kind: str
@@ -40,22 +43,23 @@ class Setting:
     high: float | None = None
     below: float | None = None
     optional: bool = False
+    protect_time: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"unknown setting kind {self.kind!r}; valid: {', '.join(KINDS)}")
 
 
-def positive_int(help: str = "") -> Setting:
-    return Setting("int", help, low=1)
+def positive_int(help: str = "", protect_time: bool = False) -> Setting:
+    return Setting("int", help, low=1, protect_time=protect_time)
 
 
-def count(help: str = "") -> Setting:
-    return Setting("int", help, low=0)
+def count(help: str = "", protect_time: bool = False) -> Setting:
+    return Setting("int", help, low=0, protect_time=protect_time)
 
 
-def positive(help: str = "") -> Setting:
-    return Setting("float", help, above=0)
+def positive(help: str = "", protect_time: bool = False) -> Setting:
+    return Setting("float", help, above=0, protect_time=protect_time)
 
 
 def non_negative(help: str = "") -> Setting:
@@ -67,8 +71,8 @@ def fraction(help: str = "", above: float | None = 0.0) -> Setting:
         Setting("float", help, low=0.0, high=1.0)
 
 
-def choice(*choices: str, help: str = "") -> Setting:
-    return Setting("str", help, choices=tuple(choices))
+def choice(*choices: str, help: str = "", protect_time: bool = False) -> Setting:
+    return Setting("str", help, choices=tuple(choices), protect_time=protect_time)
 
 
 def seed_key(declared: Mapping[str, Setting]) -> str | None:
@@ -195,21 +199,85 @@ def check_declared(declared: Mapping[str, Setting], settings: Mapping[str, Any],
             for key in settings}
 
 
+def given_values(declared: Mapping[str, Setting], overrides: Any, what: str) -> dict[str, Any]:
+    """Overrides as values: ``["key=value", ...]`` text parsed by the declared kind, or a mapping
+    of typed values (job specs, Tune trials); an undeclared key is refused. Not yet checked."""
+    from ue_dist.core.config import parse_overrides
+
+    text = not isinstance(overrides, Mapping)
+    given = parse_overrides(overrides) if text else dict(overrides)
+    for key in given:
+        if key not in declared:
+            raise SettingsError(f"unknown setting {key!r} for {what}; "
+                                f"valid: {', '.join(sorted(declared))}")
+    return {key: parse_text(key, value, declared[key]) if text else value
+            for key, value in given.items()}
+
+
 def resolve_declared(declared: Mapping[str, Setting], presets: Mapping[str, Mapping[str, Any]],
                      preset: str, overrides: Any, what: str) -> dict[str, Any]:
     """``presets[preset]`` plus overrides (``["key=value", ...]`` text parsed by the declared
     kind, or a mapping of typed values from job specs and Tune trials), checked."""
-    from ue_dist.core.config import parse_overrides
-
     if preset not in presets:
         raise SettingsError(f"unknown preset {preset!r} for {what}; "
                             f"valid: {', '.join(sorted(presets))}")
     settings = dict(presets[preset])
-    given = dict(overrides) if isinstance(overrides, Mapping) else parse_overrides(overrides)
-    for key, value in given.items():
-        if key not in declared:
-            raise SettingsError(f"unknown setting {key!r} for {what}; "
-                                f"valid: {', '.join(sorted(declared))}")
-        settings[key] = value if isinstance(overrides, Mapping) else \
-            parse_text(key, value, declared[key])
+    settings.update(given_values(declared, overrides, what))
+    return check_declared(declared, settings, what)
+
+
+# binding settings to a fitted state ------------------------------------------------------------
+def protect_time_keys(declared: Mapping[str, Setting]) -> list[str]:
+    """The settings ``protect`` may change (declared ``protect_time``), sorted."""
+    return sorted(k for k, s in declared.items() if s.protect_time)
+
+
+def same_value(a: Any, b: Any) -> bool:
+    """Equal as settings: numbers up to float rounding (8/255 typed or stored), else ``==``."""
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (a, b))
+    if numbers:
+        return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-12)
+    return a == b
+
+
+def show_value(value: Any, setting: Setting) -> str:
+    """A value as an error message shows it: radii on the 1/255 grid as ``8/255``."""
+    if isinstance(value, float) and setting.kind in ("radius", "float"):
+        steps = value * 255
+        if setting.kind == "radius" and value > 0 and abs(steps - round(steps)) < 1e-6:
+            return f"{round(steps)}/255"
+        return f"{value:g}"
+    return repr(value)
+
+
+def bind_fitted(declared: Mapping[str, Setting], fitted: Mapping[str, Any],
+                given: Mapping[str, tuple[Any, str]], what: str,
+                source: str = "the state") -> dict[str, Any]:
+    """The settings a fitted state is used with: ``fitted`` (those it was fitted with) plus the
+    ``given`` changes, ``key -> (value, origin)`` (origin, e.g. ``--set``, names the flag in
+    errors). A protect-time setting takes the given value; any other must equal the fitted one,
+    else a ``SettingsError`` names the setting, the fitted value and what protect may change."""
+    context = {**fitted, **{k: v for k, (v, _) in given.items()}}  # e.g. eps is read with norm
+    settings, conflicts = dict(fitted), []
+    for key, (value, origin) in given.items():
+        setting = declared[key]
+        value = check_value(key, value, setting, context, what)
+        if setting.protect_time:
+            settings[key] = value
+        elif key not in fitted or not same_value(value, fitted[key]):
+            conflicts.append((key, origin, show_value(value, setting),
+                              show_value(fitted.get(key), setting)))
+    if conflicts:  # all of them at once: a preset can differ from the fit in several
+        origins = list(dict.fromkeys(origin for _, origin, _, _ in conflicts))
+        asked = "; ".join(origin + " " + ", ".join(f"{k}={v}" for k, o, v, _ in conflicts
+                                                   if o == origin) for origin in origins)
+        was = ", ".join(f"{key}={old}" for key, _, _, old in conflicts)
+        changeable = ", ".join(protect_time_keys(declared)) or "none"
+        hint = "; without --preset protect starts from the state's settings" \
+            if any(o.startswith("--preset") for o in origins) else ""
+        raise SettingsError(
+            f"{asked} conflict{'s' if len(origins) == 1 else ''} with {source}, fitted with "
+            f"{was}: {'this setting is' if len(conflicts) == 1 else 'these settings are'} fixed "
+            f"by the fit of {what} (refit to change; protect may change only: {changeable}"
+            f"{hint})")
     return check_declared(declared, settings, what)

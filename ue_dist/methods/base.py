@@ -30,7 +30,8 @@ import torch
 
 from ue_dist.core.config import SettingsError, resolve_settings, validate_radii
 from ue_dist.core.context import FitContext
-from ue_dist.core.settings import Setting, check_declared, resolve_declared, seed_key
+from ue_dist.core.settings import (Setting, bind_fitted, check_declared, given_values,
+                                   resolve_declared, same_value, seed_key)
 from ue_dist.data import storage
 from ue_dist.data.imageset import ImageSet
 from ue_dist.errors import UserError
@@ -64,6 +65,39 @@ class Method:
             return resolve_declared(cls.declared, cls.presets, preset, overrides,
                                     what=f"method {cls.name!r}")
         return resolve_settings(cls.presets, preset, overrides, what=f"method {cls.name!r}")
+
+    @classmethod
+    def for_state(cls, state: Mapping[str, Any], overrides: Sequence[str] | Mapping[str, Any] = (),
+                  preset: str | None = None, source: str = "state") -> "Method":
+        """The method with the settings ``state`` was fitted with (what ``protect`` uses).
+
+        ``overrides`` and a ``preset``'s values (``--set`` wins) change the settings declared
+        ``protect_time``; for any other setting they must equal the fitted value, else a
+        ``SettingsError`` names it and the fitted value (``core.settings.bind_fitted``)."""
+        if state.get("method") != cls.name:
+            raise StateError(f"{source} was fitted by method {state.get('method')!r}, "
+                             f"not {cls.name!r}")
+        fitted = state.get("settings")
+        if not isinstance(fitted, Mapping):
+            raise StateError(f"{_named(source)} holds no settings; refit it with `ue-dist fit`")
+        what = f"method {cls.name!r}"
+        if preset is not None and preset not in cls.presets:
+            raise SettingsError(f"unknown preset {preset!r} for {what}; "
+                                f"valid: {', '.join(sorted(cls.presets))}")
+        given = {k: (v, f"--preset {preset}") for k, v in cls.presets.get(preset, {}).items()}
+        if not cls.declared:  # undeclared settings: none is protect-time
+            typed = resolve_settings({"fitted": dict(fitted)}, "fitted", overrides, what)
+            given.update({k: (typed[k], "--set") for k in typed if typed[k] != fitted[k]})
+            for key, (value, origin) in given.items():
+                if not same_value(value, fitted.get(key)):
+                    raise SettingsError(f"{origin} {key}={value!r} conflicts with {source}, fitted "
+                                        f"with {key}={fitted.get(key)!r}: refit to change it")
+            return cls(dict(fitted))
+        origin = "--set" if not isinstance(overrides, Mapping) else "override"
+        given.update({k: (v, origin) for k, v in given_values(cls.declared, overrides,
+                                                              what).items()})
+        _check_fitted_keys(cls, fitted, given, source)
+        return cls(bind_fitted(cls.declared, fitted, given, what, source=_named(source)))
 
     @classmethod
     def seed_key(cls) -> str | None:
@@ -130,6 +164,21 @@ class Method:
         except (TypeError, ValueError, RuntimeError, IndexError, AttributeError) as exc:
             raise StateError(f"{named} cannot be used by method {self.name!r}: "
                              f"{type(exc).__name__}: {_first_line(exc)}") from None
+
+
+def _check_fitted_keys(cls: type[Method], fitted: Mapping[str, Any],
+                       given: Mapping[str, Any], source: str) -> None:
+    """A state whose settings are not this method's declaration (written by another version)
+    is refused by name; a missing protect-time setting may come from ``given``."""
+    declared = cls.declared
+    lacking = sorted(k for k in set(declared) - set(fitted)
+                     if not (declared[k].protect_time and k in given))
+    unknown = sorted(set(fitted) - set(declared))
+    if lacking or unknown:
+        parts = ([f"lack {', '.join(lacking)}"] if lacking else []) + \
+            ([f"hold undeclared {', '.join(unknown)}"] if unknown else [])
+        raise StateError(f"{_named(source)}: its settings {' and '.join(parts)} for method "
+                         f"{cls.name!r} (fitted by another version of ue_dist?); refit it")
 
 
 # registry ------------------------------------------------------------------------------------

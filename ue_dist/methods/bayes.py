@@ -308,10 +308,15 @@ def retrainer(settings: Mapping[str, Any], model: nn.Module,
     return retrain
 
 
+# The fit (embedding, clean bank, bandwidth) never sees a perturbation, so the ascent's settings
+# -- radius and norm included -- are protect-time: one embedding serves every eps.
 _DECLARED: dict[str, Setting] = {
-    "eps": Setting("radius", "radius of the perturbation (L-inf, or L2 with norm=l2)"),
-    "norm": choice(*NORMS), "step_rule": choice(*STEP_RULES, help="sign (PGA), gradient, adam"),
-    "steps": count("ascent steps"), "step_size": positive("ascent step size"),
+    "eps": Setting("radius", "radius of the perturbation (L-inf, or L2 with norm=l2)",
+                   protect_time=True),
+    "norm": choice(*NORMS, protect_time=True),
+    "step_rule": choice(*STEP_RULES, help="sign (PGA), gradient, adam", protect_time=True),
+    "steps": count("ascent steps", protect_time=True),
+    "step_size": positive("ascent step size", protect_time=True),
     "arch": choice(*sorted(ARCHITECTURES), help="the embedding model"),
     "embed_epochs": count(), "embed_batch_size": positive_int(), "embed_lr": positive(),
     "embed_momentum": non_negative(), "embed_weight_decay": non_negative(),
@@ -321,10 +326,11 @@ _DECLARED: dict[str, Setting] = {
                      optional=True),
     "sigma_neighbours": count("neighbour rank of the data bandwidth (0: sqrt(n))"),
     "bank_size": positive_int("clean embeddings kept for the streaming mode"),
-    "chunk": positive_int("images embedded at once"),
-    "block_size": count("kernel block rows (0: automatic)"),
-    "retrain_every": count("authors' variant: retrain the embedding every k steps (0: off)"),
-    "retrain_epochs": count(), "seed": Setting("seed"),
+    "chunk": positive_int("images embedded at once", protect_time=True),
+    "block_size": count("kernel block rows (0: automatic)", protect_time=True),
+    "retrain_every": count("authors' variant: retrain the embedding every k steps (0: off)",
+                           protect_time=True),
+    "retrain_epochs": count(protect_time=True), "seed": Setting("seed"),
 }
 
 

@@ -54,7 +54,8 @@ class ClasswiseNoise(Method):
         patterns = state.get("patterns")
         if not isinstance(patterns, torch.Tensor) or patterns.ndim != 4:
             raise StateError("classwise state has no K x C x H x W 'patterns' tensor")
-        # A state fitted at a larger eps is clipped to the asked budget, never exceeded.
+        # protect uses the fitted eps (it refuses another); a method built by hand with a smaller
+        # eps clips the patterns to it, never exceeds it
         return patterns.to(device).clamp(-self.eps, self.eps)
 
     def perturb(self, loaded: torch.Tensor, images: torch.Tensor,

@@ -425,7 +425,9 @@ _DECLARED: dict[str, Setting] = {
                                      "lr_decay (MultiStepLR)"),
     "lr_decay": positive(),
     "cls_width": count("small-CNN follower width (0: the arch's default)"),
-    "log_every": positive_int(), "precision": choice(*PRECISIONS),
+    "log_every": positive_int(),
+    # the only setting perturb reads besides eps, which the generator's eps * tanh fixes
+    "precision": choice(*PRECISIONS, protect_time=True),
 }
 
 

@@ -292,11 +292,12 @@ _SOURCE_MODEL: dict[str, Setting] = {
     "seed": Setting("seed", "weights, batch order and noise draws"),
     "log_every": count("steps between log lines"),
     "checkpoint_every": count("steps between resumable checkpoints (0: none)"),
-    "precision": choice(*PRECISIONS, help="autocast of the model forwards"),
+    # protect may change how the final noise is computed, never what the model was fitted for
+    "precision": choice(*PRECISIONS, help="autocast of the model forwards", protect_time=True),
 }
 _NOISE: dict[str, Setting] = {
-    "steps_u": positive_int("PGD descent steps on the noise (K_u)"),
-    "step_frac_u": positive("noise step size as a fraction of eps"),
+    "steps_u": positive_int("PGD descent steps on the noise (K_u)", protect_time=True),
+    "step_frac_u": positive("noise step size as a fraction of eps", protect_time=True),
     "stop_acc": fraction("stop once the training accuracy reaches it (0: off)", above=None),
 }
 _AUGMENTATION = choice("auto", "crop-flip", "flip", "none", help="EOT / training augmentation")
@@ -381,9 +382,9 @@ class REM(SourceModelMethod):
 
     declared = {**_SOURCE_MODEL, **_NOISE,
                 "rho_a": Setting("radius", "PGD-AT radius of the source model (0: off)"),
-                "steps_a": count("PGD ascent steps on da (K_a)"),
-                "step_frac_a": positive("da step size as a fraction of rho_a"),
-                "eot_samples": positive_int("EOT views per descent step (J)"),
+                "steps_a": count("PGD ascent steps on da (K_a)", protect_time=True),
+                "step_frac_a": positive("da step size as a fraction of rho_a", protect_time=True),
+                "eot_samples": positive_int("EOT views per descent step (J)", protect_time=True),
                 "augmentation": _AUGMENTATION}
 
     def validate_settings(self) -> None:

@@ -21,7 +21,7 @@ from ue_dist.core.config import SettingsError
 from ue_dist.core.context import FitContext
 from ue_dist.core.pgd import pgd
 from ue_dist.core.precision import autocast, resolve_precision, upcast
-from ue_dist.core.settings import choice, positive, positive_int
+from ue_dist.core.settings import Setting, choice, positive, positive_int
 from ue_dist.data.imageset import ImageSet
 from ue_dist.methods.base import StateError, register
 from ue_dist.methods.rem import (_AUGMENTATION, _SOURCE_MODEL, LoadedModel, SourceModelMethod,
@@ -64,10 +64,15 @@ class TAP(SourceModelMethod):
                   "precision": "fp32"},
     }
 
+    # the clean model never sees the noise, so its radius is protect-time too (one clean model
+    # serves every eps, as in the REM paper's TAP baseline); target is fixed: the permutation
+    # is in the state
     declared = {**_SOURCE_MODEL,
-                "steps": positive_int("PGD steps towards the target class"),
-                "step_frac": positive("step size as a fraction of eps"),
-                "eot_samples": positive_int("EOT views per step"),
+                "eps": Setting("radius", "L-inf radius of the noise on the [0, 1] scale", high=1,
+                               protect_time=True),
+                "steps": positive_int("PGD steps towards the target class", protect_time=True),
+                "step_frac": positive("step size as a fraction of eps", protect_time=True),
+                "eot_samples": positive_int("EOT views per step", protect_time=True),
                 "augmentation": _AUGMENTATION,
                 "target": choice(*TARGETS, help="the wrong class: y+1 mod K, or a derangement")}
 

@@ -20,7 +20,11 @@ Relative paths are relative to the spec file's folder; ``${VAR}`` and ``${VAR:-d
 expanded from the environment. Every step is idempotent, so rerunning a job after a crash
 continues it: convert is skipped when its output exists, fit when the state exists (and a
 killed fit resumes from its last checkpoint, its run name being ``NAME-fit``), protect skips
-committed shards (its ledger), and the sweep resumes from Tune's experiment state. Keys renamed
+committed shards (its ledger), and the sweep resumes from Tune's experiment state. Protect
+takes the settings the state was fitted with; the spec's ``method`` preset and overrides are
+checked against them, so a state left by an earlier spec whose fitted settings differ (another
+eps, arch, ...) is refused by name instead of protecting with settings it was not fitted for
+(delete the state to refit). Keys renamed
 in this release (``fit.use_gpu``, ``evaluate.preset/overrides/num_cpus/num_gpus``) still work,
 with one warning line naming the new key.
 """

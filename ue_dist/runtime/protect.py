@@ -69,7 +69,7 @@ class ProtectOptions:
     and valid ranges are those declared for the command in ``ue_dist.options``."""
 
     state_url: str | None = None
-    preset: str = _declared("preset")
+    preset: str | None = _declared("preset")  # None: the state's settings (see open_method)
     overrides: Sequence[str] | Mapping[str, Any] = ()
     fraction: float = _declared("fraction")
     seed: int = _declared("seed")
@@ -107,19 +107,18 @@ class ShardProtector:
         import torch
 
         import ue_dist  # noqa: F401  (package import fixes torchvision before any method import)
-        from ue_dist.methods.base import build_method
-        from ue_dist.pipeline import open_config
-
+        from ue_dist.pipeline import open_protect_config
         from ue_dist.runtime.ray_env import gpu_device
 
         torch.set_num_threads(max(1, threads))
         device = torch.device(gpu_device(options.gpus_per_actor if use_gpu else 0,
                                          "--gpus-per-actor"))  # a CPU torch: error, not CPU
-        method = build_method(method_name, options.preset, options.overrides)
-        self.config = open_config(
-            method, options.state_url, device=device, fraction=float(options.fraction),
-            seed=int(options.seed), batch_size=int(options.batch_size),
-            storage_options=options.storage_options, settings_hash=run_hash)
+        # the same settings as the driver's: the state's, with the same protect-time overrides
+        self.config = open_protect_config(
+            method_name, options.state_url, preset=options.preset, overrides=options.overrides,
+            device=device, fraction=float(options.fraction), seed=int(options.seed),
+            batch_size=int(options.batch_size), storage_options=options.storage_options,
+            settings_hash=run_hash)
         self.dst_url = dst_url
         # Ray retries an actor task on the same actor, with no bound of its own for errors
         # (max_task_retries is -1): the attempts at each shard are counted here
@@ -236,7 +235,7 @@ def _new_summary(method, src_url: str, dst_url: str, opts: ProtectOptions,
                  run_hash: str) -> dict[str, Any]:
     return {"method": method.name, "src": src_url, "dst": dst_url, "eps": method.eps,
             "fraction": float(opts.fraction), "seed": int(opts.seed), "mode": opts.mode,
-            "settings_hash": run_hash, "shards_total": 0, "shards_done": 0, "shards_skipped": 0,
+            "settings_hash": run_hash, "settings": dict(method.settings), "shards_total": 0, "shards_done": 0, "shards_skipped": 0,
             "bad_shards": [], "sources_changed": [], "orphans": [], "orphans_removed": [],
             "images": 0, "images_protected": 0, "inputs_already_protected": 0, "polls": 0,
             "seconds": 0.0, "images_per_s": 0.0}
@@ -253,8 +252,7 @@ def protect(method_name: str, src_url: str, dst_url: str, options: ProtectOption
     made, ``stop_file`` exists, or the process is interrupted. ``wait_for_lease``: seconds to
     wait while another run holds DST (default: refuse at once).
     """
-    from ue_dist.methods.base import build_method
-    from ue_dist.pipeline import read_state
+    from ue_dist.pipeline import open_method
 
     if options is not None and kwargs:
         raise TypeError("protect() takes options or keyword options, not both")
@@ -268,8 +266,11 @@ def protect(method_name: str, src_url: str, dst_url: str, options: ProtectOption
     so = opts.storage_options
     storage.check_writable_root(dst_url, so)
     storage.check_writable_root(src_url, so)
-    method = build_method(method_name, opts.preset, opts.overrides)
-    state, state_sha = read_state(method, opts.state_url, so, loadable=True)  # read, checked once
+    # the state's own settings, protect-time overrides applied, a conflicting one refused: all
+    # before the lease is taken or anything is written
+    method, state, state_sha = open_method(method_name, opts.state_url, preset=opts.preset,
+                                           overrides=opts.overrides, storage_options=so,
+                                           loadable=True)
     run_hash = ledger.settings_hash({"method": method.name, "settings": method.settings,
                                      "state_sha256": state_sha, "fraction": float(opts.fraction),
                                      "seed": int(opts.seed)})
@@ -280,6 +281,8 @@ def protect(method_name: str, src_url: str, dst_url: str, options: ProtectOption
     lease.acquire(wait_s=opts.wait_for_lease, say=say)
     t_start = time.perf_counter()
     try:
+        if state is not None:  # after the lease: a refused run's error stays its one line
+            _say_changed_settings(method, state, say)
         _remove_temps(dst_url, so, say)
         _poll(run, method, state, lease, say, method_name=method_name, src_url=src_url,
               dst_url=dst_url, opts=opts)
@@ -287,6 +290,17 @@ def protect(method_name: str, src_url: str, dst_url: str, options: ProtectOption
     finally:
         lease.release()
     return _finish(run.summary, time.perf_counter() - t_start, say)
+
+
+def _say_changed_settings(method, state: Mapping[str, Any], say: Progress) -> None:
+    """Name the protect-time settings this run changed from those the state was fitted with."""
+    from ue_dist.core.settings import same_value
+
+    fitted = state.get("settings", {})
+    changed = {k: v for k, v in method.settings.items() if not same_value(v, fitted.get(k))}
+    if changed:
+        say(f"[protect] {method.name}: the state's settings, changed for protection: "
+            + json.dumps(changed, sort_keys=True, default=str))
 
 
 def _finish(summary: dict[str, Any], seconds: float, say: Progress) -> dict[str, Any]:

@@ -247,7 +247,10 @@ def method_settings(spec: Mapping[str, Any], method: str, seed: int,
 
 def fit_and_protect(method: str, settings: Mapping[str, Any], train: ImageSet,
                     device: str | torch.device = "cpu") -> tuple[dict[str, Any], torch.Tensor]:
-    """Fit ``method`` on ``train`` and protect every training image (uint8, same order)."""
+    """Fit ``method`` on ``train`` and protect every training image (uint8, same order).
+
+    One method instance fits and protects, so the noise is computed with exactly the settings
+    written into the state (what ``ue-dist protect`` takes from a state, ``Method.for_state``)."""
     import numpy as np
 
     from ue_dist.pipeline import PipelineConfig, perturb_selected
