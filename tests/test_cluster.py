@@ -151,7 +151,9 @@ protect: {{actors: 2, cpus_per_actor: 0.5}}
     assert info.entrypoint == "ue-dist run jobs/tiny.yaml --json"
     job_logs = client.get_job_logs(job_id)
     assert "[ue-dist run tiny] protect" in job_logs
-    result = json.loads(next(line for line in job_logs.splitlines() if line.startswith('{"name"')))
+    # the run's one JSON object (keys sorted; the job's other lines are progress)
+    result = next(json.loads(line) for line in job_logs.splitlines()
+                  if line.startswith("{") and '"name": "tiny"' in line)
     assert result["ok"] and result["steps"]["protect"]["shards_done"] == 4
     assert result["steps"]["fit"]["state"] == str(out / "state.pt")
     from ue_dist.data.shards import list_shards
