@@ -98,6 +98,18 @@ def test_victim_preset_choices_come_from_the_presets():
             opts.check_value("nope", sweep_opt, "victim_preset", SettingsError)
 
 
+class KeepStates(LocalContext):
+    """A quiet local context that keeps every checkpoint state it is given."""
+
+    def __init__(self):
+        super().__init__(device="cpu", log=lambda m: None)
+        self.states = []
+
+    def report(self, metrics, state=None):
+        super().report(metrics, state)
+        self.states.append(state)
+
+
 def test_a_victim_counted_in_iterations_steps_its_schedule_per_iteration(digits):
     train, test = _small(digits[0], 128), _small(digits[1], 40)
     # 128 samples, batch 32: 4 steps a pass; 10 iterations = passes of 4, 4 and 2 steps;
@@ -105,16 +117,7 @@ def test_a_victim_counted_in_iterations_steps_its_schedule_per_iteration(digits)
     s = resolve_victim_settings("quick", {"epochs": 0, "iterations": 10, "batch_size": 32,
                                           "schedule": "step", "milestones": [0.5]})
 
-    class Keep(LocalContext):
-        def __init__(self):
-            super().__init__(device="cpu", log=lambda m: None)
-            self.states = []
-
-        def report(self, metrics, state=None):
-            super().report(metrics, state)
-            self.states.append(state)
-
-    ctx = Keep()
+    ctx = KeepStates()
     out = train_victim(train, test, s, ctx)
     assert [r["step"] for r in out["per_epoch"]] == [4, 8, 10]
     assert [r["epoch"] for r in out["per_epoch"]] == [1, 2, 3]
@@ -176,16 +179,7 @@ def test_deterministic_for_a_seed_and_resumes_exactly(digits):
     train, test = _small(digits[0], 256), _small(digits[1], 100)
     s = resolve_victim_settings("quick", {"epochs": 2, "batch_size": 32, "defense": "cutout"})
 
-    class Keep(LocalContext):
-        def __init__(self):
-            super().__init__(device="cpu", log=lambda m: None)
-            self.states = []
-
-        def report(self, metrics, state=None):
-            super().report(metrics, state)
-            self.states.append(state)
-
-    ctx = Keep()
+    ctx = KeepStates()
     a = train_victim(train, test, s, ctx)
     b = train_victim(train, test, s, quiet())
     strip = lambda rs: [{k: v for k, v in r.items() if k != "seconds"} for r in rs]  # noqa: E731
