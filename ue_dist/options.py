@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import math
 import posixpath
 import sys
 from dataclasses import dataclass, replace
@@ -512,8 +513,8 @@ def _number(value: Any, opt: Opt, where: str, error: type[Exception]) -> int | f
     if opt.type is int and int(value) != value:
         raise error(f"{where} must be an integer, got {value!r}")
     value = opt.type(value)
-    if value != value:  # NaN passes every comparison
-        raise error(f"{where} must be a number, got {value!r}")
+    if not math.isfinite(value):  # NaN passes every comparison; no option means infinity
+        raise error(f"{where} must be a finite number, got {value!r}")
     low, high = opt.low, opt.high
     if (low is not None and value < low) or (high is not None and value > high):
         bound = f"lie in [{low}, {high}]" if high is not None else f"be >= {low}"

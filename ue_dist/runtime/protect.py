@@ -92,9 +92,6 @@ class ProtectOptions:
                      "batch_size", "mode", "poll_seconds", "wait_for_lease", "max_polls"):
             opt = opts_schema.option(opts_schema.PROTECT.options, name)
             opts_schema.check_value(getattr(self, name), opt, opt.flag, SettingsError)
-        if not math.isfinite(float(self.gpus_per_actor) + float(self.cpus_per_actor)):
-            raise SettingsError(f"--gpus-per-actor and --cpus-per-actor must be finite, got "
-                                f"{self.gpus_per_actor} and {self.cpus_per_actor}")
 
 
 class ShardProtector:
