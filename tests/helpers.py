@@ -22,6 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from ue_dist.core.context import LocalContext
 from ue_dist.data import storage
 from ue_dist.data.dataset import write_samples
 from ue_dist.data.shards import Sample, list_shards, read_shard
@@ -238,3 +239,18 @@ def ray_train_worker_pids(session: int) -> list[int]:
         except OSError:  # the process ended while we looked
             continue
     return sorted(pids)
+
+
+
+class KeepStates(LocalContext):
+    """A quiet local context that keeps the checkpoint states it is given: every report's
+    (``None`` included), or only real states with ``skip_empty``."""
+
+    def __init__(self, skip_empty: bool = False):
+        super().__init__(device="cpu", log=lambda _message: None)
+        self.skip_empty, self.states = skip_empty, []
+
+    def report(self, metrics, state=None):
+        super().report(metrics, state)
+        if state is not None or not self.skip_empty:
+            self.states.append(state)

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import KeepStates
 from ue_dist.core.augment import sample_params
 from ue_dist.core.config import SettingsError
 from ue_dist.core.context import LocalContext
@@ -194,17 +195,7 @@ def test_fit_checkpoints_and_resumes_identically(digits):
     settings = {**TINY, "train_steps": 6, "batch_size": 8, "steps_u": 2, "log_every": 2,
                 "checkpoint_every": 3, "stop_acc": 0.0}
 
-    class Recording(LocalContext):
-        def __init__(self):
-            super().__init__(device="cpu", log=lambda _: None)
-            self.states = []
-
-        def report(self, metrics, state=None):
-            super().report(metrics, state)
-            if state is not None:
-                self.states.append(state)
-
-    full = Recording()
+    full = KeepStates(skip_empty=True)
     final = build_method("em", "quick", settings).fit(train, full)
     ckpt = full.states[0]
     # step 3 of a 6-batch epoch: the checkpoint holds the position inside the epoch's order

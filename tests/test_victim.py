@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 
+from helpers import KeepStates
 from ue_dist.core.config import SettingsError
 from ue_dist.core.context import LocalContext
 from ue_dist.core.victim import (VICTIM_PRESETS, check_compatible, resolve_victim_settings,
@@ -96,18 +97,6 @@ def test_victim_preset_choices_come_from_the_presets():
         assert opts.check_value("gue", sweep_opt, "victim_preset", SettingsError) == "gue"
         with pytest.raises(SettingsError, match="bayes"):
             opts.check_value("nope", sweep_opt, "victim_preset", SettingsError)
-
-
-class KeepStates(LocalContext):
-    """A quiet local context that keeps every checkpoint state it is given."""
-
-    def __init__(self):
-        super().__init__(device="cpu", log=lambda m: None)
-        self.states = []
-
-    def report(self, metrics, state=None):
-        super().report(metrics, state)
-        self.states.append(state)
 
 
 def test_a_victim_counted_in_iterations_steps_its_schedule_per_iteration(digits):
