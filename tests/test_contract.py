@@ -170,6 +170,7 @@ CONTRACT_SETTINGS: dict[str, dict] = {
     "em": {**_SOURCE_MODEL, "steps_u": 2},
     "rem": {**_SOURCE_MODEL, "steps_u": 2, "steps_a": 1},
     "tap": {**_SOURCE_MODEL, "steps": 2},
+    "hypo": {**_SOURCE_MODEL, "steps": 2},
     "gue": dict(_GENERATOR),
     "gue-at": {**_GENERATOR, "at_steps": 1},
 }
@@ -305,7 +306,8 @@ def test_method_refuses_other_image_shape(fitted, contract_data):
 
 # --- protect uses the settings the state was fitted with (Method.for_state) -----------------------
 # the setting each method's noise takes its PGD / ascent step count from (a protect-time setting)
-STEP_SETTING = {"em": "steps_u", "rem": "steps_u", "tap": "steps", "bayes": "steps"}
+STEP_SETTING = {"em": "steps_u", "rem": "steps_u", "tap": "steps", "hypo": "steps",
+                "bayes": "steps"}
 # methods whose fit depends on eps: the source model trains on noise of that radius, the class
 # patterns are drawn at it, the generator's eps * tanh is built with it
 EPS_FITTED = {"classwise", "em", "rem", "gue", "gue-at"}
