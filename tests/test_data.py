@@ -9,9 +9,12 @@ import tarfile
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from ue_dist.cli import main as cli
+from ue_dist.data import shards as shards_mod
 from ue_dist.data import storage
 from ue_dist.data.converters import ConvertError, convert_cifar, convert_imagefolder, \
     convert_numpy, synthetic_arrays
@@ -95,6 +98,37 @@ def test_shard_bytes_are_deterministic():
                for i in range(5)]
     assert shard_bytes(samples) == shard_bytes(samples)
     assert [s.key for s in parse_shard(shard_bytes(samples), "x")] == [f"k{i}" for i in range(5)]
+
+
+_KEY_PART = st.text(st.characters(blacklist_categories=("Cs", "Cc"), blacklist_characters="./"),
+                    min_size=1, max_size=40)
+
+
+@settings(max_examples=40, deadline=None)
+@given(keys=st.lists(st.lists(_KEY_PART, min_size=1, max_size=4).map("/".join), max_size=6,
+                     unique=True),
+       sizes=st.lists(st.integers(1, 9), min_size=6, max_size=6),
+       labels=st.lists(st.integers(0, 10**9), min_size=6, max_size=6))
+def test_shard_bytes_equal_what_tarfile_writes(keys, sizes, labels):
+    """The hand-built USTAR headers give exactly tarfile's bytes: any key (nested, non-ASCII,
+    long enough that a member name needs USTAR's prefix field, which goes through tarfile),
+    any image size and label; and tarfile reads the members back in order."""
+    samples = [Sample(k, np.full((sizes[i], sizes[-1 - i], 3), i, np.uint8), labels[i],
+                      {"key": k}) for i, k in enumerate(keys)]
+    reference = io.BytesIO()
+    with tarfile.open(fileobj=reference, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for s in samples:
+            for ext, payload in (("png", shards_mod.encode_png(s.image)),
+                                 ("cls", str(s.label).encode()),
+                                 ("json", json.dumps(s.meta, sort_keys=True).encode())):
+                info = tarfile.TarInfo(f"{s.key}.{ext}")
+                info.size, info.mtime, info.mode = len(payload), 0, 0o444
+                info.uname = info.gname = "ue_dist"
+                tar.addfile(info, io.BytesIO(payload))
+    data = shard_bytes(samples)
+    assert data == reference.getvalue()
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        assert [m.name for m in tar] == [f"{k}.{e}" for k in keys for e in ("png", "cls", "json")]
 
 
 def test_grayscale_and_native_digits(tmp_path):
