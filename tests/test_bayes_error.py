@@ -149,8 +149,10 @@ def test_moons_estimate_rises_monotonically():
     assert r["max_abs_delta"] <= 0.25 + 1e-12
 
 
-def test_cli_toys_and_bad_options(capsys):
+def test_cli_toys_and_bad_options(capsys, tmp_path):
     import json
+
+    from PIL import Image
 
     from ue_dist.cli import main
 
@@ -163,3 +165,12 @@ def test_cli_toys_and_bad_options(capsys):
     assert "--eps" in capsys.readouterr().err
     assert main(["bayes-error"]) == 2
     assert "URL" in capsys.readouterr().err
+    # the paper's Figure 3: before/after scatter of the moons
+    png = tmp_path / "moons.png"
+    assert main(["bayes-error", "--toy", "moons", "--n", "60", "--plot", str(png), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["plot"] == str(png) and "_points" not in out and out["after"] > out["before"]
+    with Image.open(png) as img:
+        assert img.size[0] > 400
+    assert main(["bayes-error", "--toy", "gaussians", "--plot", str(tmp_path / "g.png")]) == 2
+    assert "--toy moons" in capsys.readouterr().err and not (tmp_path / "g.png").exists()

@@ -35,7 +35,8 @@ BEFORE = {  # option strings of each command before the declarations moved to op
     "protect": "--actors --batch-size --cpus-per-actor --fraction --gpus-per-actor --json "
                "--max-polls --method --mode --poll-seconds --preset --seed --set --state "
                "--stop-file --storage-option --verbose --wait-for-lease --watch -v",
-    "bayes-error": "--embedding --eps --json --n --sigma --storage-option --toy --verbose -v",
+    "bayes-error": "--embedding --eps --json --n --plot --sigma --storage-option --toy --verbose "
+                   "-v",
     "evaluate": "--adv-eps --adv-method --arch --defense --epochs --gpus --json --preset --ray "
                 "--seed --set --storage-option --subset --test --train --verbose -v",
     "sweep": "--check --json --storage --storage-option --verbose -v",

@@ -162,8 +162,18 @@ def _bayes_error_text(r: dict) -> str:
 @command("bayes-error")
 def _bayes_error(args: argparse.Namespace) -> int:
     from ue_dist.runtime.bayes_joint import bayes_error_report
+    from ue_dist.core.config import SettingsError
+    if args.plot and args.toy != "moons":
+        raise SettingsError("--plot draws the moons toy's before/after scatter: use it with "
+                            "--toy moons")
     result = bayes_error_report(args.url, embedding=args.embedding, toy=args.toy, n=args.n,
                                 eps=args.eps, sigma=args.sigma, storage_options=storage_options(args))
+    points = result.pop("_points", None)
+    if args.plot:
+        from ue_dist.data import storage
+        from ue_dist.runtime.report import plot_moons
+        storage.write_bytes(args.plot, plot_moons(result, **points), storage_options(args))
+        result["plot"] = args.plot
     emit(args, result, _bayes_error_text)
     return 0
 

@@ -279,7 +279,10 @@ BAYES_ERROR = Command("bayes-error", "Estimate the Bayes error (local posterior 
     Opt("n", type=int, help="toy sample count (default: gaussians 4000, moons 200)"),
     Opt("eps", help="moons: L-inf radius of the ascent (default 0.25)"),
     Opt("sigma", help="kernel bandwidth (default: median distance to the sqrt(n)-th neighbour)"),
-    *COMMON), "ue-dist bayes-error --toy gaussians --n 4000")
+    Opt("plot", metavar="PNG",
+        help="moons: write the before/after scatter (the Bayes paper's Figure 3) to this file "
+             "or URL"),
+    *COMMON), "ue-dist bayes-error --toy moons --plot moons.png")
 
 # victim settings that evaluate also takes as flags (merged into its --victim-set)
 VICTIM_FLAGS = ("arch", "epochs", "adv_eps", "adv_method", "defense", "seed")

@@ -186,7 +186,9 @@ def moons_report(n: int = 200, eps: float = 0.25, sigma: float | None = None, no
             "steps": steps, "step_size": step_size, "before": before, "after": after,
             "relative_increase": (after - before) / before if before > 0 else float("inf"),
             "monotone": decreases == 0, "history": history,
-            "max_abs_delta": float(delta.abs().max()), "seed": seed}
+            "max_abs_delta": float(delta.abs().max()), "seed": seed,
+            # for --plot (the paper's Figure 3); not printed
+            "_points": {"before": pts, "after": (x + delta).numpy(), "labels": lab}}
 
 
 def _estimate(e: torch.Tensor, y: torch.Tensor, sigma: float) -> float:

@@ -1,12 +1,24 @@
-"""Sweep reports: the results table (CSV + Markdown) and the papers' figures as PNG.
+"""Sweep reports: the results table (CSV + Markdown), pivot tables and the papers' figures.
 
-* ``accuracy_vs_fraction.png``: test accuracy vs protected fraction, one solid curve per method
-  for the mixed training set (clean + protected) and a dashed one for the clean part alone
-  (the Bayes-error paper's Figure 4); one panel per (architecture, adversarial radius, defence).
-* ``accuracy_vs_epoch.png``: test accuracy per epoch (the GUE paper's Figure 2), one panel per
-  method, one curve per protected fraction (mixed data).
+* ``pivot.md``: mean ± std over seeds of the final test accuracy, one row per
+  (method, protected fraction, subset), one column per (architecture, adversarial radius,
+  defence), and the best-epoch accuracy below it; ``summary.csv`` the same in long form (pandas).
+* ``accuracy_vs_fraction.png`` (when the sweep has two fractions or more): test accuracy vs
+  protected fraction, one solid curve per method for the mixed training set (clean + protected)
+  and a dashed one for the clean part alone (the Bayes-error paper's Figure 4); one panel per
+  (architecture, adversarial radius, defence).
+* ``accuracy_vs_radius.png`` (two adversarial radii or more): test accuracy vs the victim's
+  PGD-AT radius, one curve per method (the REM paper's Figures 1 and 8); one panel per
+  (architecture, defence, fraction).
+* ``accuracy_vs_epoch.png``: train (dashed) and test (solid) accuracy per epoch, one panel per
+  method, one colour per setting (the REM paper's Figure 7, the GUE paper's Figure 2: on an
+  unlearnable set the training accuracy climbs while the test accuracy stays low).
+* ``architectures.png`` (two architectures or more): bars per method and architecture.
 * ``examples.png``: per method a row of clean images, protected images and their perturbation
   amplified to the full grey range.
+
+Every curve is the mean over the sweep's seeds, with the spread (± one standard deviation)
+shaded where there are two seeds or more.
 
 No Ray here: the rows are plain dicts (one per victim), files go through fsspec URLs.
 """
@@ -23,7 +35,7 @@ import numpy as np
 from ue_dist.data import storage
 
 COLUMNS = ["method", "fraction", "subset", "arch", "adv_eps", "defense", "seed", "test_acc",
-           "robust_acc", "train_size", "protected", "epochs", "seconds", "params"]
+           "best_acc", "robust_acc", "train_size", "protected", "epochs", "seconds", "params"]
 
 
 def _fmt(value: Any) -> str:
@@ -54,6 +66,25 @@ def table_markdown(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] = C
 def _mean(values: Iterable[float]) -> float:
     vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
     return float(np.mean(vals)) if vals else math.nan
+
+
+def _spread(values: Iterable[float]) -> tuple[float, float, int]:
+    """Mean, standard deviation (0 for one value) and count of the finite values."""
+    vals = [float(v) for v in values if v is not None and not math.isnan(float(v))]
+    if not vals:
+        return math.nan, math.nan, 0
+    return float(np.mean(vals)), float(np.std(vals)) if len(vals) > 1 else 0.0, len(vals)
+
+
+def _curve(ax, xs: Sequence[float], samples: Sequence[Sequence[float]], **style: Any) -> None:
+    """Mean of ``samples`` (one list of values per x) in percent, the seed spread shaded."""
+    stats = [_spread(v) for v in samples]
+    mean = np.array([100 * m for m, _, _ in stats])
+    std = np.array([100 * d for _, d, _ in stats])
+    line, = ax.plot(xs, mean, **style)
+    if any(n > 1 for _, _, n in stats):
+        ax.fill_between(xs, mean - std, mean + std, color=line.get_color(), alpha=0.15,
+                        linewidth=0)
 
 
 def _figure_bytes(fig) -> bytes:
@@ -92,15 +123,46 @@ def plot_accuracy_vs_fraction(rows: Sequence[Mapping[str, Any]]) -> bytes:
         colours = {m: plt.cm.tab10(i % 10) for i, m in enumerate(methods)}
         for (method, subset), points in sorted(by.items()):
             xs = sorted(points)
-            ys = [_mean(points[x]) for x in xs]
             mixed = subset == "all"
-            ax.plot(xs, [100 * y for y in ys], marker="o" if mixed else "s",
-                    markersize=6 if mixed else 8, fillstyle="full" if mixed else "none",
-                    linestyle="-" if mixed else "--", color=colours[method], alpha=0.9,
-                    label=f"{method} ({'mixed' if mixed else subset + ' part only'})")
+            _curve(ax, xs, [points[x] for x in xs], marker="o" if mixed else "s",
+                   markersize=6 if mixed else 8, fillstyle="full" if mixed else "none",
+                   linestyle="-" if mixed else "--", color=colours[method], alpha=0.9,
+                   label=f"{method} ({'mixed' if mixed else subset + ' part only'})")
         arch, eps, defense = key
         ax.set_title(f"{arch}, {_radius_label(eps)}, defence: {defense}", fontsize=9)
         ax.set_xlabel("protected fraction of the training set")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_ylim(0, 100)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return _figure_bytes(fig)
+
+
+def plot_accuracy_vs_radius(rows: Sequence[Mapping[str, Any]]) -> bytes:
+    """Test accuracy against the victim's PGD-AT radius (x 1/255), one curve per method (and
+    subset), one panel per (architecture, defence, protected fraction)."""
+    plt = _pyplot()
+    panels: dict[tuple, list[Mapping[str, Any]]] = defaultdict(list)
+    for r in rows:
+        panels[(r["arch"], r.get("defense", "none"), float(r["fraction"]))].append(r)
+    keys = sorted(panels)
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.6 * len(keys), 3.8), squeeze=False)
+    methods = sorted({r["method"] for r in rows})
+    colours = {m: plt.cm.tab10(i % 10) for i, m in enumerate(methods)}
+    for ax, key in zip(axes[0], keys):
+        by = defaultdict(lambda: defaultdict(list))
+        for r in panels[key]:
+            by[(r["method"], r["subset"])][float(r.get("adv_eps") or 0.0) * 255].append(
+                r["test_acc"])
+        for (method, subset), points in sorted(by.items()):
+            xs = sorted(points)
+            mixed = subset == "all"
+            _curve(ax, xs, [points[x] for x in xs], marker="o", color=colours[method],
+                   linestyle="-" if mixed else "--",
+                   label=method if mixed else f"{method} ({subset} part only)")
+        arch, defense, fraction = key
+        ax.set_title(f"{arch}, defence: {defense}, {fraction:.0%} protected", fontsize=9)
+        ax.set_xlabel("victim's PGD-AT radius (x 1/255; 0 = standard training)")
         ax.set_ylabel("test accuracy (%)")
         ax.set_ylim(0, 100)
         ax.grid(alpha=0.3)
@@ -112,27 +174,160 @@ def plot_accuracy_vs_epoch(rows: Sequence[Mapping[str, Any]]) -> bytes:
     plt = _pyplot()
     mixed = [r for r in rows if r.get("subset", "all") == "all" and r.get("per_epoch")]
     methods = sorted({r["method"] for r in mixed}) or ["(none)"]
+    several = {k: len({_setting(x)[i] for x in mixed}) > 1 for i, k in
+               enumerate(("fraction", "arch", "adv_eps", "defense"))}
     fig, axes = plt.subplots(1, len(methods), figsize=(4.6 * len(methods), 3.8), squeeze=False)
     for ax, method in zip(axes[0], methods):
-        curves = defaultdict(list)
+        curves: dict[tuple, list] = defaultdict(list)
         for r in mixed:
             if r["method"] == method:
-                label = f"fraction {float(r['fraction']):g}"
-                if float(r.get("adv_eps") or 0) > 0 or r.get("defense", "none") != "none" or \
-                        len({x["arch"] for x in mixed}) > 1:
-                    label += f", {r['arch']}, {_radius_label(r.get('adv_eps'))}, {r.get('defense')}"
-                curves[label].append([e["test_acc"] for e in r["per_epoch"]])
-        for i, (label, runs) in enumerate(sorted(curves.items())):
-            n = min(len(c) for c in runs)
-            ys = np.mean([c[:n] for c in runs], axis=0) * 100
-            ax.plot(range(1, n + 1), ys, marker=".", label=label, color=plt.cm.viridis(i / max(1, len(curves) - 1)))
-        ax.set_title(f"{method}: test accuracy during training", fontsize=9)
+                curves[_setting(r)].append(r["per_epoch"])
+        for i, (setting, runs) in enumerate(sorted(curves.items())):
+            n = min(len(run) for run in runs)
+            xs = list(range(1, n + 1))
+            colour = plt.cm.viridis(i / max(1, len(curves) - 1))
+            label = _setting_label(setting, several)
+            _curve(ax, xs, [[run[e]["test_acc"] for run in runs] for e in range(n)], marker=".",
+                   color=colour, label=label or "test")
+            if all("train_acc" in run[0] for run in runs):
+                _curve(ax, xs, [[run[e]["train_acc"] for run in runs] for e in range(n)],
+                       linestyle="--", color=colour, alpha=0.8)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.set_title(f"{method}: test (solid) and train (dashed) accuracy", fontsize=9)
         ax.set_xlabel("epoch")
-        ax.set_ylabel("test accuracy (%)")
+        ax.set_ylabel("accuracy (%)")
         ax.set_ylim(0, 100)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     return _figure_bytes(fig)
+
+
+def _setting(r: Mapping[str, Any]) -> tuple:
+    return (float(r["fraction"]), r["arch"], float(r.get("adv_eps") or 0.0),
+            r.get("defense", "none"))
+
+
+def _setting_label(setting: tuple, several: Mapping[str, bool]) -> str:
+    fraction, arch, eps, defense = setting
+    parts = [f"fraction {fraction:g}" if several["fraction"] else "",
+             arch if several["arch"] else "",
+             _radius_label(eps) if several["adv_eps"] else "",
+             f"defence {defense}" if several["defense"] else ""]
+    return ", ".join(p for p in parts if p)
+
+
+def plot_architectures(rows: Sequence[Mapping[str, Any]]) -> bytes:
+    """Grouped bars: test accuracy per method (groups) and victim architecture (bars), mean
+    over seeds with the standard deviation as error bars; one panel per (radius, defence,
+    fraction, subset)."""
+    plt = _pyplot()
+    panels: dict[tuple, list[Mapping[str, Any]]] = defaultdict(list)
+    for r in rows:
+        panels[(float(r.get("adv_eps") or 0.0), r.get("defense", "none"), float(r["fraction"]),
+                r["subset"])].append(r)
+    keys = sorted(panels)
+    archs = sorted({r["arch"] for r in rows})
+    n_methods = len({r["method"] for r in rows})
+    fig, axes = plt.subplots(1, len(keys), figsize=(max(4.6, 1.5 + n_methods * 0.5 * len(archs))
+                                                    * len(keys), 3.8), squeeze=False)
+    width = 0.8 / len(archs)
+    for ax, key in zip(axes[0], keys):
+        methods = sorted({r["method"] for r in panels[key]})
+        for j, arch in enumerate(archs):
+            stats = [_spread(r["test_acc"] for r in panels[key]
+                             if r["method"] == m and r["arch"] == arch) for m in methods]
+            ax.bar([i + (j - (len(archs) - 1) / 2) * width for i in range(len(methods))],
+                   [100 * m for m, _, _ in stats], width, yerr=[100 * d for _, d, _ in stats],
+                   capsize=2, label=arch, color=plt.cm.tab10(j % 10))
+        eps, defense, fraction, subset = key
+        ax.set_xticks(range(len(methods)), methods, rotation=30, fontsize=8)
+        ax.set_title(f"{_radius_label(eps)}, defence: {defense}, {fraction:.0%} protected"
+                     + ("" if subset == "all" else f", {subset} part only"), fontsize=9)
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_ylim(0, 100)
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=7, title="victim", title_fontsize=7)
+    return _figure_bytes(fig)
+
+
+def plot_moons(result: Mapping[str, Any], before: np.ndarray, after: np.ndarray,
+               labels: np.ndarray) -> bytes:
+    """The Bayes paper's Figure 3: the two-moons points before and after the ascent (Algorithm
+    2), coloured by class, each point's move drawn as a thin line, the estimates in the titles."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(9.2, 4.0), sharex=True, sharey=True,
+                             layout="constrained")
+    colours = np.array([plt.cm.tab10(0), plt.cm.tab10(1)])[np.asarray(labels) % 2]
+    for ax, pts, title in ((axes[0], before, f"before: Bayes error {result['before']:.3f}"),
+                           (axes[1], after, f"after {result['steps']} ascent steps: "
+                                            f"{result['after']:.3f}")):
+        if pts is after:
+            for a, b in zip(before, after):
+                ax.plot([a[0], b[0]], [a[1], b[1]], color="0.7", linewidth=0.5, zorder=1)
+        ax.scatter(pts[:, 0], pts[:, 1], c=colours, s=12, zorder=2)
+        ax.set_title(title, fontsize=9)
+        ax.set_aspect("equal")
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"two moons, n = {result['n']}, L-inf radius {result['eps']:g}, "
+                 f"bandwidth {result['sigma']:.3g}", fontsize=9)
+    return _figure_bytes(fig)
+
+
+PIVOT_INDEX = ["method", "fraction", "subset"]
+PIVOT_COLUMNS = ["arch", "adv_eps", "defense"]
+
+
+def pivot_tables(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """pandas pivots of the rows: ``mean``, ``std`` and ``n`` (seeds) of ``test_acc`` (and of
+    ``best_acc`` where the rows carry it), indexed by method / fraction / subset, one column per
+    architecture / adversarial radius (x 1/255) / defence; ``text`` joins them as "mean ± std"
+    in percent, ready for Markdown."""
+    import pandas as pd
+
+    frame = pd.DataFrame([{**{k: r.get(k) for k in PIVOT_INDEX + PIVOT_COLUMNS},
+                           "test_acc": r.get("test_acc"), "best_acc": r.get("best_acc")}
+                          for r in rows])
+    frame["adv_eps"] = (frame["adv_eps"].fillna(0).astype(float) * 255).round(3)
+    frame["defense"] = frame["defense"].fillna("none")
+    out: dict[str, Any] = {}
+    for value in ("test_acc", "best_acc"):
+        if frame[value].notna().any():
+            grouped = frame.pivot_table(index=PIVOT_INDEX, columns=PIVOT_COLUMNS, values=value,
+                                        aggfunc=["mean", "std", "count"], dropna=False)
+            mean, std, n = grouped["mean"], grouped["std"].fillna(0.0), grouped["count"]
+            text = (mean * 100).map(lambda v: "" if pd.isna(v) else f"{v:.1f}") \
+                + (std * 100).map(lambda v: f" ± {v:.1f}")
+            text = text.where(n > 1, (mean * 100).map(lambda v: "" if pd.isna(v) else f"{v:.1f}"))
+            out[value] = {"mean": mean, "std": std, "n": n, "text": text.where(mean.notna(), "")}
+    return out
+
+
+def summary_frame(rows: Sequence[Mapping[str, Any]]):
+    """One row per setting (method, fraction, subset, arch, radius x 1/255, defence): mean, std
+    and number of seeds of the final and of the best-epoch test accuracy (long form, for pandas
+    or a spreadsheet)."""
+    import pandas as pd
+
+    frame = pd.DataFrame([{**{k: r.get(k) for k in PIVOT_INDEX + PIVOT_COLUMNS},
+                           "test_acc": r.get("test_acc"), "best_acc": r.get("best_acc")}
+                          for r in rows])
+    frame["adv_eps"] = (frame["adv_eps"].fillna(0).astype(float) * 255).round(3)
+    frame["defense"] = frame["defense"].fillna("none")
+    stats = frame.groupby(PIVOT_INDEX + PIVOT_COLUMNS).agg(
+        test_acc_mean=("test_acc", "mean"), test_acc_std=("test_acc", "std"),
+        seeds=("test_acc", "count"), best_acc_mean=("best_acc", "mean"),
+        best_acc_std=("best_acc", "std"))
+    return stats.reset_index().rename(columns={"adv_eps": "adv_eps_255"})
+
+
+def _pivot_markdown(text) -> str:
+    columns = [f"{arch}, {'standard' if eps == 0 else f'AT {eps:g}/255'}, {defense}"
+               for arch, eps, defense in text.columns]
+    lines = ["| method | fraction | subset | " + " | ".join(columns) + " |",
+             "|---|---|---|" + "---|" * len(columns)]
+    for (method, fraction, subset), row in text.iterrows():
+        lines.append(f"| {method} | {fraction:g} | {subset} | " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def plot_examples(examples: Mapping[str, Mapping[str, Any]], n: int = 6) -> bytes:
@@ -199,14 +394,33 @@ def write_report(out_url: str, rows: Sequence[Mapping[str, Any]],
     storage.write_bytes(files["csv"], table_csv(rows, columns).encode(), storage_options)
     storage.write_bytes(files["markdown"], table_markdown(rows, columns).encode(), storage_options)
     good = [r for r in rows if r.get("test_acc") is not None and not math.isnan(float(r["test_acc"]))]
-    if good and not any(r.get("params") for r in good):  # a search has one fixed fraction
-        files["accuracy_vs_fraction"] = storage.join(out_url, "accuracy_vs_fraction.png")
-        storage.write_bytes(files["accuracy_vs_fraction"], plot_accuracy_vs_fraction(good),
-                            storage_options)
+    search = any(r.get("params") for r in good)
+    if good and not search:
+        pivots = pivot_tables(good)
+        text = pivots["test_acc"]["text"]
+        files["pivot"] = storage.join(out_url, "pivot.md")
+        storage.write_bytes(files["pivot"], (
+            "Final test accuracy (%), mean ± std over seeds\n\n" + _pivot_markdown(text)
+            + ("\nBest-epoch test accuracy (%)\n\n" + _pivot_markdown(pivots["best_acc"]["text"])
+               if "best_acc" in pivots else "")).encode(), storage_options)
+        files["summary_csv"] = storage.join(out_url, "summary.csv")
+        storage.write_bytes(files["summary_csv"], summary_frame(good).to_csv(
+            index=False).encode(), storage_options)
+
+    def distinct(key: str) -> int:
+        return len({float(r.get(key) or 0.0) if key != "arch" else r[key] for r in good})
+
+    plots = (("accuracy_vs_fraction", plot_accuracy_vs_fraction, distinct("fraction") > 1),
+             ("accuracy_vs_radius", plot_accuracy_vs_radius, distinct("adv_eps") > 1),
+             ("architectures", plot_architectures, distinct("arch") > 1))
+    for name, plot, wanted in plots:
+        if good and not search and wanted:
+            files[name] = storage.join(out_url, f"{name}.png")
+            storage.write_bytes(files[name], plot(good), storage_options)
     if any(r.get("per_epoch") for r in good):
         files["accuracy_vs_epoch"] = storage.join(out_url, "accuracy_vs_epoch.png")
         storage.write_bytes(files["accuracy_vs_epoch"], plot_accuracy_vs_epoch(good), storage_options)
-    if good and any(r.get("params") for r in good):
+    if search:
         files["search"] = storage.join(out_url, "search.png")
         storage.write_bytes(files["search"], plot_search([r for r in good if r.get("params")]),
                             storage_options)

@@ -370,7 +370,8 @@ def _trial(config: dict[str, Any], *, train: ImageSet, test: ImageSet, job: dict
     device = gpu_device(job["resources"]["gpu"], "resources_per_trial.gpu")
     row, data, victim = trial_inputs(config, train, job, device)
     if len(data) == 0:  # e.g. the clean part of a fully protected set: nothing to train on
-        row.update(test_acc=math.nan, robust_acc=None, per_epoch=[], seconds=0.0, skipped=True)
+        row.update(test_acc=math.nan, best_acc=math.nan, robust_acc=None, per_epoch=[],
+                   seconds=0.0, skipped=True)
     else:
         hook = job.get("after_epoch")
         # each epoch: one tune.report carrying the victim's checkpoint; a restarted trial
@@ -378,7 +379,10 @@ def _trial(config: dict[str, Any], *, train: ImageSet, test: ImageSet, job: dict
         ctx = TuneTrialContext(device, int(config["seed"]),
                                after_report=(lambda record: hook(key, record)) if hook else None)
         result = train_victim(data, test, victim, ctx)
-        row.update(test_acc=result["test_acc"], robust_acc=result["robust_acc"],
+        # the final epoch's accuracy is the protection's figure; the best epoch is what a victim
+        # with a clean validation set could stop at (the papers report one or the other)
+        best = max((e["test_acc"] for e in result["per_epoch"]), default=result["test_acc"])
+        row.update(test_acc=result["test_acc"], best_acc=best, robust_acc=result["robust_acc"],
                    robust_eps=result["robust_eps"], per_epoch=result["per_epoch"],
                    images_per_s=result["images_per_s"])
     row["seconds"] = time.time() - started
