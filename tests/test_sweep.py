@@ -14,7 +14,8 @@ from ue_dist.core.victim import resolve_victim_settings, train_victim
 from ue_dist.data import storage
 from ue_dist.data.sources import digits_imageset
 from ue_dist.methods.base import Method, register
-from ue_dist.runtime.sweep import (SweepError, fit_and_protect, load_spec, mix,
+from ue_dist.data.dataset import load_imageset
+from ue_dist.runtime.sweep import (SweepError, fit_and_protect, load_spec, mix, trial_inputs,
                                    trial_key, validate_spec)
 
 torch.set_num_threads(1)
@@ -150,6 +151,36 @@ def test_mix_marks_and_swaps_exactly_the_selected_samples():
     assert torch.equal(changed & ~flags, torch.zeros_like(flags))  # only flagged samples change
     assert torch.equal(mixed.images[flags], protected[flags])
     assert all(m["method"] == "test-stripes" for m, f in zip(mixed.meta, flags) if f)
+
+
+def test_search_trials_never_see_the_test_set(small_digits_urls):
+    """The search's split: a seeded 20 % of each class held out, disjoint from what the trials
+    train on; the trial's inputs come from the rest."""
+    from ue_dist.runtime.sweep import validation_split
+
+    train = load_imageset(small_digits_urls["train"])
+    rest, held = validation_split(train, 0.2, seed=3)
+    assert len(rest) + len(held) == len(train) and not set(rest.keys) & set(held.keys)
+    for c in range(10):
+        n_c = int((train.labels == c).sum())
+        assert int((held.labels == c).sum()) == round(0.2 * n_c)
+    again, held_again = validation_split(train, 0.2, seed=3)
+    assert held_again.keys == held.keys and again.keys == rest.keys
+    assert validation_split(train, 0.2, seed=4)[1].keys != held.keys
+    def search_spec(**search):
+        spec = _spec(small_digits_urls, methods=None, fractions=None, subsets=None,
+                     search={"method": "classwise", "space": {"eps": [4 / 255]}, **search})
+        return validate_spec({k: v for k, v in spec.items() if v is not None})
+
+    spec = search_spec(validation_fraction=0.2)
+    job = {"storage_options": {}, "search": spec["search"], "spec": spec,
+           "victim_settings": spec["victim_settings"], "cache": {}}
+    config = {"mode": "search", "eps": 4 / 255, "arch": "small-cnn", "adv_eps": 0.0,
+              "defense": "none", "seed": 0}
+    row, data, _ = trial_inputs(config, rest, job)
+    assert row["train_size"] == len(rest) and not set(data.keys) & set(held.keys)
+    with pytest.raises(SweepError, match=r"validation_fraction must lie in \(0, 1\)"):
+        search_spec(validation_fraction=0.0)
 
 
 def test_class_wise_shortcut_protects_digits():
@@ -390,9 +421,14 @@ def test_search_finds_the_strongest_setting(ray_cluster, small_digits_urls, tmp_
     out = run_sweep(spec, str(tmp_path))
     print(json.dumps(out["rows"], indent=1, default=str), out["best"])
     assert out["completed"] == 4 and not out["errors"]
-    accs = sorted(r["test_acc"] for r in out["rows"])
-    assert out["best"]["test_acc"] == accs[0]
+    # scored on the held-out 20 % of the training set; only the winner sees the test set
+    assert all("test_acc" not in r and r["train_size"] == 320 for r in out["rows"])
+    accs = sorted(r["val_acc"] for r in out["rows"])
+    assert out["best"]["val_acc"] == accs[0]
+    assert 0 <= out["best"]["test_acc"] <= 1 and out["best"]["train_size"] == 400
     assert storage.exists(out["report"]["search"])
+    again = run_sweep(spec, str(tmp_path))  # resumed: the winner's test is not run again
+    assert again["resumed"] and again["best"] == out["best"]
 
 
 def test_cli_evaluate_and_sweep_check(small_digits_urls, capsys, tmp_path):

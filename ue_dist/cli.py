@@ -218,8 +218,11 @@ def _sweep_text(r: dict) -> str:
     for e in r["errors"]:
         lines.append(f"  failed: {e}")
     if r.get("best"):
-        lines.append(f"  strongest protection: {r['best']['params']} -> victim test accuracy "
-                     f"{100 * r['best']['test_acc']:.2f}%")
+        best = r["best"]
+        lines.append(f"  strongest protection: {best['params']}: victim accuracy "
+                     f"{100 * best['val_acc']:.2f}% on the held-out training images, "
+                     + (f"{100 * best['test_acc']:.2f}% on the test set (fitted on all of "
+                        "the training set)" if "test_acc" in best else "not tested"))
     for kind, url in r["report"].items():
         lines.append(f"  {kind}: {url}")
     return "\n".join(lines)

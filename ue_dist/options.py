@@ -394,7 +394,11 @@ SEARCH = (
     Opt("space", type=dict, help="{setting: {uniform|loguniform|randint|choice: ...} or [...]}"),
     Opt("num_samples", type=int, default=8, low=1, help="trials"),
     Opt("fraction", type=float, default=1.0, low=0.0, high=1.0, help="protected fraction"),
-    Opt("seed", type=int, default=0, help="seed of the random search"),
+    Opt("seed", type=int, default=0, help="seed of the random search and of the validation split"),
+    Opt("validation_fraction", type=float, default=0.2, low=0.0, high=1.0,
+        help="share of each class of the training set held out as the search's objective "
+             "(trials fit, protect and train on the rest and are scored on it; only the "
+             "winner is tested, on the test set)"),
 )
 
 

@@ -35,7 +35,7 @@ import numpy as np
 from ue_dist.data import storage
 
 COLUMNS = ["method", "fraction", "subset", "arch", "adv_eps", "defense", "seed", "test_acc",
-           "best_acc", "robust_acc", "train_size", "protected", "epochs", "seconds", "params"]
+           "best_acc", "val_acc", "robust_acc", "train_size", "protected", "epochs", "seconds", "params"]
 
 
 def _fmt(value: Any) -> str:
@@ -358,7 +358,8 @@ def plot_examples(examples: Mapping[str, Mapping[str, Any]], n: int = 6) -> byte
 
 
 def plot_search(rows: Sequence[Mapping[str, Any]]) -> bytes:
-    """Victim test accuracy against each searched setting (one panel per setting)."""
+    """The search's objective (victim accuracy on the held-out validation images) against each
+    searched setting (one panel per setting)."""
     import json
 
     plt = _pyplot()
@@ -367,13 +368,14 @@ def plot_search(rows: Sequence[Mapping[str, Any]]) -> bytes:
     names = sorted({k for p in params for k in p})
     fig, axes = plt.subplots(1, len(names), figsize=(4.4 * len(names), 3.6), squeeze=False)
     for ax, name in zip(axes[0], names):
-        pts = [(p[name], r["test_acc"]) for p, r in zip(params, rows) if name in p]
+        pts = [(p[name], r.get("val_acc", r.get("test_acc"))) for p, r in zip(params, rows)
+               if name in p]
         xs = [x * 255 if "eps" in name or name.startswith("rho") else x for x, _ in pts]
         ax.scatter(xs, [100 * y for _, y in pts])
         best = min(range(len(pts)), key=lambda i: pts[i][1])
         ax.scatter([xs[best]], [100 * pts[best][1]], color="red", label="strongest protection")
         ax.set_xlabel(name + (" (x 1/255)" if "eps" in name or name.startswith("rho") else ""))
-        ax.set_ylabel("victim test accuracy (%)")
+        ax.set_ylabel("victim accuracy on held-out training images (%)")
         ax.set_ylim(0, 100)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
@@ -393,7 +395,11 @@ def write_report(out_url: str, rows: Sequence[Mapping[str, Any]],
     files = {"csv": storage.join(out_url, "results.csv"), "markdown": storage.join(out_url, "results.md")}
     storage.write_bytes(files["csv"], table_csv(rows, columns).encode(), storage_options)
     storage.write_bytes(files["markdown"], table_markdown(rows, columns).encode(), storage_options)
-    good = [r for r in rows if r.get("test_acc") is not None and not math.isnan(float(r["test_acc"]))]
+    def scored(r: Mapping[str, Any]) -> bool:  # a search's trials are scored on validation
+        value = r.get("val_acc" if r.get("params") else "test_acc")
+        return value is not None and not math.isnan(float(value))
+
+    good = [r for r in rows if scored(r)]
     search = any(r.get("params") for r in good)
     if good and not search:
         pivots = pivot_tables(good)

@@ -11,7 +11,11 @@
   swaps in their protected images, selects its subset and trains one victim.
 * search (``search:`` in the spec): random search (``BasicVariantGenerator``) over a method's own
   settings at fixed eps, ``num_samples`` trials, each fitting, protecting and training a victim;
-  ``mode=min`` on the victim's test accuracy -- the strongest protection.
+  ``mode=min`` on the victim's accuracy -- the strongest protection. The objective never sees
+  the test set: a seeded, per-class ``validation_fraction`` of the training set is held out
+  (``validation_split``), trials fit, protect and train on the rest and are scored on the
+  held-out clean images (``val_acc``); then the winner alone is fitted on the whole training
+  set and its victim tested on the test set (``best.test_acc``; cached beside ``results/``).
 
 Every trial is a Tune function trainable with its own resources (``tune.with_resources``,
 fractional CPUs allowed), FIFO scheduling (no early stopping), reporting test accuracy after
@@ -216,9 +220,12 @@ def _validate_search(search: Any, out: dict[str, Any]) -> dict[str, Any]:
                              f"valid: {', '.join(sorted(defaults))}")
     if search["fraction"] == 0:
         raise SweepError("search.fraction must lie in (0, 1], got 0.0")
+    if not 0 < search["validation_fraction"] < 1:
+        raise SweepError("search.validation_fraction must lie in (0, 1) (the search is scored "
+                         f"on it, never on the test set), got {search['validation_fraction']}")
     return {"method": method, "space": {k: _space_domain(k, d) for k, d in space.items()},
             "num_samples": search["num_samples"], "fraction": search["fraction"],
-            "seed": search["seed"]}
+            "seed": search["seed"], "validation_fraction": search["validation_fraction"]}
 
 
 def load_spec(path: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -305,6 +312,20 @@ def mix(train: ImageSet, protected: torch.Tensor, fraction: float, seed: int,
 
 
 # the trial -------------------------------------------------------------------------------------
+def validation_split(train: ImageSet, fraction: float, seed: int) -> tuple[ImageSet, ImageSet]:
+    """``(rest, held_out)``: a seeded ``fraction`` of each class held out (at least one image of
+    a class with two or more), both in the training set's order."""
+    gen = torch.Generator().manual_seed(int(seed))
+    held: list[int] = []
+    for c in torch.unique(train.labels).tolist():
+        idx = torch.nonzero(train.labels == c).flatten()
+        k = min(len(idx) - 1, max(1, round(fraction * len(idx)))) if len(idx) > 1 else 0
+        held += idx[torch.randperm(len(idx), generator=gen)[:k]].tolist()
+    held_set = set(held)
+    rest = [i for i in range(len(train)) if i not in held_set]
+    return train.subset(rest), train.subset(sorted(held))
+
+
 def trial_key(config: Mapping[str, Any]) -> str:
     if config.get("mode") == "search":
         return "search-" + _digest(sorted(config.items()))
@@ -362,7 +383,8 @@ def _trial(config: dict[str, Any], *, train: ImageSet, test: ImageSet, job: dict
     out_url = _result_url(job["root"], key)
     if storage.exists(out_url, so):  # finished before an interruption: report, do not retrain
         done = json.loads(storage.read_bytes(out_url, so))
-        tune.report({"test_acc": done["test_acc"], "epoch": done.get("epochs", 0), "cached": True})
+        tune.report({_metric(job): done[_metric(job)], "epoch": done.get("epochs", 0),
+                     "cached": True})
         return
     if job["before_trial"] is not None:
         job["before_trial"](key)
@@ -382,13 +404,41 @@ def _trial(config: dict[str, Any], *, train: ImageSet, test: ImageSet, job: dict
         # the final epoch's accuracy is the protection's figure; the best epoch is what a victim
         # with a clean validation set could stop at (the papers report one or the other)
         best = max((e["test_acc"] for e in result["per_epoch"]), default=result["test_acc"])
-        row.update(test_acc=result["test_acc"], best_acc=best, robust_acc=result["robust_acc"],
-                   robust_eps=result["robust_eps"], per_epoch=result["per_epoch"],
-                   images_per_s=result["images_per_s"])
+        if job.get("search"):  # ``test`` is the held-out part of the training set here
+            row.update(val_acc=result["test_acc"], best_val_acc=best)
+        else:
+            row.update(test_acc=result["test_acc"], best_acc=best)
+        row.update(robust_acc=result["robust_acc"], robust_eps=result["robust_eps"],
+                   per_epoch=result["per_epoch"], images_per_s=result["images_per_s"])
     row["seconds"] = time.time() - started
     row["finished_at"] = time.time()
     storage.write_bytes(out_url, json.dumps(row, default=str).encode(), so)
-    tune.report({"test_acc": row["test_acc"], "done": True, "epoch": row["epochs"]})
+    tune.report({_metric(job): row[_metric(job)], "done": True, "epoch": row["epochs"]})
+
+
+def _metric(job: Mapping[str, Any]) -> str:
+    return "val_acc" if job.get("search") else "test_acc"
+
+
+def _winner(params: dict[str, Any], *, train: ImageSet, test: ImageSet,
+            job: dict[str, Any]) -> dict[str, Any]:
+    """The search's winner, fitted on the whole training set, its victim on the test set."""
+    from ue_dist.runtime.ray_env import gpu_device
+
+    torch.set_num_threads(max(1, int(job["resources"]["cpu"])))
+    search, spec = job["search"], job["spec"]
+    seed = int(spec["seeds"][0])
+    device = gpu_device(job["resources"]["gpu"], "resources_per_trial.gpu")
+    settings = method_settings(spec, search["method"], seed, params)
+    _, protected = fit_and_protect(search["method"], settings, train, device)
+    data = mix(train, protected, search["fraction"], seed, search["method"], settings.get("eps"))
+    victim = dict(job["victim_settings"], arch=spec["archs"][0], adv_eps=float(spec["adv_eps"][0]),
+                  defense=spec["defenses"][0], seed=seed)
+    result = train_victim(data, test, victim, LocalContext(device=device, seed=seed,
+                                                           log=lambda m: None))
+    return {"params": params, "test_acc": result["test_acc"],
+            "best_acc": max(e["test_acc"] for e in result["per_epoch"]),
+            "train_size": len(data), "arch": victim["arch"], "seed": seed}
 
 
 # the sweep -------------------------------------------------------------------------------------
@@ -470,7 +520,7 @@ def _new_tuner(spec: Mapping[str, Any], trainable: Any, path: str, fs: Any) -> A
 
     search = spec["search"]
     tune_config = tune.TuneConfig(
-        metric="test_acc" if search else None, mode="min" if search else None,
+        metric="val_acc" if search else None, mode="min" if search else None,
         scheduler=FIFOScheduler(),
         num_samples=search["num_samples"] if search else 1,
         search_alg=BasicVariantGenerator(random_state=search["seed"]) if search else None,
@@ -552,9 +602,9 @@ def _summary(spec: Mapping[str, Any], grid: Any, root: str, so, train: ImageSet,
                                "report": files,
                                "rows": [{k: v for k, v in r.items() if k != "per_epoch"} for r in rows]}
     if spec["search"] is not None and rows:
-        best = min((r for r in rows if not math.isnan(r["test_acc"])), key=lambda r: r["test_acc"],
+        best = min((r for r in rows if not math.isnan(r["val_acc"])), key=lambda r: r["val_acc"],
                    default=None)
-        summary["best"] = best and {"params": json.loads(best["params"]), "test_acc": best["test_acc"]}
+        summary["best"] = best and {"params": json.loads(best["params"]), "val_acc": best["val_acc"]}
     return summary
 
 
@@ -614,6 +664,27 @@ def _fit_all(spec: Mapping[str, Any], train: ImageSet, root: str, so,
     return {key: cache[key] for key in todo}  # the spec's order, whichever finished first
 
 
+def _test_winner(params: dict[str, Any], train: ImageSet, test: ImageSet, job: dict[str, Any],
+                 progress: Callable[[str], None]) -> dict[str, Any]:
+    """The winner's test accuracy, computed once (a Ray task with a trial's resources) and
+    kept in ``winner-DIGEST.json`` beside ``results/`` for a rerun."""
+    import ray
+
+    root, so = job["root"], job["storage_options"]
+    url = storage.join(root, f"winner-{_digest(sorted(params.items()))}.json")
+    if storage.exists(url, so):
+        return json.loads(storage.read_bytes(url, so))
+    progress(f"[ue-dist] search: testing the winner {json.dumps(params, sort_keys=True)} "
+             "(fitted on the whole training set)")
+    res = job["resources"]
+    task = ray.remote(num_cpus=res["cpu"], num_gpus=res["gpu"], max_retries=1)(_winner)
+    out = ray.get(task.remote(params, train=train, test=test,
+                              job={k: v for k, v in job.items()
+                                   if k not in ("before_trial", "after_epoch")}))
+    storage.write_bytes(url, json.dumps(out, default=str).encode(), so)
+    return out
+
+
 def run_sweep(spec: Mapping[str, Any], storage_path: str | None = None,
               progress: Callable[[str], None] = print,
               before_trial: Callable[[str], None] | None = None,
@@ -646,11 +717,19 @@ def run_sweep(spec: Mapping[str, Any], storage_path: str | None = None,
     resumed = bool(tune.Tuner.can_restore(exp_path, storage_filesystem=fs))
     _check_same_spec(spec, root, so, resumed)
     cache = _fit_all(spec, train, root, so, progress) if spec["search"] is None else {}
+    trial_train, trial_test = train, test
+    if spec["search"] is not None:  # the objective is a held-out part of the training set
+        trial_train, trial_test = validation_split(train, spec["search"]["validation_fraction"],
+                                                   spec["search"]["seed"])
+        progress(f"[ue-dist] search {spec['name']}: trials fit and train on {len(trial_train)} "
+                 f"training images and are scored on {len(trial_test)} held out; the test set "
+                 "is used for the winner only")
 
     job = {"root": root, "storage_options": so, "resources": spec["resources"], "cache": cache,
            "victim_settings": spec["victim_settings"], "search": spec["search"], "spec": spec,
            "before_trial": before_trial, "after_epoch": after_epoch}
-    trainable = tune.with_resources(tune.with_parameters(_trial, train=train, test=test, job=job),
+    trainable = tune.with_resources(tune.with_parameters(_trial, train=trial_train,
+                                                         test=trial_test, job=job),
                                     {"cpu": spec["resources"]["cpu"], "gpu": spec["resources"]["gpu"]})
     if resumed:
         progress(f"[ue-dist] sweep {spec['name']}: resuming the interrupted sweep in {root}")
@@ -663,6 +742,8 @@ def run_sweep(spec: Mapping[str, Any], storage_path: str | None = None,
                                                                 progress):
         grid = tuner.fit()
     summary = _summary(spec, grid, root, so, train, cache, resumed)
+    if spec["search"] is not None and summary.get("best"):
+        summary["best"].update(_test_winner(summary["best"]["params"], train, test, job, progress))
     progress(f"[ue-dist] sweep {spec['name']}: {summary['completed']}/{len(grid)} trial(s) done"
              + (f", {len(summary['errors'])} failed" if summary["errors"] else "")
              + f"; report in {storage.join(root, 'report')}")
