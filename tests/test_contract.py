@@ -167,6 +167,8 @@ _GENERATOR = {"width": 4, "cls_width": 4, "epochs": 1, "batch_size": 16, "inner_
 CONTRACT_SETTINGS: dict[str, dict] = {
     "bayes": {"embed_epochs": 1, "embed_batch_size": 16, "steps": 2, "bank_size": 48, "chunk": 64},
     "classwise": {},
+    "em-classwise": {"batch_size": 16, "train_steps": 1, "max_rounds": 2, "subset_fraction": 0.5},
+    "random-samplewise": {},
     "em": {**_SOURCE_MODEL, "steps_u": 2},
     "rem": {**_SOURCE_MODEL, "steps_u": 2, "steps_a": 1},
     "tap": {**_SOURCE_MODEL, "steps": 2},
@@ -310,7 +312,7 @@ STEP_SETTING = {"em": "steps_u", "rem": "steps_u", "tap": "steps", "hypo": "step
                 "bayes": "steps"}
 # methods whose fit depends on eps: the source model trains on noise of that radius, the class
 # patterns are drawn at it, the generator's eps * tanh is built with it
-EPS_FITTED = {"classwise", "em", "rem", "gue", "gue-at"}
+EPS_FITTED = {"classwise", "em-classwise", "em", "rem", "gue", "gue-at"}
 
 
 def test_method_for_its_state_takes_the_fitted_settings(fitted, contract_data):
@@ -340,7 +342,8 @@ def test_method_for_its_state_changes_only_protect_time_settings(fitted, contrac
         bound = cls.for_state(state, [f"{key}={steps}"])
         assert bound.settings == {**state["settings"], key: steps}
         assert not np.array_equal(_protect(bound, state, contract_data).numpy(), out.numpy())
-    if name == "classwise":  # paper = quick: the preset agrees with the fit; a seed does not
+    if name in ("classwise", "random-samplewise"):  # paper = quick: the preset agrees with the
+        # fit; a seed does not
         assert cls.for_state(state, preset="paper").settings == state["settings"]
         with pytest.raises(SettingsError, match="noise_seed=5 conflicts .* noise_seed=0"):
             cls.for_state(state, ["noise_seed=5"])
