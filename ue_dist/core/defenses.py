@@ -106,7 +106,7 @@ NOISE_DISTS = ("uniform", "gaussian")
 @dataclass
 class Defense:
     name: str
-    kind: str  # "none" | "pre" | "batch"
+    kind: str  # "none" | "pre" | "batch" | "loss"
     params: dict[str, Any] = field(default_factory=dict)
 
     @property
