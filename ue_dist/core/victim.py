@@ -24,6 +24,11 @@ over the data and after the last step.
 forward of training, attacks and evaluation under bf16 autocast with a channels_last model;
 losses, PGD deltas and optimiser state stay fp32.
 
+``defense`` (``core/defenses.py``, ``ue-dist defences``): a ``pre`` defence transforms the stored
+training images once, a ``batch`` defence augments every batch after crop/flip, a ``loss``
+defence (UEraser) computes the step's loss from the crop/flip-augmented batch and the completed
+epochs (``victim_loss``); a loss defence cannot be combined with ``adv_eps > 0``.
+
 ``adv_eps = 0`` is standard training. ``robust_acc`` is PGD accuracy on the test set at
 ``eval_eps`` (None: the training radius; so None for a standard victim unless ``eval_eps`` is
 given) in the ``adv_norm`` ball, with ``eval_steps`` steps of ``eval_eps / 4`` -- PGD-20 at
