@@ -145,7 +145,8 @@ def test_defences_lists_every_defence_with_kind_parameters_and_paper(capsys):
     assert rows["noise"][2] == "eps=0.03137,dist=uniform"
 
 
-SPECS = {"none": "none", "mean": "mean:size=5", "median": "median", "gaussian": "gaussian:sigma=0.8",
+SPECS = {"none": "none", "mean": "mean:size=5", "median": "median",
+         "gaussian": "gaussian:sigma=0.8",
          "jpeg": "jpeg:quality=30", "grayscale": "grayscale", "bdr": "bdr:bits=3",
          "mixup": "mixup:alpha=0.5", "cutmix": "cutmix", "cutout": "cutout:size=8",
          "noise": "noise:eps=4/255,dist=gaussian", "ueraser": "ueraser:epochs=10",
