@@ -31,6 +31,7 @@ BEFORE = {  # option strings of each command before the declarations moved to op
     "fit": "--cpus-per-worker --gpu --json --max-failures --method --overwrite --preset --run-name "
            "--set --storage --storage-option --train-fraction --verbose --workers -v",
     "methods": "--json --verbose -v",
+    "defences": "--json --verbose -v",
     "demo": "--json --methods --out --preset --set --storage-option --verbose --victim-preset -v",
     "protect": "--actors --batch-size --cpus-per-actor --fraction --gpus-per-actor --json "
                "--max-polls --method --mode --poll-seconds --preset --seed --set --state "
@@ -120,3 +121,73 @@ def test_set_means_the_method_settings_and_victim_set_the_victim_settings():
     args = build_parser().parse_args(["evaluate", "--train", "T", "--test", "U",
                                       "--victim-set", "epochs=1"])
     assert args.victim_overrides == ["epochs=1"] and not hasattr(args, "overrides")
+
+
+# defences: the listing, and evaluate --defense accepts every one of them ----------------------
+def test_defences_lists_every_defence_with_kind_parameters_and_paper(capsys):
+    import json
+
+    from ue_dist.cli import main
+    from ue_dist.core.defenses import DEFENSES, TRAINING_DEFENSES
+    assert main(["defences", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out) == set(DEFENSES) | set(TRAINING_DEFENSES)
+    for name, entry in DEFENSES.items():
+        assert out[name] == {"kind": entry.kind, "params": entry.params, "paper": entry.paper,
+                             "note": entry.note}
+    assert out["bdr"]["params"] == {"bits": 2} and "Image Shortcut Squeezing" in out["bdr"]["paper"]
+    assert out["ueraser-max"]["params"]["repeat"] == 5
+    assert out["pgd-at"]["kind"] == "training" and "--adv-norm" in out["pgd-at"]["note"]
+    assert main(["defences"]) == 0
+    text = capsys.readouterr().out.splitlines()
+    assert text[0].split() == ["name", "kind", "parameters", "(defaults)", "paper"]
+    rows = {line.split()[0]: line.split() for line in text[1:] if line.strip()}
+    assert rows["bdr"][1:3] == ["pre", "bits=2"] and rows["ueraser-max"][1] == "loss"
+    assert rows["noise"][2] == "eps=0.03137,dist=uniform"
+
+
+SPECS = {"none": "none", "mean": "mean:size=5", "median": "median",
+         "gaussian": "gaussian:sigma=0.8",
+         "jpeg": "jpeg:quality=30", "grayscale": "grayscale", "bdr": "bdr:bits=3",
+         "mixup": "mixup:alpha=0.5", "cutmix": "cutmix", "cutout": "cutout:size=8",
+         "noise": "noise:eps=4/255,dist=gaussian", "ueraser": "ueraser:epochs=10",
+         "ueraser-max": "ueraser:max:repeat=5", "ueraser-lite": "ueraser:lite"}
+
+
+def _evaluate_settings(monkeypatch, argv):
+    """``ue-dist evaluate ARGV``'s victim settings, as handed to the runtime (nothing trains)."""
+    from ue_dist.cli import main
+    from ue_dist.runtime import evaluate as runtime
+    got = {}
+
+    def fake(train, test, settings, *args, **kwargs):
+        got.update(settings)
+        return {"settings": settings}
+
+    monkeypatch.setattr(runtime, "evaluate", fake)
+    code = main(["evaluate", "--train", "T", "--test", "U", "--victim-preset", "quick", "--json",
+                 *argv])
+    return code, got
+
+
+def test_evaluate_accepts_every_defence_by_name_with_parameters(monkeypatch, capsys):
+    from ue_dist.core.defenses import DEFENSES, parse_defense
+    assert set(SPECS) == set(DEFENSES)  # a new defence gets a line here
+    for name, spec in SPECS.items():
+        for argv in (["--defense", spec], ["--victim-set", f"defense={spec}"]):
+            code, settings = _evaluate_settings(monkeypatch, argv)
+            assert code == 0 and settings["defense"] == spec, (name, argv)
+            assert parse_defense(settings["defense"]).name == name
+    capsys.readouterr()
+    code, _ = _evaluate_settings(monkeypatch, ["--defense", "ueraser:fast"])
+    assert code == 2 and "unknown mode 'fast'" in capsys.readouterr().err
+    code, _ = _evaluate_settings(monkeypatch, ["--defense", "pgd-at"])
+    assert code == 2 and "--adv-eps" in capsys.readouterr().err
+
+
+def test_evaluate_reaches_l2_adversarial_training_from_flags(monkeypatch):
+    code, s = _evaluate_settings(monkeypatch, ["--adv-eps", "0.5", "--adv-norm", "l2",
+                                               "--adv-method", "trades"])
+    assert code == 0 and (s["adv_eps"], s["adv_norm"], s["adv_method"]) == (0.5, "l2", "trades")
+    code, s = _evaluate_settings(monkeypatch, ["--victim-set", "adv_norm=l2", "--adv-eps", "0.25"])
+    assert code == 0 and (s["adv_eps"], s["adv_norm"]) == (0.25, "l2")

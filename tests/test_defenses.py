@@ -104,10 +104,10 @@ def test_jpeg_changes_the_image_but_keeps_it_close():
 
 def test_preprocess_uint8_and_passthrough():
     x8 = (torch.rand(5, 3, 16, 16, generator=torch.Generator().manual_seed(4)) * 255).to(torch.uint8)
-    for name in ("mean", "median", "gaussian", "grayscale", "jpeg"):
+    for name in ("mean", "median", "gaussian", "grayscale", "jpeg", "bdr"):
         out = preprocess(name, x8)
         assert out.dtype == torch.uint8 and out.shape == x8.shape and not torch.equal(out, x8)
-    for name in ("none", "mixup", "cutout", "cutmix"):
+    for name in ("none", "mixup", "cutout", "cutmix", "noise", "ueraser-max", "ueraser-lite"):
         assert torch.equal(preprocess(name, x8), x8)
 
 
@@ -161,3 +161,196 @@ def test_parse_defense_params_and_errors():
     x = torch.rand(2, 3, 8, 8)
     t = torch.eye(2)
     assert batch_augment("median", x, t)[0] is x
+
+
+# --- bit-depth reduction (ISS / APBench) ----------------------------------------------------------
+def test_bdr_keeps_the_top_bits_as_torchvision_posterize():
+    from torchvision.transforms.functional import posterize
+
+    from ue_dist.core.defenses import bdr
+    x8 = torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16).repeat(2, 3, 1, 1)
+    for bits in range(1, 9):
+        out = preprocess(f"bdr:bits={bits}", x8)
+        # the formula of ISS / APBench (transforms.RandomPosterize(bits, p=1) on uint8 images):
+        # floor(x / 2^(8-b)) * 2^(8-b), not round(x (2^b - 1)) / (2^b - 1)
+        step = 2 ** (8 - bits)
+        assert torch.equal(out, (x8 // step) * step)
+        assert torch.equal(out, posterize(x8, bits))
+        assert torch.equal(bdr(x8, bits), out)
+        for c in range(3):
+            assert len(out[:, c].unique()) <= 2 ** bits
+    assert torch.equal(preprocess("bdr:bits=8", x8), x8)
+    assert preprocess("bdr", x8).unique().tolist() == [0, 64, 128, 192]  # default 2 bits
+    assert parse_defense("bdr").params == {"bits": 2}
+    with pytest.raises(SettingsError, match="bits must lie in"):
+        parse_defense("bdr:bits=0")
+
+
+# --- random noise ------------------------------------------------------------------------------
+def test_uniform_noise_is_bounded_by_eps_and_fills_the_ball():
+    from ue_dist.core.defenses import noise
+    x = torch.full((64, 3, 8, 8), 0.5)
+    t = torch.eye(64)
+    g = torch.Generator().manual_seed(0)
+    out, tt = batch_augment("noise:eps=8/255", x, t, generator=g)
+    assert tt is t and out.shape == x.shape
+    d = out - x
+    assert d.abs().max() <= 8 / 255 + 1e-6
+    assert d.abs().max() > 0.99 * 8 / 255 and abs(d.mean().item()) < 2e-4  # uniform on [-e, e]
+    assert d.std().item() == pytest.approx(8 / 255 / 3 ** 0.5, rel=0.02)
+    # fresh each batch, and a function of the generator
+    again, _ = noise(x, t, eps=8 / 255, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(again, out)
+    assert not torch.equal(noise(x, t, generator=g)[0], out)
+    # clipped to [0, 1]
+    edge, _ = noise(torch.ones(4, 1, 8, 8), torch.eye(4), eps=0.1, generator=g)
+    assert edge.max() <= 1 and edge.min() >= 0.9
+
+
+def test_gaussian_noise_has_standard_deviation_eps():
+    x = torch.full((64, 3, 16, 16), 0.5)
+    out, _ = batch_augment("noise:eps=4/255,dist=gaussian", x, torch.eye(64),
+                           generator=torch.Generator().manual_seed(1))
+    d = out - x
+    assert d.std().item() == pytest.approx(4 / 255, rel=0.02)
+    assert d.abs().max() > 3 * 4 / 255  # unbounded tails, unlike uniform
+    with pytest.raises(SettingsError, match="dist must be one of uniform, gaussian"):
+        parse_defense("noise:dist=laplace")
+    with pytest.raises(SettingsError, match="eps must lie in"):
+        parse_defense("noise:eps=2")
+    assert parse_defense("noise:eps=8/255").params["eps"] == pytest.approx(8 / 255)
+
+
+# --- UEraser -------------------------------------------------------------------------------------
+class _Stub(torch.nn.Module):
+    """logits = w * (mean pixel of the image, per class offset): per-sample losses depend on the
+    view, and w gets a gradient."""
+
+    def __init__(self, classes=3):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.linspace(-1, 1, classes))
+
+    def forward(self, x):
+        return x.mean(dim=(1, 2, 3))[:, None] * self.w[None] * 10
+
+
+def _known_views(scales):
+    """An 'augmentation' whose k-th call scales the batch by scales[k] (known draws)."""
+    calls = []
+
+    def augment(x, generator):
+        calls.append(len(calls))
+        return x * scales[len(calls) - 1]
+
+    return augment, calls
+
+
+def test_ueraser_max_loss_is_the_mean_of_the_per_sample_maximum_over_its_draws():
+    from ue_dist.core.defenses import UEraserLoss
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(6, 3, 4, 4, generator=g)
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    scales = [0.2, 1.0, 0.5, 0.9, 0.1]
+    augment, calls = _known_views(scales)
+    net = _Stub()
+    loss, logits = UEraserLoss(repeat=5, epochs=0, augment=augment)(net, x, y, g, epoch=7)
+    assert len(calls) == 5
+    per_view = torch.stack([torch.nn.functional.cross_entropy(net(x * s), y, reduction="none")
+                            for s in scales])
+    expect = per_view.max(0).values.mean()
+    assert loss.item() == pytest.approx(expect.item(), rel=1e-6)
+    assert loss.item() > per_view.mean().item()  # the max, not the average, of the views
+    # different samples take their maximum from different views here
+    assert len(set(per_view.argmax(0).tolist())) > 1
+    assert torch.allclose(logits, net(x * scales[-1]))  # the last view feeds the meter
+    loss.backward()
+    assert net.w.grad is not None and net.w.grad.abs().sum() > 0
+
+
+def test_ueraser_takes_the_max_for_its_first_epochs_then_one_draw_and_lite_one():
+    from ue_dist.core.defenses import UEraserLoss, defense_loss
+    x, y = torch.rand(4, 1, 4, 4), torch.tensor([0, 1, 2, 0])
+    g = torch.Generator().manual_seed(0)
+    for epoch, views in ((0, 3), (1, 3), (2, 1), (9, 1)):
+        augment, calls = _known_views([1.0] * 3)
+        UEraserLoss(repeat=3, epochs=2, augment=augment)(_Stub(), x, y, g, epoch=epoch)
+        assert len(calls) == views, epoch
+    assert defense_loss("ueraser:max:repeat=4").views(1000) == 4  # max: every epoch
+    assert defense_loss("ueraser").views(49) == 5 and defense_loss("ueraser").views(50) == 1
+    lite = defense_loss("ueraser:lite")
+    assert lite.views(0) == 1
+    augment, calls = _known_views([0.5])
+    lite._augment = augment
+    loss, _ = lite(_Stub(), x, y, g, epoch=0)
+    assert len(calls) == 1
+    net = _Stub()
+    assert loss.item() == pytest.approx(torch.nn.functional.cross_entropy(net(x * 0.5), y).item())
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_ueraser_augmentation_keeps_shapes_and_range_and_is_seeded(channels):
+    from ue_dist.core.defenses import defense_loss
+    owner = defense_loss("ueraser-max:repeat=2")
+    x = torch.rand(8, channels, 16, 16, generator=torch.Generator().manual_seed(3))
+    state = torch.random.get_rng_state()
+    outs = []
+    for seed in range(12):  # TrivialAugment picks one op per call: try many
+        out = owner.augment(x, torch.Generator().manual_seed(seed))
+        assert out.shape == x.shape and out.dtype == x.dtype
+        assert out.min() >= 0 and out.max() <= 1
+        outs.append(out)
+    assert not all(torch.equal(o, x) for o in outs)
+    # a function of the generator only; torch's global generator untouched
+    assert torch.equal(owner.augment(x, torch.Generator().manual_seed(5)), outs[5])
+    assert torch.equal(torch.random.get_rng_state(), state)
+    net = _Stub()
+    loss, logits = owner(net, x, torch.arange(8) % 3, torch.Generator().manual_seed(0), epoch=0)
+    assert logits.shape == (8, 3) and torch.isfinite(loss)
+    loss.backward()
+    assert net.w.grad.abs().sum() > 0
+
+
+def test_ueraser_pipeline_is_the_authors():
+    import kornia.augmentation as K
+
+    from ue_dist.core.defenses import ueraser_pipeline
+    ops = list(ueraser_pipeline(3).children())
+    assert [type(o).__name__ for o in ops] == ["RandomPlasmaBrightness", "RandomPlasmaContrast",
+                                               "RandomChannelShuffle", "TrivialAugment"]
+    assert ops[0].p == 1.0 and ops[1].p == 1.0 and ops[2].p == 0.5
+    assert isinstance(ops[3], K.auto.TrivialAugment)
+    assert [type(o).__name__ for o in ueraser_pipeline(1, 0.5).children()] == [
+        "RandomPlasmaBrightness", "RandomPlasmaContrast", "TrivialAugment"]  # 1 channel
+
+
+def test_modes_and_names_of_ueraser():
+    assert parse_defense("ueraser:max:repeat=5").name == "ueraser-max"
+    assert parse_defense("ueraser:max:repeat=5").params == parse_defense("ueraser-max").params
+    assert parse_defense("ueraser:max:repeat=3") == parse_defense("ueraser-max:repeat=3")
+    assert parse_defense("ueraser:lite").spec == "ueraser-lite"
+    assert parse_defense("ueraser:epochs=20").params == {"repeat": 5, "epochs": 20,
+                                                         "plasma_p": 1.0}
+    assert parse_defense("ueraser-max").kind == "loss"
+    with pytest.raises(SettingsError, match="unknown mode 'fast'; valid modes: lite, max"):
+        parse_defense("ueraser:fast")
+    with pytest.raises(SettingsError, match="valid keys: plasma_p"):
+        parse_defense("ueraser:lite:repeat=5")  # Lite is one draw
+    with pytest.raises(SettingsError, match="repeat must be >= 1"):
+        parse_defense("ueraser:max:repeat=0")
+    with pytest.raises(SettingsError, match="bad parameter '30'"):
+        parse_defense("jpeg:30")  # no modes: still a parameter error
+    with pytest.raises(SettingsError, match="victim setting.*--adv-norm"):
+        parse_defense("pgd-at")
+
+
+def test_every_defence_has_a_paper_and_valid_defaults():
+    from ue_dist.core.defenses import DEFENSES, listing
+    for name, entry in DEFENSES.items():
+        assert entry.paper and entry.kind in ("none", "pre", "batch", "loss"), name
+        assert parse_defense(name).params == entry.params
+    out = listing()
+    assert set(DEFENSES) | {"pgd-at", "trades"} == set(out)
+    assert out["ueraser-max"] == {"kind": "loss", "params": {"repeat": 5, "epochs": 0,
+                                                             "plasma_p": 1.0},
+                                  "paper": DEFENSES["ueraser-max"].paper,
+                                  "note": DEFENSES["ueraser-max"].note}

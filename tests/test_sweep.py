@@ -85,6 +85,8 @@ def _spec(urls, **kw):
     ({"fractions": [1.5]}, r"fractions must lie in \[0, 1\]"),
     ({"archs": ["resnet19"]}, r"unknown architecture 'resnet19'; valid: .*small-cnn"),
     ({"defenses": ["blur"]}, r"unknown defense 'blur'; valid: .*median"),
+    ({"defenses": ["none", "ueraser:max"], "adv_eps": [0, "2/255"]},
+     r"defenses \['ueraser-max'\] own the training loss.*adv_eps"),
     ({"subsets": ["dirty"]}, r"unknown subset 'dirty'.*valid: all, clean"),
     ({"victim_overrides": {"epoch": 1}}, r"unknown setting 'epoch' for victim; valid: .*epochs"),
     ({"victim_overrides": {"arch": "vgg16"}}, r"may not set 'arch'.*archs"),
@@ -108,6 +110,9 @@ def test_spec_normalisation_and_yaml(tmp_path):
                                defenses=["jpeg:quality=10"]))
     assert spec["adv_eps"] == [pytest.approx(8 / 255), 0.0]
     assert spec["defenses"] == ["jpeg"]  # default parameters are dropped from the name
+    spec = validate_spec(_spec({"train": "a", "test": "b"},
+                               defenses=["ueraser:max:repeat=5", "bdr:bits=3", "noise:eps=8/255"]))
+    assert spec["defenses"] == ["ueraser-max", "bdr:bits=3", "noise"]
     path = tmp_path / "s.yaml"
     path.write_text("name: x\ndata: {train: a, test: b}\nmethods: [classwise]\nfractionz: [1]\n")
     with pytest.raises(SweepError, match="'fractionz'.*valid keys: .*fractions"):

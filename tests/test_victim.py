@@ -203,12 +203,46 @@ def test_adversarial_training_runs_and_reports_robust_accuracy(digits, method):
     assert math.isfinite(out["per_epoch"][0]["train_loss"])
 
 
-@pytest.mark.parametrize("defense", ["mixup", "cutmix", "median", "jpeg:quality=50", "grayscale"])
+@pytest.mark.parametrize("defense", ["mixup", "cutmix", "median", "jpeg:quality=50", "grayscale",
+                                     "bdr", "noise:eps=8/255", "ueraser:lite",
+                                     "ueraser:max:repeat=2"])
 def test_training_with_each_defense_runs(digits, defense):
     train, test = _small(digits[0], 96), _small(digits[1], 40)
     s = resolve_victim_settings("quick", {"epochs": 1, "defense": defense})
     out = train_victim(train, test, s, quiet())
     assert math.isfinite(out["per_epoch"][0]["train_loss"])
+
+
+def test_a_loss_defence_owns_the_step_and_sees_the_epoch(digits, monkeypatch):
+    from ue_dist.core import defenses
+    seen = []
+    call = defenses.UEraserLoss.__call__
+
+    def spy(self, net, x, y, generator, epoch=0):
+        seen.append((epoch, self.views(epoch), tuple(x.shape)))
+        return call(self, net, x, y, generator, epoch)
+
+    monkeypatch.setattr(defenses.UEraserLoss, "__call__", spy)
+    train, test = _small(digits[0], 64), _small(digits[1], 20)
+    s = resolve_victim_settings("quick", {"epochs": 2, "batch_size": 32,
+                                          "defense": "ueraser:repeat=2,epochs=1"})
+    first = train_victim(train, test, s, quiet())
+    # 2 steps per epoch; the max over 2 views in epoch 0, one view after `epochs` = 1
+    assert [(e, v) for e, v, _ in seen] == [(0, 2), (0, 2), (1, 1), (1, 1)]
+    assert all(shape == (32, 3, 32, 32) for _, _, shape in seen)
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "seconds"} for r in rs]  # noqa: E731
+    ctx = KeepStates()
+    again = train_victim(train, test, s, ctx)  # seeded: kornia's draws too
+    assert strip(again["per_epoch"]) == strip(first["per_epoch"])
+    # resumed from the epoch-1 checkpoint: the second epoch (one view) comes out identical
+    resumed = quiet()
+    resumed.last_state = ctx.states[0]
+    seen.clear()
+    third = train_victim(train, test, s, resumed)
+    assert [(e, v) for e, v, _ in seen] == [(1, 1), (1, 1)]
+    assert strip(third["per_epoch"]) == strip(first["per_epoch"])
+    with pytest.raises(SettingsError, match="owns the training loss"):
+        resolve_victim_settings("quick", {"defense": "ueraser:max", "adv_eps": "2/255"})
 
 
 def test_select_subset():

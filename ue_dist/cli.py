@@ -108,6 +108,26 @@ def _methods(args: argparse.Namespace) -> int:
     emit(args, out, lambda r: "\n".join(f"{k:10s} {v['paper']}" for k, v in r.items()))
     return 0
 
+def _defences_text(r: dict) -> str:
+    rows = [("name", "kind", "parameters (defaults)", "paper")]
+    rows += [(name, e["kind"], ",".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                       for k, v in e["params"].items()) or "-", e["paper"])
+             for name, e in r.items()]
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    lines = [f"{a:{widths[0]}}  {b:{widths[1]}}  {c:{widths[2]}}  {d}" for a, b, c, d in rows]
+    return "\n".join(lines + ["", "select one: ue-dist evaluate --defense NAME[:k=v,...] (a mode "
+                               "as NAME:MODE[:k=v], e.g. ueraser:max:repeat=5); kind 'training' "
+                               "is adversarial training, a victim setting (--adv-eps, "
+                               "--adv-method, --adv-norm); --json adds each one's note"])
+
+
+@command("defences")
+def _defences(args: argparse.Namespace) -> int:
+    from ue_dist.core.defenses import listing
+    emit(args, listing(), _defences_text)
+    return 0
+
+
 @command("demo")
 def _demo(args: argparse.Namespace) -> int:
     from ue_dist.core.victim import resolve_victim_settings

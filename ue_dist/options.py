@@ -33,6 +33,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable, Mapping, Sequence
 
 from ue_dist.core.adversarial import AT_METHODS
+from ue_dist.core.pgd import NORMS
 
 _UNSET = object()
 _WARNED: set[str] = set()
@@ -211,6 +212,10 @@ FIT = Command("fit", "Fit a method (source model, generator or embedding) on Ray
 METHODS = Command("methods", "List the registered protection methods with their paper and "
                   "settings.", (JSON,), "ue-dist methods --json")
 
+DEFENCES = Command("defences", "List the victims' defences (core/defenses.py) with their kind, "
+                   "parameters and defaults, and paper; select one with `evaluate --defense "
+                   "NAME[:k=v,...]` or a sweep's `defenses`.", (JSON,), "ue-dist defences --json")
+
 DEMO = Command("demo", "The main job on the embedded default: convert digits, fit, protect on "
                "Ray, train victims on clean and protected data, print accuracies, write plots.", (
     Opt("out", default="out/demo", help="output folder or URL"),
@@ -285,7 +290,7 @@ BAYES_ERROR = Command("bayes-error", "Estimate the Bayes error (local posterior 
     *COMMON), "ue-dist bayes-error --toy moons --plot moons.png")
 
 # victim settings that evaluate also takes as flags (merged into its --victim-set)
-VICTIM_FLAGS = ("arch", "epochs", "adv_eps", "adv_method", "defense", "seed")
+VICTIM_FLAGS = ("arch", "epochs", "adv_eps", "adv_method", "adv_norm", "defense", "seed")
 
 EVALUATE = Command("evaluate", "Train one victim on a (possibly protected) training set and print "
                    "its test accuracy per epoch.", (
@@ -299,9 +304,12 @@ EVALUATE = Command("evaluate", "Train one victim on a (possibly protected) train
     Opt("adv_eps", metavar="R", spec=False,
         help="adversarial-training radius, e.g. 8/255 (0 = standard)"),
     Opt("adv_method", choices=AT_METHODS, spec=False, help="adversarial loss (default pgd)"),
-    Opt("defense", spec=False,
-        help="training-data defence: none, mixup, cutout, cutmix, mean, median, gaussian, "
-             "jpeg[:quality=Q], grayscale"),
+    Opt("adv_norm", choices=NORMS, spec=False,
+        help="ball of adversarial training and robust evaluation (default linf; l2 takes an L2 "
+             "--adv-eps, e.g. 0.5)"),
+    Opt("defense", spec=False, metavar="NAME[:k=v,...]",
+        help="training-data defence, e.g. jpeg:quality=10, bdr:bits=2, noise:eps=8/255, "
+             "ueraser:max:repeat=5, ueraser:lite (`ue-dist defences` lists them all)"),
     Opt("seed", type=int, spec=False, help="victim seed (default 0)"),
     Opt("subset", default="all", choices=_subsets,
         help="train on all samples (mixed), the clean ones or the protected ones"),
@@ -338,7 +346,7 @@ RUN = Command("run", "Run a job spec end to end: convert -> fit -> protect -> ev
     JSON), "ue-dist run jobs/digits-quick.yaml --check")
 
 COMMANDS: dict[str, Command] = {c.name: c for c in (
-    CONVERT, INFO, FIT, METHODS, DEMO, PROTECT, BAYES_ERROR, EVALUATE, SWEEP, RUN)}
+    CONVERT, INFO, FIT, METHODS, DEFENCES, DEMO, PROTECT, BAYES_ERROR, EVALUATE, SWEEP, RUN)}
 
 # job specs (runtime/jobs.py): top-level keys and the sections that are not a command's ------------
 DATA = (Opt("train", help="training shards URL"), Opt("test", help="clean test shards URL"))

@@ -1,14 +1,28 @@
 """Defences a victim may apply to its (possibly protected) training data.
 
-Two kinds, named by one string (``"median"``, ``"jpeg:quality=30"``, ``"cutout:size=8"``):
+Three kinds, named by one string (``"median"``, ``"jpeg:quality=30"``, ``"ueraser:max:repeat=5"``);
+``DEFENSES`` is the registry (name -> kind, default parameters, paper), listed by
+``ue-dist defences``:
 
-* data pre-processing, applied once to the uint8 training images before training:
+* ``pre``: data pre-processing, applied once to the uint8 training images before training:
   3x3 ``mean``, ``median`` and ``gaussian`` low-pass filters (REM paper, App. D; as the
   REM authors' ``cv2.blur`` / ``cv2.medianBlur`` / ``cv2.GaussianBlur(x, (3, 3), 0)``), ``jpeg``
-  re-compression and ``grayscale`` (image shortcut squeezing, Liu et al. 2023);
-* batch augmentations, applied to every float training batch and returning soft targets:
+  re-compression, ``grayscale`` and ``bdr`` bit-depth reduction (image shortcut squeezing, Liu
+  et al. 2023);
+* ``batch``: augmentations applied to every float training batch, returning soft targets:
   ``mixup`` (Zhang et al. 2017), ``cutout`` (DeVries & Taylor 2017), ``cutmix`` (Yun et al.
-  2019) -- the augmentations the GUE paper evaluates against.
+  2019) -- the augmentations the GUE paper evaluates against -- and ``noise``, random noise of a
+  stated radius (the random-noise baseline);
+* ``loss``: defences that own the step's loss, because it depends on several augmented views
+  of the batch: ``ueraser``, ``ueraser-max``, ``ueraser-lite`` (Qin et al. 2023). A loss
+  defence is an object called as ``(net, x, y, generator, epoch) -> (loss, logits)``
+  (``defense_loss``); the victim's loss hands it the crop/flip-augmented batch.
+
+A name may carry a mode after a colon: ``NAME:MODE[:k=v,...]`` is ``NAME-MODE[:k=v,...]`` where
+that is registered (``ueraser:max:repeat=5`` = ``ueraser-max:repeat=5``). Adversarial training
+(PGD-AT, TRADES, in the L-inf or L2 ball) is not a data defence but a victim setting
+(``adv_eps``, ``adv_method``, ``adv_norm``; ``ue-dist evaluate --adv-eps 0.5 --adv-norm l2``);
+``TRAINING_DEFENSES`` names them for the listing, and ``parse_defense`` points there.
 
 Defences touch training data only; the test set stays as it is. Pure torch/kornia/PIL, no Ray.
 """
@@ -16,38 +30,88 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
-from ue_dist.core.config import SettingsError
+from ue_dist.core.config import SettingsError, parse_radius
+from ue_dist.core.precision import upcast
 
-#: name -> (kind, default parameters)
-DEFENSES: dict[str, tuple[str, dict[str, Any]]] = {
-    "none": ("none", {}),
-    "mean": ("pre", {"size": 3}),
-    "median": ("pre", {"size": 3}),
+
+class Entry(NamedTuple):
+    """One registered defence: its kind, default parameters and the paper it comes from."""
+    kind: str  # "none" | "pre" | "batch" | "loss"
+    params: dict[str, Any]
+    paper: str
+    note: str = ""
+
+
+_ISS = "Liu, Zhao, Larson: Image Shortcut Squeezing, ICML 2023"
+_UERASER = ("Qin et al.: Learning the Unlearnable: Adversarial Augmentations Suppress "
+            "Unlearnable Example Attacks, 2023")
+_UE_AUG = ("PlasmaBrightness + PlasmaContrast (p=plasma_p) + ChannelShuffle (p=0.5) + "
+           "TrivialAugment (kornia), after crop/flip")
+
+#: name -> Entry(kind, default parameters, paper, note)
+DEFENSES: dict[str, Entry] = {
+    "none": Entry("none", {}, "no defence"),
+    "mean": Entry("pre", {"size": 3}, "Fu et al.: Robust Unlearnable Examples, ICLR 2022, App. D",
+                  "box blur (cv2.blur)"),
+    "median": Entry("pre", {"size": 3}, "Fu et al.: Robust Unlearnable Examples, ICLR 2022, "
+                    "App. D", "median blur (cv2.medianBlur)"),
     # sigma 0: OpenCV's kernel for the size, as the REM authors' cv2.GaussianBlur(x, (3, 3), 0)
-    "gaussian": ("pre", {"size": 3, "sigma": 0.0}),
-    "jpeg": ("pre", {"quality": 10}),
-    "grayscale": ("pre", {}),
-    "mixup": ("batch", {"alpha": 1.0}),
-    "cutmix": ("batch", {"alpha": 1.0}),
-    "cutout": ("batch", {"size": 0}),  # 0: half the image side (16 px at 32x32, as in the paper)
+    "gaussian": Entry("pre", {"size": 3, "sigma": 0.0}, "Fu et al.: Robust Unlearnable "
+                      "Examples, ICLR 2022, App. D", "Gaussian blur; sigma 0 = OpenCV's kernel"),
+    "jpeg": Entry("pre", {"quality": 10}, _ISS, "JPEG re-compression at quality"),
+    "grayscale": Entry("pre", {}, _ISS, "luminance in every channel"),
+    # bits 2: APBench's util.aug_train (transforms.RandomPosterize(bits=2, p=1)); the ISS code
+    # takes --bdr BITS with no default
+    "bdr": Entry("pre", {"bits": 2}, _ISS + " (BDR; APBench's bits=2)",
+                 "bit-depth reduction: keep the top `bits` bits (torchvision posterize)"),
+    "mixup": Entry("batch", {"alpha": 1.0}, "Zhang et al.: mixup, ICLR 2018"),
+    "cutmix": Entry("batch", {"alpha": 1.0}, "Yun et al.: CutMix, ICCV 2019"),
+    # 0: half the image side (16 px at 32x32, as in the paper)
+    "cutout": Entry("batch", {"size": 0}, "DeVries & Taylor: Cutout, 2017",
+                    "size 0 = half the image side"),
+    "noise": Entry("batch", {"eps": 8 / 255, "dist": "uniform"}, "random-noise baseline "
+                   "(APBench-style matrices)", "fresh noise per batch: uniform in [-eps, eps] "
+                   "(L-inf radius eps) or gaussian N(0, eps^2); clipped to [0, 1]"),
+    # the three variants of the UEraser paper; defaults from lafeat/apbench (train.py and
+    # defense/ueraser.py) and lafeat/ueraser (LSP/cifar_train.py, EM/QuickStart.ipynb)
+    "ueraser": Entry("loss", {"repeat": 5, "epochs": 50, "plasma_p": 1.0}, _UERASER,
+                     "max per-sample loss over `repeat` draws for the first `epochs` epochs, "
+                     "then one draw: " + _UE_AUG),
+    "ueraser-max": Entry("loss", {"repeat": 5, "epochs": 0, "plasma_p": 1.0}, _UERASER,
+                         "max per-sample loss over `repeat` draws, every epoch (epochs 0 = "
+                         "all): " + _UE_AUG),
+    "ueraser-lite": Entry("loss", {"plasma_p": 1.0}, _UERASER, "one draw per step: " + _UE_AUG),
 }
+
+#: adversarial training: victim settings, not data defences (listed by `ue-dist defences`)
+TRAINING_DEFENSES: dict[str, Entry] = {
+    "pgd-at": Entry("training", {"adv_norm": "linf", "adv_steps": 10, "adv_step_frac": 0.25},
+                    "Madry et al.: Towards Deep Learning Models Resistant to Adversarial "
+                    "Attacks, ICLR 2018", "victim setting: --adv-eps R [--adv-norm linf|l2] "
+                    "(--adv-method pgd; core/adversarial.py)"),
+    "trades": Entry("training", {"adv_norm": "linf", "adv_steps": 10, "trades_beta": 6.0},
+                    "Zhang et al.: TRADES, ICML 2019", "victim setting: --adv-eps R "
+                    "--adv-method trades [--adv-norm linf|l2] (core/adversarial.py)"),
+}
+NOISE_DISTS = ("uniform", "gaussian")
 
 
 @dataclass
 class Defense:
     name: str
-    kind: str  # "none" | "pre" | "batch"
+    kind: str  # "none" | "pre" | "batch" | "loss"
     params: dict[str, Any] = field(default_factory=dict)
 
     @property
     def spec(self) -> str:
-        extra = [f"{k}={v}" for k, v in self.params.items() if v != DEFENSES[self.name][1][k]]
+        extra = [f"{k}={v}" for k, v in self.params.items() if v != DEFENSES[self.name].params[k]]
         return self.name + (":" + ",".join(extra) if extra else "")
 
 
@@ -55,15 +119,44 @@ def defense_names() -> list[str]:
     return sorted(DEFENSES)
 
 
+def _value(name: str, key: str, default: Any, value: str) -> Any:
+    value = value.strip()
+    try:
+        if isinstance(default, int):
+            return int(float(value))
+        if isinstance(default, float):  # radii may be fractions: noise:eps=8/255
+            return parse_radius(value, key) if "/" in value else float(value)
+        return type(default)(value)
+    except (ValueError, SettingsError):
+        raise SettingsError(f"defense {name!r}: {key} must be a number, got {value!r}") from None
+
+
 def parse_defense(spec: str | None) -> Defense:
-    """``"name"`` or ``"name:key=value,key=value"`` -> ``Defense``; bad names/keys are errors."""
+    """``"name"``, ``"name:key=value,key=value"`` or ``"name:mode:key=value,..."`` (= the
+    registered ``name-mode``) -> ``Defense``; bad names, modes and keys are errors."""
     text = "none" if spec in (None, "") else str(spec).strip()
     name, _, rest = text.partition(":")
     name = name.strip().lower()
+    head, colon, tail = rest.partition(":")
+    modes = sorted(n[len(name) + 1:] for n in DEFENSES if n.startswith(name + "-"))
+    if modes and head.strip() and "=" not in head and "," not in head:  # ueraser:max[:repeat=5]
+        mode = f"{name}-{head.strip().lower()}"
+        if mode not in DEFENSES:
+            raise SettingsError(f"defense {name!r}: unknown mode {head.strip()!r}; valid modes: "
+                                f"{', '.join(modes) or '(none)'} (parameters as "
+                                f"{name}:key=value)")
+        name, rest = mode, tail
+    elif colon:
+        raise SettingsError(f"defense {spec!r}: parameters are name:key=value,key=value (one "
+                            "colon; name:mode:key=value for a mode)")
+    if name in TRAINING_DEFENSES:
+        raise SettingsError(f"{name!r} is adversarial training, a victim setting, not a data "
+                            f"defence: {TRAINING_DEFENSES[name].note} (`ue-dist defences`)")
     if name not in DEFENSES:
         raise SettingsError(f"unknown defense {spec!r}; valid: {', '.join(defense_names())} "
-                            "(parameters as name:key=value, e.g. jpeg:quality=30)")
-    kind, defaults = DEFENSES[name]
+                            "(parameters as name:key=value, e.g. jpeg:quality=30; "
+                            "`ue-dist defences` lists them)")
+    kind, defaults = DEFENSES[name].kind, DEFENSES[name].params
     params = dict(defaults)
     for item in filter(None, (p.strip() for p in rest.split(","))):
         key, eq, value = item.partition("=")
@@ -71,11 +164,7 @@ def parse_defense(spec: str | None) -> Defense:
         if not eq or key not in defaults:
             raise SettingsError(f"defense {name!r}: bad parameter {item!r}; valid keys: "
                                 f"{', '.join(sorted(defaults)) or '(none)'}")
-        try:
-            params[key] = type(defaults[key])(float(value)) if isinstance(defaults[key], int) \
-                else type(defaults[key])(value)
-        except ValueError:
-            raise SettingsError(f"defense {name!r}: {key} must be a number, got {value!r}") from None
+        params[key] = _value(name, key, defaults[key], value)
     _check_params(name, params)
     return Defense(name, kind, params)
 
@@ -92,6 +181,24 @@ def _check_params(name: str, p: dict[str, Any]) -> None:
         raise SettingsError(f"defense {name!r}: alpha must be > 0, got {p['alpha']}")
     if name == "cutout" and p["size"] < 0:
         raise SettingsError(f"defense 'cutout': size must be >= 0, got {p['size']}")
+    if name == "bdr" and not 1 <= p["bits"] <= 8:
+        raise SettingsError(f"defense 'bdr': bits must lie in [1, 8], got {p['bits']}")
+    if name == "noise":
+        if not 0 <= p["eps"] <= 1:
+            raise SettingsError(f"defense 'noise': eps must lie in [0, 1] (the [0, 1] pixel "
+                                f"scale, e.g. 8/255), got {p['eps']}")
+        if p["dist"] not in NOISE_DISTS:
+            raise SettingsError(f"defense 'noise': dist must be one of {', '.join(NOISE_DISTS)}, "
+                                f"got {p['dist']!r}")
+    if name.startswith("ueraser"):
+        if p.get("repeat", 1) < 1:
+            raise SettingsError(f"defense {name!r}: repeat must be >= 1, got {p['repeat']}")
+        if p.get("epochs", 0) < 0:
+            raise SettingsError(f"defense {name!r}: epochs must be >= 0 (0: every epoch), got "
+                                f"{p['epochs']}")
+        if not 0 <= p["plasma_p"] <= 1:
+            raise SettingsError(f"defense {name!r}: plasma_p must lie in [0, 1], got "
+                                f"{p['plasma_p']}")
 
 
 # pre-processing (float [0,1] NCHW in, same out) ---------------------------------------------------
@@ -151,6 +258,16 @@ def jpeg(images_uint8: torch.Tensor, quality: int = 10) -> torch.Tensor:
     return out
 
 
+def bdr(images_uint8: torch.Tensor, bits: int = 2) -> torch.Tensor:
+    """Bit-depth reduction of uint8 images to ``bits`` bits: ``x & ~(2^(8-bits) - 1)``, i.e.
+    ``floor(x / 2^(8-bits)) * 2^(8-bits)`` (levels 0, 64, 128, 192 at 2 bits). This is
+    torchvision's ``posterize``, which ISS (``transforms.RandomPosterize(bits=bdr, p=1)``) and
+    APBench (``bits=2``) apply to the uint8 training images; not ``round(x (2^b - 1)) / (2^b -
+    1)``, whose levels would include 255."""
+    mask = (0xFF << (8 - int(bits))) & 0xFF
+    return images_uint8 & mask
+
+
 _PRE: dict[str, Callable[..., torch.Tensor]] = {
     "mean": mean_filter, "median": median_filter, "gaussian": gaussian_filter,
     "grayscale": lambda x: grayscale(x),
@@ -165,6 +282,8 @@ def preprocess(defense: Defense | str, images_uint8: torch.Tensor,
         return images_uint8
     if d.name == "jpeg":
         return jpeg(images_uint8, d.params["quality"])
+    if d.name == "bdr":
+        return bdr(images_uint8, d.params["bits"])
     fn = _PRE[d.name]
     out = []
     for start in range(0, len(images_uint8), batch_size):
@@ -223,7 +342,20 @@ def cutout(x: torch.Tensor, targets: torch.Tensor, size: int = 0,
     return x.masked_fill(inside.unsqueeze(1), 0.0), targets
 
 
-_BATCH = {"mixup": mixup, "cutmix": cutmix, "cutout": cutout}
+def noise(x: torch.Tensor, targets: torch.Tensor, eps: float = 8 / 255, dist: str = "uniform",
+          generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Add fresh random noise to every pixel of the batch, then clip to [0, 1]: ``uniform`` in
+    [-eps, eps] (the same L-inf ball as the protection's radius), or ``gaussian`` with standard
+    deviation eps. Drawn on the CPU from ``generator`` (the same numbers on any device)."""
+    shape = tuple(x.shape)
+    if dist == "gaussian":
+        n = torch.randn(shape, generator=generator) * eps
+    else:
+        n = (torch.rand(shape, generator=generator) * 2 - 1) * eps
+    return (x + n.to(x.device, x.dtype)).clamp(0, 1), targets
+
+
+_BATCH = {"mixup": mixup, "cutmix": cutmix, "cutout": cutout, "noise": noise}
 
 
 def batch_augment(defense: Defense | str, x: torch.Tensor, targets: torch.Tensor,
@@ -233,3 +365,100 @@ def batch_augment(defense: Defense | str, x: torch.Tensor, targets: torch.Tensor
     if d.kind != "batch":
         return x, targets
     return _BATCH[d.name](x, targets, generator=generator, **d.params)
+
+
+# loss defences (own the step's loss) ------------------------------------------------------------
+Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+
+
+def ueraser_pipeline(channels: int, plasma_p: float = 1.0) -> torch.nn.Module:
+    """UEraser's augmentation as the authors build it with kornia (lafeat/apbench
+    ``defense/ueraser.py`` and lafeat/ueraser ``EM/QuickStart.ipynb``): RandomPlasmaBrightness
+    (roughness 0.3-0.7, intensity 0.5-1.0), RandomPlasmaContrast (roughness 0.3-0.7), both with
+    probability ``plasma_p`` (1.0 there; lafeat/ueraser's ``ueraser.py`` module uses 0.5), then
+    RandomChannelShuffle (p 0.5) and TrivialAugment with kornia's default policy. On one-channel
+    images the channel shuffle is the identity and is left out."""
+    import kornia.augmentation as K
+    ops: list[Any] = [
+        K.RandomPlasmaBrightness(roughness=(0.3, 0.7), intensity=(0.5, 1.0), same_on_batch=False,
+                                 p=float(plasma_p), keepdim=True),
+        K.RandomPlasmaContrast(roughness=(0.3, 0.7), p=float(plasma_p)),
+    ]
+    if channels > 1:
+        ops.append(K.RandomChannelShuffle(same_on_batch=False, p=0.5, keepdim=True))
+    ops.append(K.auto.TrivialAugment())
+    return K.AugmentationSequential(*ops)
+
+
+def kornia_augment(pipeline: torch.nn.Module) -> Augment:
+    """Run a kornia pipeline reproducibly from ``generator``: kornia draws from torch's global
+    generators, so they are seeded from ``generator`` inside ``fork_rng`` (the caller's global
+    state is untouched, and a resumed run draws what the uninterrupted run drew). Runs in fp32
+    outside any autocast region; the output is clipped to [0, 1]."""
+    def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
+        cuda = x.device.type == "cuda"
+        with torch.random.fork_rng(devices=[x.device] if cuda else []), \
+                torch.autocast(x.device.type, enabled=False):
+            torch.manual_seed(seed)
+            out = pipeline(x.float())
+        return out.clamp(0, 1).to(x.dtype)
+
+    return augment
+
+
+class UEraserLoss:
+    """UEraser (Qin et al. 2023): train on the MAXIMUM per-sample cross-entropy over ``repeat``
+    augmented views of the batch (each a fresh draw of the augmentation over the whole batch,
+    one forward each) for the first ``epochs`` epochs (0: every epoch), then on one view per
+    step; the mean over the batch of those maxima is the step's loss, the last view's logits
+    feed the accuracy meter. This is the authors' loop (lafeat/apbench ``train.py``: 5 views,
+    ``--repeat_epoch`` 0 for -Lite, 50 for UEraser, 300 -- every epoch -- for -Max; lafeat/ueraser
+    ``LSP/cifar_train.py``: ``--repeats 5``, max for the first 50 epochs in 'standard' mode).
+    ``repeat = 1`` is UEraser-Lite. ``augment(x, generator)`` is the view distribution (default:
+    ``ueraser_pipeline``), replaceable for tests."""
+
+    def __init__(self, repeat: int = 5, epochs: int = 0, plasma_p: float = 1.0,
+                 augment: Augment | None = None) -> None:
+        self.repeat, self.epochs, self.plasma_p = int(repeat), int(epochs), float(plasma_p)
+        self._augment = augment
+        self._pipelines: dict[int, Augment] = {}
+
+    def views(self, epoch: int) -> int:
+        """How many views a step of ``epoch`` (0-based, completed epochs) takes."""
+        return self.repeat if self.epochs == 0 or epoch < self.epochs else 1
+
+    def augment(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        if self._augment is not None:
+            return self._augment(x, generator)
+        c = int(x.shape[1])
+        if c not in self._pipelines:
+            self._pipelines[c] = kornia_augment(ueraser_pipeline(c, self.plasma_p))
+        return self._pipelines[c](x, generator)
+
+    def __call__(self, net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
+                 generator: torch.Generator, epoch: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        losses, logits = [], None
+        for _ in range(self.views(epoch)):
+            logits = upcast(net(self.augment(x, generator)))
+            losses.append(F.cross_entropy(logits, y, reduction="none"))
+        return torch.stack(losses).max(dim=0).values.mean(), logits
+
+
+def defense_loss(defense: Defense | str) -> UEraserLoss:
+    """The loss object of a ``loss`` defence."""
+    d = parse_defense(defense) if isinstance(defense, str) else defense
+    if d.kind != "loss":
+        raise SettingsError(f"defense {d.name!r} is a {d.kind!r} defence, not a loss defence")
+    p = d.params
+    return UEraserLoss(repeat=p.get("repeat", 1), epochs=p.get("epochs", 0),
+                       plasma_p=p["plasma_p"])
+
+
+def listing() -> dict[str, dict[str, Any]]:
+    """Every defence (and the adversarial-training victim settings) for ``ue-dist defences``."""
+    out = {name: {"kind": e.kind, "params": dict(e.params), "paper": e.paper, "note": e.note}
+           for name, e in sorted(DEFENSES.items())}
+    out.update({name: {"kind": e.kind, "params": dict(e.params), "paper": e.paper,
+                       "note": e.note} for name, e in TRAINING_DEFENSES.items()})
+    return out

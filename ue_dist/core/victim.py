@@ -24,6 +24,11 @@ over the data and after the last step.
 forward of training, attacks and evaluation under bf16 autocast with a channels_last model;
 losses, PGD deltas and optimiser state stay fp32.
 
+``defense`` (``core/defenses.py``, ``ue-dist defences``): a ``pre`` defence transforms the stored
+training images once, a ``batch`` defence augments every batch after crop/flip, a ``loss``
+defence (UEraser) computes the step's loss from the crop/flip-augmented batch and the completed
+epochs (``victim_loss``); a loss defence cannot be combined with ``adv_eps > 0``.
+
 ``adv_eps = 0`` is standard training. ``robust_acc`` is PGD accuracy on the test set at
 ``eval_eps`` (None: the training radius; so None for a standard victim unless ``eval_eps`` is
 given) in the ``adv_norm`` ball, with ``eval_steps`` steps of ``eval_eps / 4`` -- PGD-20 at
@@ -49,7 +54,8 @@ from ue_dist.core.adversarial import (AT_METHODS as ADV_METHODS, adversarial_exa
 from ue_dist.core.augment import augment as augment_batch, default_augmentation
 from ue_dist.core.config import SettingsError
 from ue_dist.core.context import FitContext, LocalContext
-from ue_dist.core.defenses import Defense, batch_augment, parse_defense, preprocess
+from ue_dist.core.defenses import (Defense, batch_augment, defense_loss, parse_defense,
+                                   preprocess)
 from ue_dist.core.models import build_model, check_arch
 from ue_dist.core.pgd import NORMS
 from ue_dist.core.precision import PRECISIONS, upcast
@@ -151,7 +157,10 @@ def validate_victim_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
     ms = s["milestones"]
     if not all(isinstance(m, (int, float)) and 0 < m <= 1 for m in ms):
         raise SettingsError(f"milestones must be a list of fractions of the run in (0, 1], got {ms!r}")
-    parse_defense(s["defense"])
+    if parse_defense(s["defense"]).kind == "loss" and s["adv_eps"] > 0:
+        raise SettingsError(f"defense {s['defense']!r} owns the training loss and cannot be "
+                            f"combined with adversarial training (adv_eps={s['adv_eps']}); "
+                            "use one or the other")
     return s
 
 
@@ -186,8 +195,19 @@ def check_compatible(train: ImageSet, test: ImageSet) -> None:
 
 # the victim's loss ------------------------------------------------------------------------------
 def victim_loss(s: Mapping[str, Any], defense: Defense, aug_kind: str, num_classes: int,
-                device: torch.device) -> Loss:
-    """Augmentation, the batch defence, then CE on the batch or PGD-AT / TRADES at ``adv_eps``."""
+                device: torch.device, epoch: Callable[[], int] = lambda: 0) -> Loss:
+    """Augmentation, the batch defence, then CE on the batch or PGD-AT / TRADES at ``adv_eps``.
+    A ``loss`` defence (UEraser) owns the loss: it gets the augmented batch and ``epoch()``,
+    the completed epochs of the run (its schedule of views depends on it)."""
+    if defense.kind == "loss":
+        owner = defense_loss(defense)
+
+        def owned(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
+                  generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+            return owner(net, augment_batch(x, aug_kind, generator=generator), y, generator,
+                         epoch())
+
+        return owned
     eps = float(s["adv_eps"])
     step = float(s["adv_step_size"]) if s["adv_step_size"] is not None else \
         eps * float(s["adv_step_frac"])
@@ -299,7 +319,7 @@ def train_victim(train: ImageSet, test: ImageSet, settings: Mapping[str, Any],
     fingerprint = _fingerprint(s, train, test)
     per_epoch = _resume(loop, ctx, fingerprint)
     fetch = uint8_fetch(images, train.labels, ctx.device)
-    loss = victim_loss(s, defense, aug_kind, num_classes, ctx.device)
+    loss = victim_loss(s, defense, aug_kind, num_classes, ctx.device, lambda: loop.epoch)
     seen, train_seconds = 0, 0.0
     bar = ctx.progress("victim epochs", _passes(loop, s), lines=4)
     bar.start(loop.epoch)

@@ -173,6 +173,11 @@ def validate_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
     for key in _GRID:
         out[key] = _grid(spec, key)
     out["victim_settings"] = _victim_settings(spec)
+    owners = [d for d in out["defenses"] if parse_defense(d).kind == "loss"]
+    if owners and any(e > 0 for e in out["adv_eps"]):  # each trial would refuse it: say so now
+        raise SweepError(f"sweep spec: defenses {owners} own the training loss and cannot be "
+                         "combined with adversarial training (adv_eps > 0); sweep them with "
+                         "adv_eps [0] in a separate sweep")
     out["resources"] = _resources(spec["resources_per_trial"])
     out["max_concurrent_trials"] = spec["max_concurrent_trials"]
     out["max_failures"] = spec["max_failures"]
