@@ -241,6 +241,30 @@ def test_cifar10_from_pickle_archive(tmp_path):
         convert_cifar(str(tmp_path / "junk.bin"), str(tmp_path / "o3"))
 
 
+def test_cifar10_archive_read_from_s3(s3_bucket, tmp_path):
+    """A cluster job names the archive by URL (cluster/kuberay-rayjob.yaml: CIFAR10_PATH=s3://...)."""
+    from ue_dist.data import storage
+
+    rng = np.random.default_rng(1)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for name, n in [("data_batch_1", 3), ("test_batch", 2)]:
+            blob = pickle.dumps({b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                                 b"labels": list(rng.integers(0, 10, n))})
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+    storage.write_bytes(f"{s3_bucket}/raw/cifar-10-python.tar.gz", buf.getvalue())
+    result = convert_cifar(f"{s3_bucket}/raw/cifar-10-python.tar.gz", f"{s3_bucket}/out")
+    assert result["train"]["samples"] == 3 and result["test"]["samples"] == 2
+    assert load_imageset(f"{s3_bucket}/out/train").num_classes == 10
+    with pytest.raises(ConvertError, match="does not exist"):
+        convert_cifar(f"{s3_bucket}/raw/missing.tar.gz", f"{s3_bucket}/o2")
+    storage.write_bytes(f"{s3_bucket}/raw/junk.bin", b"junk")
+    with pytest.raises(ConvertError, match="not the python-pickle archive"):
+        convert_cifar(f"{s3_bucket}/raw/junk.bin", f"{s3_bucket}/o3")
+
+
 def test_imagefolder_and_numpy(tmp_path):
     for cls in ("cat", "dog"):
         (tmp_path / "imgs" / cls).mkdir(parents=True)

@@ -197,8 +197,12 @@ def load_cifar_batch(blob: bytes, member: str, path: str, variant: str = "cifar1
     return batch
 
 
-def _cifar_batches(path: str, variant: str) -> dict[str, list[tuple[str, dict]]]:
-    """``{"train": [(member, batch), ...], "test": [...]}``, batches in file-name order."""
+def _cifar_batches(path: str, variant: str, storage_options: Mapping[str, Any] | None = None
+                   ) -> dict[str, list[tuple[str, dict]]]:
+    """``{"train": [(member, batch), ...], "test": [...]}``, batches in file-name order.
+
+    ``path`` is a local archive or extracted folder, or the URL of an archive (``s3://...``,
+    read whole through fsspec: the CIFAR archives are 163 and 161 MB)."""
     train_prefix, test_name, _ = _CIFAR[variant]
     found: dict[str, list[tuple[str, str, dict]]] = {"train": [], "test": []}
     seen: dict[str, str] = {}
@@ -214,17 +218,9 @@ def _cifar_batches(path: str, variant: str) -> dict[str, list[tuple[str, dict]]]
         seen[base] = name
         found[split].append((base, name, load_cifar_batch(blob, name, path, variant)))
 
-    if not os.path.exists(path):
-        raise ConvertError(f"{variant}: {path!r} does not exist")
-    if os.path.isdir(path):
-        for root, _, files in os.walk(path):
-            for f in sorted(files):
-                if os.path.basename(f) == test_name or f.startswith(train_prefix):
-                    with open(os.path.join(root, f), "rb") as fh:
-                        take(os.path.relpath(os.path.join(root, f), path), fh.read())
-    elif tarfile.is_tarfile(path):
+    def read_tar(source: Any) -> None:
         try:
-            with tarfile.open(path) as tar:
+            with tarfile.open(**source) as tar:
                 for m in tar:
                     if m.isfile():
                         base = os.path.basename(m.name)
@@ -234,6 +230,28 @@ def _cifar_batches(path: str, variant: str) -> dict[str, list[tuple[str, dict]]]
             reason = " ".join(str(exc).split()) or type(exc).__name__
             raise ConvertError(f"{variant}: {path} is a truncated or corrupt archive ({reason})") \
                 from None
+
+    if "://" in path:
+        try:
+            blob = storage.read_bytes(path, storage_options)
+        except FileNotFoundError:
+            raise ConvertError(f"{variant}: {path!r} does not exist") from None
+        except (storage.StorageError, OSError) as exc:
+            raise ConvertError(f"{variant}: cannot read {path} ({_reason(exc)})") from None
+        if not tarfile.is_tarfile(io.BytesIO(blob)):
+            raise ConvertError(f"{variant}: {path!r} is not the python-pickle archive "
+                               "(cifar-10-python.tar.gz); a URL must name the archive, not a folder")
+        read_tar({"fileobj": io.BytesIO(blob)})
+    elif not os.path.exists(path):
+        raise ConvertError(f"{variant}: {path!r} does not exist")
+    elif os.path.isdir(path):
+        for root, _, files in os.walk(path):
+            for f in sorted(files):
+                if os.path.basename(f) == test_name or f.startswith(train_prefix):
+                    with open(os.path.join(root, f), "rb") as fh:
+                        take(os.path.relpath(os.path.join(root, f), path), fh.read())
+    elif tarfile.is_tarfile(path):
+        read_tar({"name": path})
     else:
         raise ConvertError(f"{variant}: {path!r} is neither the python-pickle archive "
                            "(cifar-10-python.tar.gz) nor its extracted folder")
@@ -244,11 +262,12 @@ def _cifar_batches(path: str, variant: str) -> dict[str, list[tuple[str, dict]]]
             for s, v in found.items()}
 
 
-def cifar_arrays(path: str, variant: str = "cifar10") -> Splits:
+def cifar_arrays(path: str, variant: str = "cifar10",
+                 storage_options: Mapping[str, Any] | None = None) -> Splits:
     _, _, label_key = _CIFAR[variant]
     num_classes = 10 if variant == "cifar10" else 100
     out: Splits = {}
-    for split, batches in _cifar_batches(path, variant).items():
+    for split, batches in _cifar_batches(path, variant, storage_options).items():
         xs, ys = [], []
         for member, b in batches:
             where = f"{variant}: {member} in {path}"
@@ -279,8 +298,8 @@ def convert_cifar(path: str, out: str, variant: str = "cifar10", image_size: int
                   **kw: Any) -> dict:
     storage.refuse_inside(out, path)
     k = 10 if variant == "cifar10" else 100
-    return write_splits(out, _maybe_resize(cifar_arrays(path, variant), image_size), variant,
-                        num_classes=k, **kw)
+    arrays = cifar_arrays(path, variant, kw.get("storage_options"))
+    return write_splits(out, _maybe_resize(arrays, image_size), variant, num_classes=k, **kw)
 
 
 # image folder ----------------------------------------------------------------------------------
