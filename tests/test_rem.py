@@ -215,6 +215,39 @@ def test_hypo_makes_images_easier_for_the_clean_model_from_zero(digits, clean_fi
                        method.perturb(loaded, x, batch.labels[:4]))
 
 
+def test_em_stops_on_the_accuracy_over_the_whole_noisy_training_set(digits):
+    """Huang et al.'s rule (stop_on=train_set): the stop is decided on the whole training set
+    with the noise the current model makes, and the state records that accuracy; a state
+    fitted before the setting existed is read as stop_on=batches."""
+    from ue_dist.methods.rem import EM, batch_generator
+
+    train = digits[0].subset(range(48))
+    settings = {**TINY, "train_steps": 40, "batch_size": 16, "log_every": 5, "steps_u": 2,
+                "stop_on": "train_set"}
+    # a bar no model reaches here: all 40 steps, the last check's accuracy recorded
+    method = build_method("em", "quick", {**settings, "stop_acc": 0.99})
+    state = method.fit(train, _quiet())
+    measured = state["fit_metrics"]["stop_acc_measured"]
+    assert not state["fit_stopped_early"] and state["fit_step"] == 40 and measured < 0.99
+    # one correct image in 48 is enough: the first check (step 5) stops it
+    early = build_method("em", "quick", {**settings, "stop_acc": 1 / 48}).fit(train, _quiet())
+    assert early["fit_stopped_early"] and early["fit_step"] == 5
+    assert early["fit_metrics"]["stop_acc_measured"] >= 1 / 48
+    loaded = method.load(state)  # the final model: recompute what the last check measured
+    kw = method.noise_kwargs(32)
+    correct = 0
+    for start in range(0, 48, 16):
+        x = train.images[start:start + 16].float() / 255
+        y = train.labels[start:start + 16]
+        delta = robust_error_minimizing_noise(loaded.model, x, y,
+                                              generator=batch_generator(0, x, y), **kw)
+        with torch.no_grad():
+            correct += int((loaded.model(x + delta).argmax(1) == y).sum())
+    assert correct / 48 == pytest.approx(measured)
+    old = dict(state, settings={k: v for k, v in state["settings"].items() if k != "stop_on"})
+    assert EM.for_state(old).settings["stop_on"] == "batches"
+
+
 def test_fit_checkpoints_and_resumes_identically(digits):
     train = digits[0].subset(range(48))
     settings = {**TINY, "train_steps": 6, "batch_size": 8, "steps_u": 2, "log_every": 2,

@@ -33,6 +33,9 @@ class Setting:
     ``perturb`` computes the noise from the fitted state (PGD steps of the final noise, the
     precision of its forwards), so ``protect`` may change it; every other setting is fixed by
     the fit, and ``protect`` refuses a value that differs from the state's (``bind_fitted``).
+    ``legacy``: for a setting added after states were written, ``(value,)`` -- what such a
+    state was fitted with in effect (the behaviour before the setting existed); a state lacking
+    the setting then takes it instead of being refused.
     """
 
     kind: str
@@ -44,6 +47,7 @@ class Setting:
     below: float | None = None
     optional: bool = False
     protect_time: bool = False
+    legacy: tuple = ()
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -71,8 +75,9 @@ def fraction(help: str = "", above: float | None = 0.0) -> Setting:
         Setting("float", help, low=0.0, high=1.0)
 
 
-def choice(*choices: str, help: str = "", protect_time: bool = False) -> Setting:
-    return Setting("str", help, choices=tuple(choices), protect_time=protect_time)
+def choice(*choices: str, help: str = "", protect_time: bool = False,
+           legacy: tuple = ()) -> Setting:
+    return Setting("str", help, choices=tuple(choices), protect_time=protect_time, legacy=legacy)
 
 
 def seed_key(declared: Mapping[str, Setting]) -> str | None:

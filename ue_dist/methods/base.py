@@ -93,6 +93,8 @@ class Method:
                     raise SettingsError(f"{origin} {key}={value!r} conflicts with {source}, fitted "
                                         f"with {key}={fitted.get(key)!r}: refit to change it")
             return cls(dict(fitted))
+        # a setting added since the state was written: the behaviour it had then
+        fitted = {**{k: d.legacy[0] for k, d in cls.declared.items() if d.legacy}, **fitted}
         origin = "--set" if not isinstance(overrides, Mapping) else "override"
         given.update({k: (v, origin) for k, v in given_values(cls.declared, overrides,
                                                               what).items()})

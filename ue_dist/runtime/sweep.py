@@ -388,7 +388,7 @@ def _trial(config: dict[str, Any], *, train: ImageSet, test: ImageSet, job: dict
     out_url = _result_url(job["root"], key)
     if storage.exists(out_url, so):  # finished before an interruption: report, do not retrain
         done = json.loads(storage.read_bytes(out_url, so))
-        tune.report({_metric(job): done[_metric(job)], "epoch": done.get("epochs", 0),
+        tune.report({"test_acc": done[_metric(job)], "epoch": done.get("epochs", 0),
                      "cached": True})
         return
     if job["before_trial"] is not None:
@@ -418,10 +418,13 @@ def _trial(config: dict[str, Any], *, train: ImageSet, test: ImageSet, job: dict
     row["seconds"] = time.time() - started
     row["finished_at"] = time.time()
     storage.write_bytes(out_url, json.dumps(row, default=str).encode(), so)
-    tune.report({_metric(job): row[_metric(job)], "done": True, "epoch": row["epochs"]})
+    tune.report({"test_acc": row[_metric(job)], "done": True, "epoch": row["epochs"]})
 
 
 def _metric(job: Mapping[str, Any]) -> str:
+    """The row's name for the victim's accuracy on its evaluation set. Tune's metric is always
+    ``test_acc`` (the victim's per-epoch reports name it so): in a search the victim's
+    evaluation set is the held-out validation split, and the row calls it ``val_acc``."""
     return "val_acc" if job.get("search") else "test_acc"
 
 
@@ -525,7 +528,7 @@ def _new_tuner(spec: Mapping[str, Any], trainable: Any, path: str, fs: Any) -> A
 
     search = spec["search"]
     tune_config = tune.TuneConfig(
-        metric="val_acc" if search else None, mode="min" if search else None,
+        metric="test_acc" if search else None, mode="min" if search else None,
         scheduler=FIFOScheduler(),
         num_samples=search["num_samples"] if search else 1,
         search_alg=BasicVariantGenerator(random_state=search["seed"]) if search else None,
