@@ -298,27 +298,34 @@ def test_no_secrets_inline_in_cluster_configs_and_job_specs():
 
 # a real two-node cluster --------------------------------------------------------------------------
 @pytest.mark.system
-def test_two_node_cluster_runs_a_job_spec_through_the_jobs_api(tmp_path, two_nodes):
+def test_two_node_cluster_runs_a_job_spec_through_the_jobs_api(tmp_path, two_nodes, s3_bucket):
+    """`ray job submit` as the README's recipe does it: the job spec's output root comes from
+    the runtime environment (`--runtime-env-json`, not the client's shell), and the job reads
+    and writes S3 (the moto server; the nodes hold the credentials, as an instance role would)."""
     from ray.job_submission import JobStatus, JobSubmissionClient
+
+    from ue_dist.data.shards import list_shards
+    from ue_dist.runtime import ledger
 
     work = tmp_path / "work"
     (work / "jobs").mkdir(parents=True)
-    out = tmp_path / "out"
-    # relative to the spec inside the uploaded working dir would vanish with the job's session:
-    # a cluster job writes to shared storage (here: this machine's tmp_path)
-    (work / "jobs" / "tiny.yaml").write_text(f"""
+    # a root relative to the spec inside the uploaded working dir would vanish with the job's
+    # session: a cluster job writes to shared storage, here an S3 bucket
+    (work / "jobs" / "tiny.yaml").write_text("""
 name: tiny
-root: {out}
-convert: {{source: digits, shard_size: 400}}
-method: {{name: classwise, preset: quick}}
-fit: {{workers: 1, cpus_per_worker: 0.5}}
-protect: {{actors: 2, cpus_per_actor: 0.5}}
+root: ${UE_DIST_ROOT}/tiny
+convert: {source: digits, shard_size: 400}
+method: {name: classwise, preset: quick}
+fit: {workers: 1, cpus_per_worker: 0.5}
+protect: {actors: 2, cpus_per_actor: 0.5}
 """)
+    out = f"{s3_bucket}/runs/tiny"
     cluster = two_nodes
     from ray.util.state import list_nodes
 
     assert len([n for n in list_nodes(address=cluster["dashboard"]) if n.state == "ALIVE"]) == 2
-    proc, job_id = submit(cluster, work, ["ue-dist", "run", "jobs/tiny.yaml", "--json"])
+    proc, job_id = submit(cluster, work, ["ue-dist", "run", "jobs/tiny.yaml", "--json"],
+                          runtime_env={"env_vars": {"UE_DIST_ROOT": f"{s3_bucket}/runs"}})
     logs = proc.stdout + proc.stderr
     assert proc.returncode == 0, logs[-4000:]
     client = JobSubmissionClient(cluster["dashboard"])
@@ -331,9 +338,8 @@ protect: {{actors: 2, cpus_per_actor: 0.5}}
     result = next(json.loads(line) for line in job_logs.splitlines()
                   if line.startswith("{") and '"name": "tiny"' in line)
     assert result["ok"] and result["steps"]["protect"]["shards_done"] == 4
-    assert result["steps"]["fit"]["state"] == str(out / "state.pt")
-    from ue_dist.data.shards import list_shards
-    from ue_dist.runtime import ledger
-
-    assert len(list_shards(str(out / "protected" / "train"))) == 4
-    assert len(ledger.committed(str(out / "protected" / "train"))) == 4
+    assert result["steps"]["fit"]["state"] == f"{out}/state.pt"
+    # everything it wrote is in the bucket
+    assert len(list_shards(f"{out}/protected/train")) == 4
+    assert len(ledger.committed(f"{out}/protected/train")) == 4
+    assert len(list_shards(f"{out}/data/train")) == 4  # convert wrote ROOT/data/{train,test}
