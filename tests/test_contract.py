@@ -60,6 +60,75 @@ def test_small_deltas_round_to_nearest_not_truncate(case):
     assert np.array_equal(out, want)
 
 
+@st.composite
+def batch_and_delta(draw):
+    n, c, h, w = draw(st.integers(1, 3)), draw(st.sampled_from([1, 3])), draw(st.integers(1, 6)), \
+        draw(st.integers(1, 6))
+    x = draw(arrays(np.uint8, (n, c, h, w)))
+    d = draw(arrays(np.float32, (n, c, h, w), elements=st.floats(-1, 1, width=32)))
+    return x, d
+
+
+@settings(max_examples=200, deadline=None)
+@given(batch_and_delta(), st.sampled_from([0.0, 1 / 255, 0.01, 0.05, 0.3, 1.0, 2.5]))
+def test_l2_bound_holds_per_image_after_rounding(case, eps):
+    x, d = case
+    out = apply_perturbation(x, d, eps, norm="l2")
+    change = (out.astype(np.float64) - x.astype(np.float64)) / 255.0
+    assert out.dtype == np.uint8
+    assert (np.linalg.norm(change.reshape(len(x), -1), axis=1) <= eps + 1e-9).all()
+    # an image whose rounded delta lies inside the ball gets it unchanged (as under L-inf)
+    grid = np.rint(d.astype(np.float64) * 255.0)
+    inside = np.linalg.norm(grid.reshape(len(x), -1), axis=1) <= 255.0 * eps
+    want = np.clip(x.astype(int) + grid, 0, 255)
+    assert np.array_equal(out[inside], want[inside])
+
+
+def test_l2_keeps_what_fits_and_scales_down_what_does_not():
+    x = np.full((2, 1, 4, 4), 128, np.uint8)
+    d = np.zeros((2, 1, 4, 4))
+    d[0, 0, 0, 0] = 3 / 255  # |d|_2 = 3/255 <= 4/255: kept exactly
+    d[1] = 2 / 255  # |d|_2 = 8/255 > 4/255: projected to 1/255 per entry, then rounded
+    out = apply_perturbation(x, d, 4 / 255, norm="l2").astype(int) - 128
+    assert out[0, 0, 0, 0] == 3 and np.abs(out[0]).sum() == 3
+    assert np.sqrt((out[1] ** 2).sum()) <= 4 and np.abs(out[1]).max() == 1
+
+
+@settings(max_examples=200, deadline=None)
+@given(batch_and_delta(), st.integers(0, 4), st.sampled_from([4 / 255, 0.5, 1.0]))
+def test_l0_contract_changes_at_most_k_pixel_locations(case, k, eps):
+    from ue_dist.core.quantize import changed_pixels
+
+    x, d = case
+    out = apply_perturbation(x, d, eps, norm="l0", pixels=k)
+    assert (changed_pixels(x, out) <= k).all()
+    assert np.abs(out.astype(int) - x.astype(int)).max(initial=0) <= pixel_budget(eps)
+    # what it keeps is what the L-inf contract gives at those locations
+    full = apply_perturbation(x, d, eps)
+    kept = (out != x).any(axis=1, keepdims=True)
+    assert np.array_equal(np.where(kept, full, x), out)
+    if k >= x.shape[2] * x.shape[3]:
+        assert np.array_equal(out, full)
+
+
+def test_l0_contract_limits_a_delta_that_changes_more_pixels():
+    from ue_dist.core.quantize import changed_pixels
+
+    x = np.zeros((1, 3, 4, 4), np.uint8)
+    d = np.zeros((1, 3, 4, 4))
+    d[0, 0, 1, 1], d[0, 2, 3, 0], d[0, 1, 0, 2] = 1.0, 0.5, 0.2  # three locations
+    out = apply_perturbation(x, d, 1.0, norm="l0", pixels=1)
+    assert changed_pixels(x, out).tolist() == [1] and out[0, 0, 1, 1] == 255 and out.sum() == 255
+    two = apply_perturbation(x, d, 1.0, norm="l0", pixels=2)
+    assert changed_pixels(x, two).tolist() == [2] and two[0, 2, 3, 0] == 128
+    with pytest.raises(ValueError, match="pixels"):
+        apply_perturbation(x, d, 1.0, norm="l0")
+    with pytest.raises(ValueError, match="N x C x H x W"):
+        apply_perturbation(x[0], d[0], 1.0, norm="l0", pixels=1)
+    with pytest.raises(ValueError, match="norm"):
+        apply_perturbation(x, d, 1.0, norm="l1")
+
+
 def test_budget_of_fraction_strings():
     assert pixel_budget(8 / 255) == 8 and pixel_budget(parse_radius("8/255")) == 8
     assert pixel_budget(0.0) == 0

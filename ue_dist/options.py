@@ -208,8 +208,9 @@ FIT = Command("fit", "Fit a method (source model, generator or embedding) on Ray
     "ue-dist fit --method em out/digits/train out/em.pt --preset quick --workers 2 "
     "--cpus-per-worker 0.5")
 
-METHODS = Command("methods", "List the registered protection methods with their paper and "
-                  "settings.", (JSON,), "ue-dist methods --json")
+METHODS = Command("methods", "List the registered protection methods: kind, norm, year, whether "
+                  "protect needs labels, paper (--json: also presets and protect-time settings).",
+                  (JSON,), "ue-dist methods --json")
 
 DEMO = Command("demo", "The main job on the embedded default: convert digits, fit, protect on "
                "Ray, train victims on clean and protected data, print accuracies, write plots.", (

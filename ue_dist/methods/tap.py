@@ -48,6 +48,7 @@ class TAP(SourceModelMethod):
     """Targeted adversarial poisoning (Fowl et al., NeurIPS 2021); see the module docstring."""
 
     name = "tap"
+    kind, year, needs_labels = "error-maximising", 2021, True
     paper = "Fowl et al., Adversarial Examples Make Strong Poisons, NeurIPS 2021"
     presets = {
         # REM paper, Table 5 (CIFAR): 250 steps of rho_u/125. The clean model is the REM
