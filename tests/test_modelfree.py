@@ -159,7 +159,8 @@ def test_ops_changes_at_most_k_pixels_at_the_class_positions(data, k):
         mine = out[data.labels == cls]
         for (r, q), colour in zip(pos[cls].tolist(), colours[cls]):
             # every image of the class carries the class's colour at the class's position
-            assert torch.equal(mine[:, :, r, q], (colour * 255).to(torch.uint8).expand(len(mine), c))
+            want = (colour * 255).to(torch.uint8).expand(len(mine), c)
+            assert torch.equal(mine[:, :, r, q], want)
         # and nothing else changed
         changed = (out[data.labels == cls] != data.images[data.labels == cls]).any(dim=1)
         allowed = torch.zeros((h, w), dtype=torch.bool)

@@ -56,9 +56,9 @@ from ue_dist.methods.lsp import check_labels
 
 KERNEL = 3
 
-# The authors' released CIFAR-10 coefficients, the ones their poison uses (create_ar_poisons_3channel
-# .py: RANDOM_3C_AR_PARAMS_RNMR_10 from autoregressive_params.py; MIT licence, (c) 2022 Pedro
-# Sandoval): one outcome of their search with --required_nm_response 10.
+# The authors' released CIFAR-10 coefficients, the ones their poison uses
+# (create_ar_poisons_3channel.py: RANDOM_3C_AR_PARAMS_RNMR_10 from autoregressive_params.py; MIT
+# licence, (c) 2022 Pedro Sandoval): one outcome of their search with --required_nm_response 10.
 RELEASED_CIFAR10 = (  # autoregressive_params.RANDOM_3C_AR_PARAMS_RNMR_10: class x channel x 3 x 3
     (
         ((0.1561, -0.0710, 0.3743), (-0.1896, 0.0461, 0.6075), (0.0539, 0.0226, 0.0000)),

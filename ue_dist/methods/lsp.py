@@ -13,9 +13,9 @@ How a pattern is made (as the official code): a point of ``F = ceil(H/p) * ceil(
 features is drawn from its class's Gaussian cluster as scikit-learn's ``make_classification``
 does with the code's arguments (``n_informative = F``, ``class_sep = 10``, one cluster per class:
 the centroid a vertex of the hypercube ``{-class_sep, +class_sep}^F`` — distinct per class where
-``2^F`` allows —, plus ``z @ A``, ``z ~ N(0, I)``, ``A`` uniform in ``[-1, 1]^{F x F}`` per class);
-each feature is repeated over a ``p x p`` patch, the image cropped to ``H x W`` and scaled to L2
-norm ``eps``. Defaults from the code: ``p = 8`` (``--patchsize``) and ``eps = sqrt(3072) *
+``2^F`` allows —, plus ``z @ A``, ``z ~ N(0, I)``, ``A`` uniform in ``[-1, 1]^{F x F}`` per
+class); each feature is repeated over a ``p x p`` patch, the image cropped to ``H x W`` and
+scaled to L2 norm ``eps``. Defaults from the code: ``p = 8`` (``--patchsize``) and ``eps = sqrt(3072) *
 6/255 = 1.3041`` (``--eps 6``: the L2 norm of an L-inf 6/255 change of every CIFAR pixel,
 ``comput_l2norm_lim``). For another image size set ``eps`` to ``sqrt(C*H*W) * 6/255``.
 
