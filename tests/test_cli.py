@@ -191,3 +191,22 @@ def test_evaluate_reaches_l2_adversarial_training_from_flags(monkeypatch):
     assert code == 0 and (s["adv_eps"], s["adv_norm"], s["adv_method"]) == (0.5, "l2", "trades")
     code, s = _evaluate_settings(monkeypatch, ["--victim-set", "adv_norm=l2", "--adv-eps", "0.25"])
     assert code == 0 and (s["adv_eps"], s["adv_norm"]) == (0.25, "l2")
+
+
+def test_methods_lists_kind_norm_year_and_labels(capsys):
+    import json
+
+    from ue_dist.cli import main
+    from ue_dist.methods.base import method_names
+
+    assert main(["methods"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:5] == ["method", "kind", "norm", "year", "labels"]
+    rows = {line.split()[0]: line.split()[1:5] for line in lines[1:]}
+    assert rows["ops"] == ["model-free", "l0", "2023", "yes"]
+    assert rows["lsp"][:2] == ["model-free", "l2"] and rows["gue"][3] == "no"
+    assert main(["methods", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(method_names()) <= set(out)
+    assert out["ar"]["norm"] == "l2" and out["em"]["kind"] == "error-minimising"
+    assert out["tap"]["year"] == 2021 and out["gue-at"]["needs_labels"] is False

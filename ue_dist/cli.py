@@ -101,12 +101,20 @@ def _fit(args: argparse.Namespace) -> int:
 def _methods(args: argparse.Namespace) -> int:
     from ue_dist.methods import get_method, method_names
     from ue_dist.core.settings import protect_time_keys
-    out = {name: {"paper": get_method(name).paper, "needs_fit": get_method(name).needs_fit,
-                  "presets": get_method(name).presets,
-                  "protect_time": protect_time_keys(get_method(name).declared)}
-           for name in method_names()}
-    emit(args, out, lambda r: "\n".join(f"{k:10s} {v['paper']}" for k, v in r.items()))
+    out = {}
+    for name in method_names():
+        cls = get_method(name)
+        out[name] = {"paper": cls.paper, "year": cls.year, "kind": cls.kind,
+                     "norm": str(cls.presets.get("paper", {}).get("norm", "linf")),
+                     "needs_labels": cls.needs_labels, "needs_fit": cls.needs_fit,
+                     "presets": cls.presets, "protect_time": protect_time_keys(cls.declared)}
+    width = max(len("method"), *map(len, out))
+    emit(args, out, lambda r: "\n".join(
+        [f"{'method':{width}s} {'kind':16s} {'norm':4s} {'year':4s} {'labels':6s} paper"] +
+        [f"{k:{width}s} {v['kind'] or '-':16s} {v['norm']:4s} {v['year'] or '-'!s:4s} "
+         f"{'yes' if v['needs_labels'] else 'no':6s} {v['paper']}" for k, v in r.items()]))
     return 0
+
 
 def _defences_text(r: dict) -> str:
     rows = [("name", "kind", "parameters (defaults)", "paper")]

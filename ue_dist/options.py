@@ -209,8 +209,9 @@ FIT = Command("fit", "Fit a method (source model, generator or embedding) on Ray
     "ue-dist fit --method em out/digits/train out/em.pt --preset quick --workers 2 "
     "--cpus-per-worker 0.5")
 
-METHODS = Command("methods", "List the registered protection methods with their paper and "
-                  "settings.", (JSON,), "ue-dist methods --json")
+METHODS = Command("methods", "List the registered protection methods: kind, norm, year, whether "
+                  "protect needs labels, paper (--json: also presets and protect-time settings).",
+                  (JSON,), "ue-dist methods --json")
 
 DEFENCES = Command("defences", "List the victims' defences (core/defenses.py) with their kind, "
                    "parameters and defaults, and paper; select one with `evaluate --defense "

@@ -264,7 +264,7 @@ def protect_set(config: PipelineConfig, data: ImageSet, delta: torch.Tensor, dst
     if mask is None:
         mask = selected_for_protection(data.keys, config.fraction, config.seed)
     method = config.method
-    protected = torch.from_numpy(apply_perturbation(data.images, delta, method.eps))
+    protected = torch.from_numpy(apply_perturbation(data.images, delta, **method.bound()))
     sources = [(m or {}).get("source_shard") for m in data.meta]
     out = finish_set(data, protected, mask, method.name, method.eps, sources, **extra)
     shards = write_imageset(dst_url, out, shard_size=shard_size,

@@ -5,21 +5,24 @@ A method is a small class (like an attack in torchattacks):
 * ``declared``: every setting once (``core.settings.Setting``: kind, bounds, help); validation,
   radii (``8/255``), ``--set key=value`` parsing and the seed field come from it.
   ``presets``: ``{"paper": {...}, "quick": {...}}`` flat values of exactly those settings;
-  ``eps`` always present (L-inf radius on the [0, 1] scale, or L2 where ``norm`` says so).
+  ``eps`` always present (L-inf radius on the [0, 1] scale, or L2 where ``norm`` says so;
+  an ``l0`` method also declares ``pixels``, the changed pixel locations allowed per image).
+* ``kind``, ``year``, ``needs_labels``: what ``ue-dist methods`` lists (the family of the
+  method, its paper's year, whether ``perturb`` needs each image's label).
 * ``fit(train, ctx) -> state``: whatever must be learned first; ``state`` is a plain dict of
   tensors / numbers / strings that ``save_state`` writes to any fsspec URL and ``load_state``
   reads back with ``torch.load(weights_only=True)``.
 * ``load(state, device)``: materialise the state (build modules) once per process / Ray actor.
 * ``perturb(loaded, images, labels) -> delta``: images float ``B x C x H x W`` in [0, 1], labels
-  ``B``; returns ``delta`` of the same shape with ``|delta|_inf <= eps`` and ``images + delta``
-  in [0, 1]. Any batch of a shard can be perturbed on its own, so Ray Data streams shards
+  ``B``; returns ``delta`` of the same shape within the method's bound (``bound()``: ``eps`` in
+  its ``norm``) and ``images + delta`` in [0, 1]. Any batch of a shard can be perturbed on its own, so Ray Data streams shards
   through actors; for some methods the result depends on how samples are grouped into batches
   (EM/REM/TAP seed their PGD from the batch's content, Bayes ascends a batch-wise objective),
   which is why the pipeline (``ue_dist.pipeline``) fixes the batch size and order: the same
   inputs, settings and seed give the same bytes.
 
 The epsilon contract (``ue_dist.core.quantize.apply_perturbation``) is applied by whoever writes
-the protected images, never by the method.
+the protected images, never by the method, with the method's ``bound()``.
 """
 from __future__ import annotations
 
@@ -51,11 +54,30 @@ class Method:
     declared: ClassVar[dict[str, Setting]] = {}
     #: False for methods whose ``fit`` learns nothing (the state carries settings only).
     needs_fit: ClassVar[bool] = True
+    #: the family (one of ``KINDS``), the paper's year, and whether ``perturb`` uses each image's
+    #: label (a class-wise lookup, a label-dependent objective); ``ue-dist methods`` lists them
+    kind: ClassVar[str] = ""
+    year: ClassVar[int] = 0
+    needs_labels: ClassVar[bool] = True
 
     def __init__(self, settings: Mapping[str, Any] | None = None) -> None:
         self.settings = dict(settings) if settings is not None else self.resolve("paper")
         self.eps = float(self.settings["eps"])
         self.validate_settings()
+
+    # the bound the epsilon contract enforces ---------------------------------------------------
+    @property
+    def norm(self) -> str:
+        """``linf`` (default), ``l2`` or ``l0``: the norm ``eps`` (and ``pixels``) bound."""
+        return str(self.settings.get("norm", "linf")).lower()
+
+    def bound(self) -> dict[str, Any]:
+        """The keyword arguments of ``core.quantize.apply_perturbation`` for this method's
+        output: ``eps``, ``norm`` and, for ``l0``, ``pixels``."""
+        out: dict[str, Any] = {"eps": self.eps, "norm": self.norm}
+        if self.norm == "l0":
+            out["pixels"] = int(self.settings["pixels"])
+        return out
 
     # settings --------------------------------------------------------------------------------
     @classmethod
@@ -185,6 +207,8 @@ def _check_fitted_keys(cls: type[Method], fitted: Mapping[str, Any],
 
 # registry ------------------------------------------------------------------------------------
 _REGISTRY: dict[str, type[Method]] = {}
+#: the method families ``ue-dist methods`` names
+KINDS = ("error-minimising", "error-maximising", "generator", "bayes-error", "model-free")
 
 
 def register(cls: type[Method]) -> type[Method]:

@@ -339,6 +339,7 @@ class BayesErrorMaximisation(Method):
     """Bayes-error maximising unlearnable examples (Algorithms 1-2, Eq. (19), Corollary 3.5)."""
 
     name = "bayes"
+    kind, year, needs_labels = "bayes-error", 2025, True
     paper = "Towards Provably Unlearnable Examples via Bayes Error Optimisation"
     # paper: eps 8/255 L-inf, ResNet-18 embedding trained 100 epochs with SGD 0.1 / 0.9 / 5e-4,
     # cosine. The number of ascent steps is not given in the paper: 100 signed steps of 1/255.

@@ -32,6 +32,7 @@ from ue_dist.methods.base import Method, StateError, register
 @register
 class ClasswiseNoise(Method):
     name = "classwise"
+    kind, year, needs_labels = "model-free", 2021, True
     paper = "Huang et al. 2021, Unlearnable Examples (class-wise random noise baseline)"
     presets = {
         "paper": {"eps": 8 / 255, "noise_seed": 0},

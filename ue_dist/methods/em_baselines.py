@@ -51,6 +51,7 @@ class ClasswiseEM(ClasswiseNoise):
     """Class-wise error-minimising noise (Huang et al., ICLR 2021); see the module docstring."""
 
     name = "em-classwise"
+    kind, year, needs_labels = "error-minimising", 2021, True
     paper = ("Huang et al., Unlearnable Examples: Making Personal Data Unexploitable, ICLR 2021 "
              "(class-wise error-minimising noise)")
     presets = {
@@ -154,6 +155,7 @@ class SamplewiseRandomNoise(Method):
     """Sample-wise uniform random noise (Huang et al.'s baseline); see the module docstring."""
 
     name = "random-samplewise"
+    kind, year, needs_labels = "model-free", 2021, False
     paper = ("Huang et al., Unlearnable Examples: Making Personal Data Unexploitable, ICLR 2021 "
              "(sample-wise random noise baseline)")
     presets = {"paper": {"eps": 8 / 255, "noise_seed": 0},

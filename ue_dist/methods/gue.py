@@ -446,6 +446,8 @@ class Gue(Method):
     """
 
     name = "gue"
+    # labels train the generator; perturb is g_w(x) alone
+    kind, year, needs_labels = "generator", 2024, False
     paper = PAPER
     presets = {
         "paper": _preset(width=64, arch="resnet18", epochs=50, batch_size=256),

@@ -51,7 +51,8 @@ def _to_device_float(images_uint8: torch.Tensor, device: torch.device) -> torch.
 
 def protect_uint8(method: Method, loaded: Any, images_nchw: torch.Tensor, labels: torch.Tensor,
                   device: torch.device | str = "cpu", batch_size: int = 256) -> torch.Tensor:
-    """Perturb uint8 ``N x C x H x W`` images in batches; returns uint8 images within the budget."""
+    """Perturb uint8 ``N x C x H x W`` images in batches; returns uint8 images within the method's
+    bound (``method.bound()``: eps in its norm)."""
     device = torch.device(device)
     out = []
     for start in range(0, len(images_nchw), batch_size):
@@ -61,5 +62,5 @@ def protect_uint8(method: Method, loaded: Any, images_nchw: torch.Tensor, labels
         if delta.shape != x8.shape:
             raise RuntimeError(f"method {method.name!r} returned delta of shape "
                                f"{tuple(delta.shape)} for images of shape {tuple(x8.shape)}")
-        out.append(torch.from_numpy(apply_perturbation(x8.cpu(), delta.cpu(), method.eps)))
+        out.append(torch.from_numpy(apply_perturbation(x8.cpu(), delta.cpu(), **method.bound())))
     return torch.cat(out) if out else images_nchw.clone()

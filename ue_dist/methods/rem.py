@@ -371,6 +371,7 @@ class REM(SourceModelMethod):
     """Robust error-minimising noise (Fu et al., ICLR 2022); see the module docstring."""
 
     name = "rem"
+    kind, year, needs_labels = "error-minimising", 2022, True
     paper = ("Fu et al., Robust Unlearnable Examples: Protecting Data Against Adversarial "
              "Learning, ICLR 2022")
     presets = {
@@ -454,6 +455,7 @@ class EM(REM):
     every ``log_every``-th step, each worker over its shard)."""
 
     name = "em"
+    kind, year, needs_labels = "error-minimising", 2021, True
     paper = "Huang et al., Unlearnable Examples: Making Personal Data Unexploitable, ICLR 2021"
     presets = {
         # REM paper's reproduction (Appendix A.3.2): Table 5 PGD (10 steps of rho_u/5), the same

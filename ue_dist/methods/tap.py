@@ -110,6 +110,7 @@ class TAP(CleanModelAttack):
     """Targeted adversarial poisoning (Fowl et al., NeurIPS 2021); see the module docstring."""
 
     name = "tap"
+    kind, year, needs_labels = "error-maximising", 2021, True
     paper = "Fowl et al., Adversarial Examples Make Strong Poisons, NeurIPS 2021"
     presets = {
         # REM paper, Table 5 (CIFAR): 250 steps of rho_u/125. The clean model is the REM
@@ -171,6 +172,7 @@ class HYPO(CleanModelAttack):
     """
 
     name = "hypo"
+    kind, year, needs_labels = "error-minimising", 2021, True
     paper = ("Tao et al., Better Safe Than Sorry: Preventing Delusive Adversaries with "
              "Adversarial Training, NeurIPS 2021")
     random_start = False
