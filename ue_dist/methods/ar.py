@@ -52,7 +52,7 @@ from ue_dist.core.context import FitContext
 from ue_dist.core.settings import Setting, choice, count, positive, positive_int
 from ue_dist.data.imageset import ImageSet
 from ue_dist.methods.base import Method, StateError, register
-from ue_dist.methods.lsp import check_labels
+from ue_dist.methods.lsp import scaled_lookup
 
 KERNEL = 3
 
@@ -274,6 +274,4 @@ class Autoregressive(Method):
 
     def perturb(self, loaded: torch.Tensor, images: torch.Tensor,
                 labels: torch.Tensor) -> torch.Tensor:
-        check_labels(labels, loaded.shape[0], self.name)
-        delta = self.eps * loaded[labels.long()]
-        return (images + delta).clamp(0.0, 1.0) - images
+        return scaled_lookup(loaded, images, labels, self.eps, self.name)

@@ -53,6 +53,15 @@ def check_labels(labels: torch.Tensor, classes: int, name: str) -> None:
         raise StateError(f"label {bad} has no {name} class pattern (state has {classes} classes)")
 
 
+def scaled_lookup(patterns: torch.Tensor, images: torch.Tensor, labels: torch.Tensor,
+                  eps: float, name: str) -> torch.Tensor:
+    """``eps`` times each image's class pattern (unit norm in the state), kept inside [0, 1]:
+    the ``perturb`` of the class-wise L2 methods (lsp, ar)."""
+    check_labels(labels, patterns.shape[0], name)
+    delta = eps * patterns[labels.long()]
+    return (images + delta).clamp(0.0, 1.0) - images
+
+
 def hypercube_vertices(k: int, f: int, gen: torch.Generator) -> torch.Tensor:
     """``k`` vertices of ``{-1, 1}^f``, distinct where ``2^f >= k`` (redrawn until they are)."""
     v = torch.randint(0, 2, (k, f), generator=gen).float() * 2 - 1
@@ -128,6 +137,4 @@ class LinearSeparablePatches(Method):
 
     def perturb(self, loaded: torch.Tensor, images: torch.Tensor,
                 labels: torch.Tensor) -> torch.Tensor:
-        check_labels(labels, loaded.shape[0], self.name)
-        delta = self.eps * loaded[labels.long()]
-        return (images + delta).clamp(0.0, 1.0) - images
+        return scaled_lookup(loaded, images, labels, self.eps, self.name)

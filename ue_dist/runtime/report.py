@@ -87,6 +87,18 @@ def _curve(ax, xs: Sequence[float], samples: Sequence[Sequence[float]], **style:
                         linewidth=0)
 
 
+def _finish(ax, title: str, xlabel: str, ylabel: str = "test accuracy (%)",
+            grid_axis: str = "both") -> None:
+    """The panel furniture every accuracy plot shares: title, labels, a 0-100 % axis, grid,
+    legend."""
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3, axis=grid_axis)
+    ax.legend(fontsize=7)
+
+
 def _figure_bytes(fig) -> bytes:
     import matplotlib.pyplot as plt
 
@@ -129,12 +141,8 @@ def plot_accuracy_vs_fraction(rows: Sequence[Mapping[str, Any]]) -> bytes:
                    linestyle="-" if mixed else "--", color=colours[method], alpha=0.9,
                    label=f"{method} ({'mixed' if mixed else subset + ' part only'})")
         arch, eps, defense = key
-        ax.set_title(f"{arch}, {_radius_label(eps)}, defence: {defense}", fontsize=9)
-        ax.set_xlabel("protected fraction of the training set")
-        ax.set_ylabel("test accuracy (%)")
-        ax.set_ylim(0, 100)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        _finish(ax, f"{arch}, {_radius_label(eps)}, defence: {defense}",
+                "protected fraction of the training set")
     return _figure_bytes(fig)
 
 
@@ -161,12 +169,8 @@ def plot_accuracy_vs_radius(rows: Sequence[Mapping[str, Any]]) -> bytes:
                    linestyle="-" if mixed else "--",
                    label=method if mixed else f"{method} ({subset} part only)")
         arch, defense, fraction = key
-        ax.set_title(f"{arch}, defence: {defense}, {fraction:.0%} protected", fontsize=9)
-        ax.set_xlabel("victim's PGD-AT radius (x 1/255; 0 = standard training)")
-        ax.set_ylabel("test accuracy (%)")
-        ax.set_ylim(0, 100)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        _finish(ax, f"{arch}, defence: {defense}, {fraction:.0%} protected",
+                "victim's PGD-AT radius (x 1/255; 0 = standard training)")
     return _figure_bytes(fig)
 
 
@@ -193,12 +197,7 @@ def plot_accuracy_vs_epoch(rows: Sequence[Mapping[str, Any]]) -> bytes:
                 _curve(ax, xs, [[run[e]["train_acc"] for run in runs] for e in range(n)],
                        linestyle="--", color=colour, alpha=0.8)
         ax.xaxis.get_major_locator().set_params(integer=True)
-        ax.set_title(f"{method}: test (solid) and train (dashed) accuracy", fontsize=9)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("accuracy (%)")
-        ax.set_ylim(0, 100)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        _finish(ax, f"{method}: test (solid) and train (dashed) accuracy", "epoch", "accuracy (%)")
     return _figure_bytes(fig)
 
 
@@ -241,11 +240,8 @@ def plot_architectures(rows: Sequence[Mapping[str, Any]]) -> bytes:
                    capsize=2, label=arch, color=plt.cm.tab10(j % 10))
         eps, defense, fraction, subset = key
         ax.set_xticks(range(len(methods)), methods, rotation=30, fontsize=8)
-        ax.set_title(f"{_radius_label(eps)}, defence: {defense}, {fraction:.0%} protected"
-                     + ("" if subset == "all" else f", {subset} part only"), fontsize=9)
-        ax.set_ylabel("test accuracy (%)")
-        ax.set_ylim(0, 100)
-        ax.grid(alpha=0.3, axis="y")
+        _finish(ax, f"{_radius_label(eps)}, defence: {defense}, {fraction:.0%} protected"
+                + ("" if subset == "all" else f", {subset} part only"), "", grid_axis="y")
         ax.legend(fontsize=7, title="victim", title_fontsize=7)
     return _figure_bytes(fig)
 
@@ -374,11 +370,8 @@ def plot_search(rows: Sequence[Mapping[str, Any]]) -> bytes:
         ax.scatter(xs, [100 * y for _, y in pts])
         best = min(range(len(pts)), key=lambda i: pts[i][1])
         ax.scatter([xs[best]], [100 * pts[best][1]], color="red", label="strongest protection")
-        ax.set_xlabel(name + (" (x 1/255)" if "eps" in name or name.startswith("rho") else ""))
-        ax.set_ylabel("victim accuracy on held-out training images (%)")
-        ax.set_ylim(0, 100)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        _finish(ax, "", name + (" (x 1/255)" if "eps" in name or name.startswith("rho") else ""),
+                "victim accuracy on held-out training images (%)")
     method = rows[0].get("method", "")
     fig.suptitle(f"search over {method} settings (lower = stronger protection)", fontsize=9)
     return _figure_bytes(fig)
