@@ -711,6 +711,8 @@ def run_sweep(spec: Mapping[str, Any], storage_path: str | None = None,
     spec = validate_spec(spec)
     so = spec["storage_options"]
     storage_path = storage_path or default_storage()
+    if "://" not in storage_path:  # Tune runs trials in their own working directory
+        storage_path = os.path.abspath(storage_path)
     storage.check_writable_root(storage_path, so)
     for k in DATA_KEYS:
         storage.refuse_inside(storage_path, spec["data"][k], what="sweep storage")
