@@ -232,12 +232,7 @@ def _cifar_batches(path: str, variant: str, storage_options: Mapping[str, Any] |
                 from None
 
     if "://" in path:
-        try:
-            blob = storage.read_bytes(path, storage_options)
-        except FileNotFoundError:
-            raise ConvertError(f"{variant}: {path!r} does not exist") from None
-        except (storage.StorageError, OSError) as exc:
-            raise ConvertError(f"{variant}: cannot read {path} ({_reason(exc)})") from None
+        blob = _read_input(path, variant, storage_options)
         if not tarfile.is_tarfile(io.BytesIO(blob)):
             raise ConvertError(f"{variant}: {path!r} is not the python-pickle archive "
                                "(cifar-10-python.tar.gz); a URL must name the archive, not a folder")
@@ -438,6 +433,17 @@ def _reason(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
+def _read_input(url: str, what: str, storage_options: Mapping[str, Any] | None) -> bytes:
+    """A converter's whole input file, by path or URL; a missing or unreadable one is a
+    one-line ``ConvertError`` naming it."""
+    try:
+        return storage.read_bytes(url, storage_options)
+    except FileNotFoundError:
+        raise ConvertError(f"{what}: {url} does not exist") from None
+    except (storage.StorageError, OSError) as exc:
+        raise ConvertError(f"{what}: cannot read {url} ({_reason(exc)})") from None
+
+
 def idx_array(url: str, storage_options: Mapping[str, Any] | None = None, *,
               ndim: int | None = None, what: str = "idx") -> np.ndarray:
     """One IDX file (the MNIST format) as a uint8 array of the shape its header gives.
@@ -449,12 +455,7 @@ def idx_array(url: str, storage_options: Mapping[str, Any] | None = None, *,
     a gzip that does not decompress or (with ``ndim``) another number of dimensions raise a
     one-line ``ConvertError`` naming the file.
     """
-    try:
-        blob = storage.read_bytes(url, storage_options)
-    except FileNotFoundError:
-        raise ConvertError(f"{what}: {url} does not exist") from None
-    except (storage.StorageError, OSError) as exc:
-        raise ConvertError(f"{what}: cannot read {url} ({_reason(exc)})") from None
+    blob = _read_input(url, what, storage_options)
     if blob[:2] == b"\x1f\x8b":
         try:
             blob = gzip.decompress(blob)

@@ -430,23 +430,22 @@ def _metric(job: Mapping[str, Any]) -> str:
 
 def _winner(params: dict[str, Any], *, train: ImageSet, test: ImageSet,
             job: dict[str, Any]) -> dict[str, Any]:
-    """The search's winner, fitted on the whole training set, its victim on the test set."""
+    """The search's winner, fitted on the whole training set, its victim on the test set: the
+    inputs of a search trial (``trial_inputs``) with the winner's settings and all the data."""
     from ue_dist.runtime.ray_env import gpu_device
 
     torch.set_num_threads(max(1, int(job["resources"]["cpu"])))
-    search, spec = job["search"], job["spec"]
-    seed = int(spec["seeds"][0])
+    spec = job["spec"]
+    config = {**params, "mode": "search", "arch": spec["archs"][0],
+              "adv_eps": float(spec["adv_eps"][0]), "defense": spec["defenses"][0],
+              "seed": int(spec["seeds"][0])}
     device = gpu_device(job["resources"]["gpu"], "resources_per_trial.gpu")
-    settings = method_settings(spec, search["method"], seed, params)
-    _, protected = fit_and_protect(search["method"], settings, train, device)
-    data = mix(train, protected, search["fraction"], seed, search["method"], settings.get("eps"))
-    victim = dict(job["victim_settings"], arch=spec["archs"][0], adv_eps=float(spec["adv_eps"][0]),
-                  defense=spec["defenses"][0], seed=seed)
-    result = train_victim(data, test, victim, LocalContext(device=device, seed=seed,
+    row, data, victim = trial_inputs(config, train, job, device)
+    result = train_victim(data, test, victim, LocalContext(device=device, seed=config["seed"],
                                                            log=lambda m: None))
     return {"params": params, "test_acc": result["test_acc"],
             "best_acc": max(e["test_acc"] for e in result["per_epoch"]),
-            "train_size": len(data), "arch": victim["arch"], "seed": seed}
+            "train_size": row["train_size"], "arch": config["arch"], "seed": config["seed"]}
 
 
 # the sweep -------------------------------------------------------------------------------------
