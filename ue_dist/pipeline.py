@@ -177,6 +177,12 @@ def check_samples(config: PipelineConfig, src: str, samples: list[Sample]) -> No
             raise ShardError(f"shard {src!r}: {exc}") from None
     classes = state.get("num_classes") if state is not None else None
     for s in samples:
+        if s.label is None:
+            if config.method.needs_labels:
+                raise ShardError(f"shard {src}, sample {s.key!r}: no label ({s.key}.cls), and "
+                                 f"method {config.method.name!r} perturbs each image toward "
+                                 "or away from its label")
+            continue
         if isinstance(classes, int) and int(s.label) >= classes:
             raise ShardError(f"shard {src}, sample {s.key!r}: label {int(s.label)} is outside "
                              f"the {classes} classes of the state {config.state_url}")
@@ -205,14 +211,16 @@ def protect_samples(config: PipelineConfig, src: str, samples: list[Sample],
                     mask: np.ndarray) -> list[Sample]:
     """The output samples of shard ``src``: the ``mask``ed ones perturbed, torch seeded from
     (seed, shard name), every one's metadata saying whether it is protected."""
-    labels = torch.tensor([int(s.label) for s in samples], dtype=torch.long)
+    # -1 for a sample without a label: only a method that ignores labels gets one (check_samples)
+    labels = torch.tensor([-1 if s.label is None else int(s.label) for s in samples],
+                          dtype=torch.long)
     images = (torch.from_numpy(np.stack([s.image for s in samples])).permute(0, 3, 1, 2)
               .contiguous() if samples else torch.zeros(0, dtype=torch.uint8))
     seed = shard_seed(config.seed, ledger.shard_name(src))
     out = perturb_selected(config, images, labels, mask, seed=seed)
     method = config.method
     return [Sample(key=s.key, image=out[i].permute(1, 2, 0).contiguous().numpy(),
-                   label=int(s.label),
+                   label=s.label, extra=dict(s.extra),
                    meta=output_meta(s.meta, mask[i], method.name, method.eps, src))
             for i, s in enumerate(samples)]
 

@@ -53,6 +53,10 @@ def load_imageset(url: str, storage_options: Mapping[str, Any] | None = None) ->
     shard_samples = read_all_shards(url, storage_options)
     _check_consistent(shard_samples)
     samples = [(shard, s) for shard, ss in shard_samples for s in ss]
+    unlabelled = next(((shard, s.key) for shard, s in samples if s.label is None), None)
+    if unlabelled is not None:
+        raise ShardError(f"shard {unlabelled[0]}, sample {unlabelled[1]!r}: no label "
+                         f"({unlabelled[1]}.cls); a labelled set is needed here")
     images = np.stack([s.image for _, s in samples])
     labels = np.array([s.label for _, s in samples], dtype=np.int64)
     meta = [dict(s.meta, source_shard=s.meta.get("source_shard") or shard) for shard, s in samples]

@@ -1,9 +1,12 @@
 """WebDataset tar shards, read and written through fsspec.
 
-A sample is ``KEY.png`` (uint8 image, lossless), ``KEY.cls`` (decimal label) and ``KEY.json``
-(metadata: protected or not, by which method and eps, source shard). Members of one sample are
-consecutive, as WebDataset expects; keys contain no dots (WebDataset splits the extension at the
-first dot). We own the tar I/O (rather than Ray's row-level webdataset reader/writer) so that a
+A sample is ``KEY.png`` (uint8 image, lossless), ``KEY.cls`` (decimal label, optional: photo
+buckets and img2dataset shards have none) and ``KEY.json`` (metadata: protected or not, by which
+method and eps, source shard, over the input's own fields), plus any other members of the input
+sample (``KEY.txt`` captions, ...), passed through byte for byte. On input the image may be any
+of ``READ_EXTS``; on output it is always PNG: a lossy re-encode (JPEG) would move pixels by more
+than eps and undo the bound. Members of one sample are consecutive, as WebDataset expects; keys
+contain no dots (WebDataset splits the extension at the first dot). We own the tar I/O (rather than Ray's row-level webdataset reader/writer) so that a
 shard is read and committed whole, output shards keep their input's name, and the bytes written
 are a deterministic function of the samples.
 """
@@ -19,14 +22,18 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from ue_dist.data import storage
 from ue_dist.errors import UserError
 
 SHARD_SUFFIX = ".tar"
-IMAGE_EXTS = ("png",)
-READ_ONLY_EXTS = ("jpg", "jpeg")  # accepted on input (e.g. third-party shards), never written
+IMAGE_EXTS = ("png",)  # written
+# accepted on input (third-party shards, img2dataset, photo buckets), never written: the output
+# image member is PNG whatever the input's format
+READ_ONLY_EXTS = ("jpg", "jpeg", "webp", "tif", "tiff", "bmp")
+READ_EXTS = IMAGE_EXTS + READ_ONLY_EXTS
+OWN_EXTS = READ_EXTS + ("cls", "json")  # every other member of a sample passes through
 
 
 class ShardError(UserError, ValueError):
@@ -43,8 +50,10 @@ class ShardError(UserError, ValueError):
 class Sample:
     key: str
     image: np.ndarray  # H x W x C uint8
-    label: int
+    label: int | None  # None: the sample has no KEY.cls
     meta: dict[str, Any] = field(default_factory=dict)
+    # the sample's other members (extension -> bytes: "txt" captions, ...), written back unchanged
+    extra: dict[str, bytes] = field(default_factory=dict)
 
 
 def validate_key(key: str) -> str:
@@ -84,8 +93,24 @@ def bits_per_channel(data: bytes, pil: Image.Image) -> int:
     return 8
 
 
+def _channels_mode(pil: Image.Image) -> str:
+    """The mode an image is read in: grey stays grey (1 channel), colour becomes RGB, and an
+    image with transparency RGBA (its alpha is kept, and never perturbed)."""
+    if pil.mode in ("L", "RGB", "RGBA"):
+        return pil.mode
+    if pil.mode == "1":
+        return "L"
+    if pil.mode in ("LA", "La", "PA", "RGBa") or (pil.mode == "P" and "transparency" in pil.info):
+        return "RGBA"
+    return "RGB"  # P, CMYK, YCbCr, LAB, HSV, RGBX
+
+
 def decode_image(data: bytes) -> np.ndarray:
-    """Encoded image bytes to H x W x C uint8 (C = 1 for grey, 3 for RGB, 4 for RGBA).
+    """Encoded image bytes (any format Pillow reads: PNG, JPEG, WebP, TIFF, BMP, ...) to
+    H x W x C uint8, by one rule: C = 1 for grey (and bilevel), 3 for colour (palette, CMYK,
+    YCbCr converted to RGB), 4 for an image with transparency (RGBA, LA, a palette with a
+    transparent colour). The EXIF orientation is applied (``ImageOps.exif_transpose``), once:
+    the PNG written back carries no orientation tag, so a reader shows it the same way.
 
     Images with more than 8 bits per channel (16-bit PNGs, modes "I;16", "I;16B", "I", "F", ...)
     are refused, not converted: reading them as uint8 would clip or drop bits silently, and the
@@ -98,9 +123,10 @@ def decode_image(data: bytes) -> np.ndarray:
             raise ShardError(f"{bits}-bit image (mode {pil.mode}); the eps bound is defined on "
                              "8-bit pixels: convert it to 8-bit first")
         pil.load()
-        if pil.mode not in ("L", "RGB", "RGBA"):
-            pil = pil.convert("RGB")
-        arr = np.asarray(pil, dtype=np.uint8)
+        upright = ImageOps.exif_transpose(pil)  # a copy where an orientation tag said so
+        mode = _channels_mode(upright)
+        arr = np.asarray(upright if upright.mode == mode else upright.convert(mode),
+                         dtype=np.uint8)
     return arr[..., None] if arr.ndim == 2 else arr
 
 
@@ -141,8 +167,14 @@ def _members(samples: Iterable[Sample]) -> Iterable[tuple[str, bytes]]:
             raise ShardError(f"duplicate sample key {s.key!r} in one shard")
         seen.add(s.key)
         yield f"{s.key}.png", encode_png(s.image)
-        yield f"{s.key}.cls", str(int(s.label)).encode()
+        if s.label is not None:
+            yield f"{s.key}.cls", str(int(s.label)).encode()
         yield f"{s.key}.json", json.dumps(s.meta, sort_keys=True).encode()
+        for ext in sorted(s.extra):
+            if ext.lower() in OWN_EXTS:
+                raise ShardError(f"sample {s.key!r}: extra member {ext!r} would clash with the "
+                                 "sample's own image, label or metadata member")
+            yield f"{s.key}.{ext}", bytes(s.extra[ext])
 
 
 def shard_bytes(samples: Iterable[Sample]) -> bytes:
@@ -176,7 +208,9 @@ def _split_member(name: str) -> tuple[str, str]:
     if "." not in base:
         return name, ""
     stem, ext = base.split(".", 1)
-    return (posixpath.join(directory, stem) if directory else stem), ext.lower()
+    # our own members by their lower-case extension; any other member keeps its name as it is
+    ext = ext.lower() if ext.lower() in OWN_EXTS else ext
+    return (posixpath.join(directory, stem) if directory else stem), ext
 
 
 def _one_line(exc: BaseException) -> str:
@@ -189,8 +223,10 @@ def parse_shard(data: bytes, name: str) -> list[Sample]:
     Refused, each with a one-line ``ShardError``: bytes that are not a tar archive, a truncated
     archive, a member that appears twice (a later copy would silently replace the earlier), keys
     that ``validate_key`` refuses (``../x``, absolute, control characters), dotted keys (``a.b.png``
-    is key ``a`` with extension ``b.png`` to WebDataset), undecodable or 16-bit images, and labels
-    that are not non-negative integers. Hidden members (``.name``, ``_name``) are skipped.
+    is key ``a`` with extension ``b.png`` to WebDataset), a sample with two image members,
+    undecodable or 16-bit images, and labels that are not non-negative integers. Hidden members
+    (``.name``, ``_name``) are skipped. Images may differ in size; a sample without ``.cls`` has
+    label None; members other than the image, ``.cls`` and ``.json`` are kept in ``extra``.
     """
     if not data:
         raise ShardError(f"shard {name}: not a tar archive (zero bytes)")
@@ -239,21 +275,22 @@ def parse_shard(data: bytes, name: str) -> list[Sample]:
         raise ShardError(f"shard {name}: truncated (no end-of-archive marker after byte {end})")
     if not groups:
         raise ShardError(f"shard {name}: no samples found (not a WebDataset tar?)")
-    samples: list[Sample] = []
-    for key, members in groups.items():
-        shape = samples[0].image.shape if samples else None
-        samples.append(_decode_sample(name, key, members, member_names[key], shape))
-    return samples
+    return [_decode_sample(name, key, members, member_names[key])
+            for key, members in groups.items()]
 
 
 def _decode_sample(name: str, key: str, members: Mapping[str, bytes],
-                   member_names: Mapping[str, str], shape: tuple[int, ...] | None) -> Sample:
-    """One sample of shard ``name`` from its members (``{extension: bytes}``), validated; its
-    image must have ``shape``, that of the shard's earlier samples (None: the first sample)."""
-    image_ext = next((e for e in IMAGE_EXTS + READ_ONLY_EXTS if e in members), None)
+                   member_names: Mapping[str, str]) -> Sample:
+    """One sample of shard ``name`` from its members (``{extension: bytes}``), validated."""
+    image_exts = [e for e in READ_EXTS if e in members]
+    if len(image_exts) > 1:
+        raise ShardError(f"shard {name}, sample {key!r}: two image members "
+                         f"({', '.join(member_names[e] for e in image_exts)}); which one to "
+                         "protect is ambiguous")
+    image_ext = image_exts[0] if image_exts else None
     if image_ext is None:
         dotted = [member_names[e] for e in sorted(members)
-                  if "." in e and e.rsplit(".", 1)[1] in IMAGE_EXTS + READ_ONLY_EXTS]
+                  if "." in e and e.rsplit(".", 1)[1].lower() in READ_EXTS]
         if dotted:
             raise ShardError(f"shard {name}, sample {key!r}: sample keys may not contain dots "
                              f"(member {dotted[0]!r} reads as key {key!r} with extension "
@@ -269,12 +306,11 @@ def _decode_sample(name: str, key: str, members: Mapping[str, bytes],
     except Exception as exc:
         raise ShardError(f"shard {name}, sample {key!r}: {key}.{image_ext} is not a decodable "
                          f"image ({type(exc).__name__})") from None
-    if shape is not None and image.shape != shape:
-        raise ShardError(f"shard {name}, sample {key!r}: image shape {image.shape} differs "
-                         f"from {shape} of earlier samples (mixed image shapes)")
+    extra = {e: bytes(v) for e, v in members.items() if e not in OWN_EXTS}
     label_raw = members.get("cls")
+    meta = _decode_meta(name, key, members.get("json"))
     if label_raw is None:
-        raise ShardError(f"shard {name}, sample {key!r}: missing label ({key}.cls)")
+        return Sample(key, image, None, meta, extra)
     try:
         label = int(label_raw.decode().strip())
     except ValueError:
@@ -285,16 +321,20 @@ def _decode_sample(name: str, key: str, members: Mapping[str, bytes],
     if label >= 2 ** 63:
         raise ShardError(f"shard {name}, sample {key!r}: label {label_raw[:20]!r}... does not "
                          "fit in 64 bits")
-    meta: dict[str, Any] = {}
-    if "json" in members:
-        try:
-            meta = json.loads(members["json"].decode())
-        except (ValueError, UnicodeDecodeError):
-            raise ShardError(f"shard {name}, sample {key!r}: {key}.json is not valid JSON") from None
-        if not isinstance(meta, dict):
-            raise ShardError(f"shard {name}, sample {key!r}: {key}.json holds a "
-                             f"{type(meta).__name__}, not a JSON object")
-    return Sample(key, image, label, meta)
+    return Sample(key, image, label, meta, extra)
+
+
+def _decode_meta(name: str, key: str, raw: bytes | None) -> dict[str, Any]:
+    if raw is None:
+        return {}
+    try:
+        meta = json.loads(raw.decode())
+    except (ValueError, UnicodeDecodeError):
+        raise ShardError(f"shard {name}, sample {key!r}: {key}.json is not valid JSON") from None
+    if not isinstance(meta, dict):
+        raise ShardError(f"shard {name}, sample {key!r}: {key}.json holds a "
+                         f"{type(meta).__name__}, not a JSON object")
+    return meta
 
 
 def list_shards(url: str, storage_options: Mapping[str, Any] | None = None) -> list[str]:
@@ -330,7 +370,7 @@ def first_image_shape(url: str, storage_options: Mapping[str, Any] | None = None
             with tarfile.open(fileobj=io.BytesIO(data), mode="r|") as tar:
                 for member in tar:
                     if member.isfile() and \
-                            _split_member(member.name)[1] in IMAGE_EXTS + READ_ONLY_EXTS:
+                            _split_member(member.name)[1] in READ_EXTS:
                         f = tar.extractfile(member)
                         return decode_image(f.read() if f is not None else b"").shape
         except ShardError as exc:
