@@ -90,8 +90,8 @@ def _fit(args: argparse.Namespace) -> int:
                         gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
                         storage_path=args.storage, run_name=args.run_name,
                         storage_options=storage_options(args), max_failures=args.max_failures,
-                        train_fraction=args.train_fraction, overwrite=args.overwrite,
-                        progress=to_stderr)
+                        train_fraction=args.train_fraction, labels=args.labels,
+                        clusters=args.clusters, overwrite=args.overwrite, progress=to_stderr)
     result["settings"] = method.settings
     emit(args, result)
     return 0

@@ -204,6 +204,11 @@ FIT = Command("fit", "Fit a method (source model, generator or embedding) on Ray
         help="worker failures to survive by restarting from the last checkpoint (-1: any number)"),
     Opt("train_fraction", type=float, default=1.0, low=0.0, high=1.0,
         help="fit on a seeded fraction of TRAIN_URL (the rest is never seen)"),
+    Opt("labels", default="given", choices=("given", "cluster"),
+        help="the classes the method learns: given (each sample's .cls) or cluster (k-means "
+             "pseudo-labels of the pooled pixels, for photos without labels, as Unlearnable "
+             "Clusters; the labeller goes into the state and labels every image protect sees)"),
+    Opt("clusters", type=int, default=10, low=2, help="pseudo-classes for --labels cluster"),
     Opt("overwrite", type=bool, spec=False, help="replace an existing STATE_URL"),
     replace(PRESET, spec=False), replace(SET, spec=False), *COMMON),
     "ue-dist fit --method em out/digits/train out/em.pt --preset quick --workers 2 "

@@ -175,6 +175,8 @@ def check_samples(config: PipelineConfig, src: str, samples: list[Sample]) -> No
             config.method.check_state(state, [c, h, w], source=config.state_url)
         except StateError as exc:
             raise ShardError(f"shard {src!r}: {exc}") from None
+    if state is not None and "labeller" in state:
+        return  # pseudo-labels: every sample is labelled by the state's labeller, .cls or not
     classes = state.get("num_classes") if state is not None else None
     for s in samples:
         if s.label is None:
@@ -207,13 +209,23 @@ def protect_shard(config: PipelineConfig, src: str, dst_url: str,
             "already_protected": already}
 
 
+def sample_labels(config: PipelineConfig, samples: list[Sample]) -> torch.Tensor:
+    """The label each sample is protected with: its pseudo-label where the state was fitted on
+    clusters (``fit --labels cluster``: the state's labeller, whatever the sample's .cls), else
+    its own label, -1 for none (only a method that ignores labels gets one: check_samples)."""
+    labeller = config.state.get("labeller") if config.state is not None else None
+    if labeller is not None:
+        from ue_dist.core.pseudolabels import assign
+        return assign(labeller, [torch.from_numpy(np.array(s.image)).permute(2, 0, 1) for s in samples])
+    return torch.tensor([-1 if s.label is None else int(s.label) for s in samples],
+                        dtype=torch.long)
+
+
 def protect_samples(config: PipelineConfig, src: str, samples: list[Sample],
                     mask: np.ndarray) -> list[Sample]:
     """The output samples of shard ``src``: the ``mask``ed ones perturbed, torch seeded from
     (seed, shard name), every one's metadata saying whether it is protected."""
-    # -1 for a sample without a label: only a method that ignores labels gets one (check_samples)
-    labels = torch.tensor([-1 if s.label is None else int(s.label) for s in samples],
-                          dtype=torch.long)
+    labels = sample_labels(config, samples)
     images = (torch.from_numpy(np.stack([s.image for s in samples])).permute(0, 3, 1, 2)
               .contiguous() if samples else torch.zeros(0, dtype=torch.uint8))
     seed = shard_seed(config.seed, ledger.shard_name(src))

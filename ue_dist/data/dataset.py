@@ -48,17 +48,19 @@ def _check_consistent(shard_samples: list[tuple[str, list]]) -> tuple[int, ...]:
     return shape
 
 
-def load_imageset(url: str, storage_options: Mapping[str, Any] | None = None) -> ImageSet:
-    """Every shard under ``url`` (one split, e.g. ``OUT/train``) as one ``ImageSet``."""
+def load_imageset(url: str, storage_options: Mapping[str, Any] | None = None, *,
+                  require_labels: bool = True) -> ImageSet:
+    """Every shard under ``url`` (one split, e.g. ``OUT/train``) as one ``ImageSet``;
+    ``require_labels=False``: a sample without a label gets -1 (pseudo-labels replace them)."""
     shard_samples = read_all_shards(url, storage_options)
     _check_consistent(shard_samples)
     samples = [(shard, s) for shard, ss in shard_samples for s in ss]
     unlabelled = next(((shard, s.key) for shard, s in samples if s.label is None), None)
-    if unlabelled is not None:
+    if unlabelled is not None and require_labels:
         raise ShardError(f"shard {unlabelled[0]}, sample {unlabelled[1]!r}: no label "
                          f"({unlabelled[1]}.cls); a labelled set is needed here")
     images = np.stack([s.image for _, s in samples])
-    labels = np.array([s.label for _, s in samples], dtype=np.int64)
+    labels = np.array([-1 if s.label is None else s.label for _, s in samples], dtype=np.int64)
     meta = [dict(s.meta, source_shard=s.meta.get("source_shard") or shard) for shard, s in samples]
     manifest = _read_manifest(url, storage_options)
     num_classes = manifest.get("num_classes") if manifest else None

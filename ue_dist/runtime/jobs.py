@@ -247,7 +247,8 @@ def run_job(spec: Mapping[str, Any], progress: Callable[[str], None] = print) ->
             overrides=method["overrides"], workers=fit["workers"],
             gpus_per_worker=fit["gpus_per_worker"], cpus_per_worker=fit["cpus_per_worker"], storage_path=storage.join(root, "runs"),
             run_name=f"{name}-fit", storage_options=so, max_failures=fit["max_failures"],
-            train_fraction=fit["train_fraction"], progress=say)
+            train_fraction=fit["train_fraction"], labels=fit["labels"],
+            clusters=fit["clusters"], progress=say)
 
     from ue_dist.runtime.protect import protect
 

@@ -84,9 +84,14 @@ def _fit_worker(config: dict[str, Any]) -> None:
     from ue_dist.data.dataset import load_imageset
 
     method = build_method(config["method"], config["preset"], config["overrides"])
-    train = load_imageset(config["train_url"], config["storage_options"])
+    clustered = config.get("labels", "given") == "cluster"
+    train = load_imageset(config["train_url"], config["storage_options"],
+                          require_labels=not clustered)
     if config.get("train_fraction", 1.0) < 1.0:
         train = subset_for_fit(train, config["train_fraction"], config["seed"])
+    labeller = None
+    if clustered:  # every worker computes the same seeded labeller from the same images
+        train, labeller = pseudo_labelled(train, int(config["clusters"]), config["seed"])
     device = ray.train.torch.get_device() if config["use_gpu"] else torch.device("cpu")
     torch.manual_seed(config["seed"])
     ctx = RayTrainContext(device, config["seed"])
@@ -95,7 +100,20 @@ def _fit_worker(config: dict[str, Any]) -> None:
         state = previous  # this run had already finished: its final state is the answer
     else:
         state = dict(method.fit(train, ctx), fit_run=config["run_name"])
+        if labeller is not None:
+            state["labeller"] = labeller
     ctx.report({"done": True, "seconds": time.time() - config["started"]}, state)
+
+
+def pseudo_labelled(train, clusters: int, seed: int):
+    """``(train with k-means pseudo-labels, the labeller)``: the labeller is fitted on the
+    training images and goes into the state, so protect labels every image the same way."""
+    from ue_dist.core import pseudolabels
+    from ue_dist.data.imageset import ImageSet
+
+    labeller = pseudolabels.fit_labeller(train.images, clusters, seed)
+    labels = pseudolabels.assign(labeller, train.images)
+    return ImageSet(train.images, labels, list(train.keys), list(train.meta), clusters), labeller
 
 
 def subset_for_fit(train, fraction: float, seed: int):
@@ -124,7 +142,9 @@ def fit_method(method_name: str, train_url: str, state_url: str, *,
                storage_path: str | None = None, run_name: str | None = None,
                storage_options: Mapping[str, Any] | None = None,
                max_failures: int = _declared("max_failures"),
-               train_fraction: float = _declared("train_fraction"), overwrite: bool = False,
+               train_fraction: float = _declared("train_fraction"),
+               labels: str = _declared("labels"), clusters: int = _declared("clusters"),
+               overwrite: bool = False,
                progress: Callable[[str], None] = print) -> dict[str, Any]:
     """Fit ``method_name`` on ``train_url`` with a Ray Train worker group; write its state to
     ``state_url``. The options are ``ue-dist fit``'s (``ue_dist.options.FIT``): the run lives
@@ -147,8 +167,15 @@ def fit_method(method_name: str, train_url: str, state_url: str, *,
     from ue_dist.data.shards import list_shards
     if not list_shards(train_url, storage_options):
         raise StateError(f"no shards under {train_url!r}")
+    label_sources = opts.option(opts.FIT.options, "labels").valid_choices()
+    if labels not in label_sources:
+        raise StateError(f"--labels must be one of {list(label_sources)}, got {labels!r}")
+    if labels == "cluster" and int(clusters) < 2:
+        raise StateError(f"--clusters must be at least 2, got {clusters}")
+    pseudo = {"labels": labels, "clusters": int(clusters)} if labels == "cluster" else {}
     run_name = run_name or default_run_name(method_name, train_url, state_url,
-                                            dict(method.settings, train_fraction=train_fraction))
+                                            dict(method.settings, train_fraction=train_fraction,
+                                                 **pseudo))
     storage_path = storage.absolute(storage_path or default_storage())
     fs, path = pyarrow_filesystem(storage_path, storage_options)
     ensure_ray()
@@ -158,7 +185,8 @@ def fit_method(method_name: str, train_url: str, state_url: str, *,
     config = {"method": method_name, "preset": preset, "overrides": dict(method.settings),
               "train_url": train_url, "storage_options": dict(storage_options or {}),
               "use_gpu": gpus > 0, "seed": int(method.settings.get("seed", 0)),
-              "train_fraction": train_fraction, "run_name": run_name, "started": time.time()}
+              "train_fraction": train_fraction, "run_name": run_name, "started": time.time(),
+              "labels": labels, "clusters": int(clusters)}
     # NCCL needs a GPU of its own per rank; workers sharing GPUs reduce through gloo
     backend = "nccl" if gpus >= 1 or (gpus > 0 and int(workers) == 1) else "gloo"
     resources = {"CPU": float(cpus_per_worker), **({"GPU": gpus} if gpus > 0 else {})}
