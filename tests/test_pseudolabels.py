@@ -91,3 +91,42 @@ def test_without_a_labeller_an_unlabelled_sample_is_a_bad_shard(tmp_path):
     config = open_protect_config("classwise", str(tmp_path / "state.pt"))
     result = protect_shard(config, src, str(tmp_path / "dst"))
     assert not result["ok"] and "sample 'a': no label" in result["reason"]
+
+
+def test_predicted_labels_are_the_classifiers_and_protect_as_given_ones(tmp_path):
+    """protect --labels predict: an unlabelled shard is protected exactly as the same shard
+    labelled with the state's classifier's predictions."""
+    from helpers import fit_quick
+
+    state = fit_quick("em", str(tmp_path / "em.pt"), image_size=8, n=48,
+                      overrides=["train_steps=30"])
+    images, _ = digits_arrays(8)["train"]
+    config = open_protect_config("em", str(tmp_path / "em.pt"), batch_size=16, labels="predict")
+    unlabelled = [Sample(f"d{i:02d}", images[100 + i], None) for i in range(20)]
+    predicted = torch.cat([config.method.predict(
+        config.loaded, torch.from_numpy(images[100 + i:101 + i]).permute(0, 3, 1, 2) / 255)
+        for i in range(20)])
+    assert len(torch.unique(predicted)) > 1
+    write_shard(str(tmp_path / "a" / "s.tar"), unlabelled)
+    write_shard(str(tmp_path / "b" / "s.tar"), [Sample(s.key, s.image, int(y)) for s, y in
+                                                zip(unlabelled, predicted)])
+    assert protect_shard(config, str(tmp_path / "a" / "s.tar"), str(tmp_path / "da"))["ok"]
+    given = open_protect_config("em", str(tmp_path / "em.pt"), batch_size=16)
+    assert protect_shard(given, str(tmp_path / "b" / "s.tar"), str(tmp_path / "db"))["ok"]
+    a = read_shard(str(tmp_path / "da" / "s.tar"))
+    b = read_shard(str(tmp_path / "db" / "s.tar"))
+    assert all(np.array_equal(x.image, y.image) for x, y in zip(a, b))
+    assert all(x.label is None for x in a) and state["method"] == "em"
+
+
+def test_predict_refused_for_a_method_without_classifier(tmp_path):
+    from ue_dist.core.config import SettingsError
+    from ue_dist.runtime.protect import protect
+    from helpers import fit_classwise, make_source
+
+    make_source(str(tmp_path / "src"), n_shards=1, per_shard=4)
+    fit_classwise(str(tmp_path / "cw.pt"))
+    with pytest.raises(SettingsError, match="--labels predict: method 'classwise' cannot"):
+        protect("classwise", str(tmp_path / "src"), str(tmp_path / "dst"),
+                state_url=str(tmp_path / "cw.pt"), labels="predict")
+    assert not (tmp_path / "dst").exists()

@@ -253,6 +253,12 @@ PROTECT = Command("protect", "Protect every shard of SRC into DST on Ray Data (r
     Opt("cpus_per_actor", type=float, default=0.5, low=0.01,
         help="CPUs per actor, fractional allowed"),
     Opt("batch_size", type=int, default=256, low=1, help="images per perturb call"),
+    Opt("labels", default="given", choices=("given", "predict"),
+        help="the label a sample is protected with: given (its .cls; a state fitted with "
+             "`fit --labels cluster` labels every image by its clusters instead) or predict "
+             "(the state's classifier's prediction on the image resized to the fitted size, for "
+             "unlabelled photos protected with a state fitted on labelled data: em, rem, tap, "
+             "hypo)"),
     Opt("mode", default="incremental", choices=_modes,
         help="incremental: skip shards the ledger says are done and whose source is unchanged; "
              "overwrite: redo every shard; sync: incremental, and remove outputs whose source "

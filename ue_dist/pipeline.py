@@ -51,6 +51,7 @@ class PipelineConfig:
     fraction: float = 1.0
     seed: int = 0
     batch_size: int = 256
+    labels: str = "given"  # or "predict": the state's classifier labels every sample
     device: torch.device | str = "cpu"
     storage_options: Mapping[str, Any] | None = None
     settings_hash: str | None = None  # written into every ledger record
@@ -175,8 +176,8 @@ def check_samples(config: PipelineConfig, src: str, samples: list[Sample]) -> No
             config.method.check_state(state, [c, h, w], source=config.state_url)
         except StateError as exc:
             raise ShardError(f"shard {src!r}: {exc}") from None
-    if state is not None and "labeller" in state:
-        return  # pseudo-labels: every sample is labelled by the state's labeller, .cls or not
+    if state is not None and ("labeller" in state or config.labels == "predict"):
+        return  # pseudo-labels: every sample is labelled by the state, .cls or not
     classes = state.get("num_classes") if state is not None else None
     for s in samples:
         if s.label is None:
@@ -217,8 +218,32 @@ def sample_labels(config: PipelineConfig, samples: list[Sample]) -> torch.Tensor
     if labeller is not None:
         from ue_dist.core.pseudolabels import assign
         return assign(labeller, [torch.from_numpy(np.array(s.image)).permute(2, 0, 1) for s in samples])
+    if config.labels == "predict":
+        return predicted_labels(config, samples)
     return torch.tensor([-1 if s.label is None else int(s.label) for s in samples],
                         dtype=torch.long)
+
+
+def predicted_labels(config: PipelineConfig, samples: list[Sample]) -> torch.Tensor:
+    """The state's classifier's label for each sample: the image (colour channels) resized to
+    the fitted size (antialiased bilinear; the classifier saw that size), in batches."""
+    import torch.nn.functional as F
+
+    channels, height, width = (int(v) for v in config.state["image_shape"])
+    out = []
+    for start in range(0, len(samples), int(config.batch_size)):
+        views = []
+        for s in samples[start:start + int(config.batch_size)]:
+            x = torch.from_numpy(np.array(s.image[..., :3])).permute(2, 0, 1)[None].float() / 255
+            if x.shape[1] != channels:  # grey photo, colour classifier (or the reverse)
+                x = x.expand(-1, channels, -1, -1) if x.shape[1] == 1 else \
+                    x.mean(1, keepdim=True)
+            if x.shape[2:] != (height, width):
+                x = F.interpolate(x, size=(height, width), mode="bilinear", antialias=True,
+                                  align_corners=False).clamp_(0, 1)
+            views.append(x)
+        out.append(config.method.predict(config.loaded, torch.cat(views)))
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
 
 
 def protect_samples(config: PipelineConfig, src: str, samples: list[Sample],

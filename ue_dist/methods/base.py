@@ -150,6 +150,16 @@ class Method:
     def perturb(self, loaded: Any, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    # whether ``predict`` gives labels (protect --labels predict): a state holding a classifier
+    predicts: ClassVar[bool] = False
+
+    def predict(self, loaded: Any, images: torch.Tensor) -> torch.Tensor:
+        """Class labels (int64 ``B``) of float ``B x C x H x W`` images of the fitted shape, by
+        the state's own classifier: the labels of unlabelled photos (``protect --labels
+        predict``). Only for methods with ``predicts = True``."""
+        raise StateError(f"method {self.name!r} has no classifier to predict labels with; "
+                         "fit it with --labels cluster instead")
+
     # state -------------------------------------------------------------------------------------
     def new_state(self, train: ImageSet, **payload: Any) -> dict[str, Any]:
         return {"method": self.name, "version": STATE_VERSION, "settings": dict(self.settings),

@@ -314,6 +314,12 @@ _AUGMENTATION = choice("auto", "crop-flip", "flip", "none", help="EOT / training
 class SourceModelMethod(Method):
     """Shared parts of methods whose state is one trained classifier (REM, EM, TAP)."""
 
+    predicts = True
+
+    @torch.no_grad()
+    def predict(self, loaded: "LoadedModel", images: torch.Tensor) -> torch.Tensor:
+        return loaded.model(images.to(loaded.device, torch.float32)).argmax(1).cpu()
+
     def validate_settings(self) -> None:
         super().validate_settings()
         if self.eps >= 1:

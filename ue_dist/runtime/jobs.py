@@ -258,7 +258,8 @@ def run_job(spec: Mapping[str, Any], progress: Callable[[str], None] = print) ->
         method["name"], spec["data"]["train"], prot["dst"], state_url=state_url,
         preset=method["preset"], overrides=method["overrides"], fraction=prot["fraction"],
         seed=prot["seed"], actors=prot["actors"], gpus_per_actor=prot["gpus_per_actor"],
-        cpus_per_actor=prot["cpus_per_actor"], batch_size=prot["batch_size"], mode=prot["mode"],
+        cpus_per_actor=prot["cpus_per_actor"], batch_size=prot["batch_size"], labels=prot["labels"],
+        mode=prot["mode"],
         storage_options=so, progress=say)
 
     if spec["evaluate"] is not None:

@@ -42,6 +42,7 @@ import numpy as np
 from ue_dist import options as opts_schema
 from ue_dist.core.config import SettingsError
 from ue_dist.data import storage
+from ue_dist.methods.base import get_method, method_names
 from ue_dist.pipeline import shard_seed  # noqa: F401  (re-exported: the seed of one shard)
 from ue_dist.runtime import ledger
 from ue_dist.runtime.console import ProgressLine
@@ -77,6 +78,7 @@ class ProtectOptions:
     gpus_per_actor: float = _declared("gpus_per_actor")
     cpus_per_actor: float = _declared("cpus_per_actor")
     batch_size: int = _declared("batch_size")
+    labels: str = _declared("labels")
     mode: str = _declared("mode")
     watch: bool = False
     poll_seconds: float = _declared("poll_seconds")
@@ -89,7 +91,7 @@ class ProtectOptions:
     def check(self) -> None:
         """Refuse a bad value, naming its option (by its command-line flag)."""
         for name in ("fraction", "seed", "actors", "gpus_per_actor", "cpus_per_actor",
-                     "batch_size", "mode", "poll_seconds", "wait_for_lease", "max_polls"):
+                     "batch_size", "labels", "mode", "poll_seconds", "wait_for_lease", "max_polls"):
             opt = opts_schema.option(opts_schema.PROTECT.options, name)
             opts_schema.check_value(getattr(self, name), opt, opt.flag, SettingsError)
 
@@ -114,8 +116,8 @@ class ShardProtector:
         self.config = open_protect_config(
             method_name, options.state_url, preset=options.preset, overrides=options.overrides,
             device=device, fraction=float(options.fraction), seed=int(options.seed),
-            batch_size=int(options.batch_size), storage_options=options.storage_options,
-            settings_hash=run_hash)
+            batch_size=int(options.batch_size), labels=options.labels,
+            storage_options=options.storage_options, settings_hash=run_hash)
         self.dst_url = dst_url
         # Ray retries an actor task on the same actor, with no bound of its own for errors
         # (max_task_retries is -1): the attempts at each shard are counted here
@@ -270,7 +272,18 @@ def protect(method_name: str, src_url: str, dst_url: str, options: ProtectOption
                                            loadable=True)
     run_hash = ledger.settings_hash({"method": method.name, "settings": method.settings,
                                      "state_sha256": state_sha, "fraction": float(opts.fraction),
-                                     "seed": int(opts.seed)})
+                                     "seed": int(opts.seed),
+                                     # the label source changes the bytes; "given" keeps the
+                                     # hash of runs from before the option existed
+                                     **({"labels": opts.labels} if opts.labels != "given"
+                                        else {})})
+    if opts.labels == "predict" and (state is None or not method.predicts
+                                     or "labeller" in state):
+        why = ("its state labels images by their clusters (fit --labels cluster)"
+               if state is not None and "labeller" in state else "it has no classifier")
+        raise SettingsError(f"--labels predict: method {method.name!r} cannot predict labels "
+                            f"({why}); methods with a classifier: "
+                            f"{', '.join(n for n in method_names() if get_method(n).predicts)}")
     run = _Run(_new_summary(method, src_url, dst_url, opts, run_hash))
     if state is not None:  # a state that does not fit the images is refused before any write
         run.shape_checked = _check_shape(method, state, opts.state_url, src_url, so)
