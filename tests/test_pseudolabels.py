@@ -130,3 +130,15 @@ def test_predict_refused_for_a_method_without_classifier(tmp_path):
         protect("classwise", str(tmp_path / "src"), str(tmp_path / "dst"),
                 state_url=str(tmp_path / "cw.pt"), labels="predict")
     assert not (tmp_path / "dst").exists()
+
+
+def test_a_broken_labeller_is_named_with_the_state(tmp_path):
+    from ue_dist.methods.base import StateError
+
+    train = _digits(n=50, size=16)
+    method = build_method("classwise", "paper", [])
+    state = dict(method.fit(train, LocalContext(device="cpu", log=lambda m: None)),
+                 labeller={"kind": "pixel-kmeans", "size": 16, "channels": 3})
+    save_state(state, str(tmp_path / "bad.pt"))
+    with pytest.raises(StateError, match=r"bad.pt.*labeller is incomplete.*mean"):
+        open_protect_config("classwise", str(tmp_path / "bad.pt"))

@@ -217,7 +217,8 @@ def sample_labels(config: PipelineConfig, samples: list[Sample]) -> torch.Tensor
     labeller = config.state.get("labeller") if config.state is not None else None
     if labeller is not None:
         from ue_dist.core.pseudolabels import assign
-        return assign(labeller, [torch.from_numpy(np.array(s.image)).permute(2, 0, 1) for s in samples])
+        return assign(labeller, [torch.from_numpy(np.array(s.image)).permute(2, 0, 1)
+                                 for s in samples])
     if config.labels == "predict":
         return predicted_labels(config, samples)
     return torch.tensor([-1 if s.label is None else int(s.label) for s in samples],
@@ -229,15 +230,15 @@ def predicted_labels(config: PipelineConfig, samples: list[Sample]) -> torch.Ten
     the fitted size (antialiased bilinear; the classifier saw that size), in batches."""
     import torch.nn.functional as F
 
+    from ue_dist.core.pseudolabels import as_channels
+
     channels, height, width = (int(v) for v in config.state["image_shape"])
     out = []
     for start in range(0, len(samples), int(config.batch_size)):
         views = []
         for s in samples[start:start + int(config.batch_size)]:
-            x = torch.from_numpy(np.array(s.image[..., :3])).permute(2, 0, 1)[None].float() / 255
-            if x.shape[1] != channels:  # grey photo, colour classifier (or the reverse)
-                x = x.expand(-1, channels, -1, -1) if x.shape[1] == 1 else \
-                    x.mean(1, keepdim=True)
+            x = as_channels(torch.from_numpy(np.array(s.image)).permute(2, 0, 1)[None]
+                            .float() / 255, channels)
             if x.shape[2:] != (height, width):
                 x = F.interpolate(x, size=(height, width), mode="bilinear", antialias=True,
                                   align_corners=False).clamp_(0, 1)

@@ -24,28 +24,30 @@ import torch
 import torch.nn.functional as F
 
 KIND = "pixel-kmeans"
-LABEL_SOURCES = ("given", "cluster")
+
+
+def as_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
+    """Float ``B x C x H x W`` images as ``channels`` channels of content: alpha dropped, grey
+    replicated for a colour model, colour averaged for a grey one."""
+    if x.shape[1] == 4:
+        x = x[:, :3]  # alpha is not content
+    if x.shape[1] == channels:
+        return x
+    return x.expand(-1, channels, -1, -1) if x.shape[1] == 1 else x.mean(1, keepdim=True)
 
 
 def _features(images: Sequence[torch.Tensor] | torch.Tensor, size: int, channels: int,
               chunk: int = 1024) -> torch.Tensor:
     """``N x (channels * size * size)`` float64 features of uint8 ``C x H x W`` images (a
     batch, or a sequence of images of any sizes): pooled to ``size x size``, grey replicated to
-    ``channels`` where the labeller was fitted on colour."""
+    ``channels`` (``as_channels``)."""
     out = []
     if isinstance(images, torch.Tensor):
         groups = [images[i:i + chunk] for i in range(0, len(images), chunk)]
     else:
         groups = [im[None] for im in images]
     for x in groups:
-        x = x.float().div(255.0)
-        if x.shape[1] == 4:
-            x = x[:, :3]  # alpha is not content
-        if x.shape[1] != channels:
-            if x.shape[1] != 1:
-                raise ValueError(f"pseudo-labels were fitted on {channels}-channel images; got "
-                                 f"{x.shape[1]} channels")
-            x = x.expand(-1, channels, -1, -1)
+        x = as_channels(x.float().div(255.0), channels)
         out.append(F.adaptive_avg_pool2d(x, size).flatten(1).double())
     return torch.cat(out) if out else torch.zeros(0, channels * size * size, dtype=torch.float64)
 
@@ -78,12 +80,16 @@ def fit_labeller(images: torch.Tensor, clusters: int, seed: int = 0, size: int =
             "centroids": torch.from_numpy(km.cluster_centers_).float()}
 
 
-def check_labeller(labeller: Mapping[str, Any], source: str = "state") -> None:
+def labeller_problem(labeller: Any) -> str | None:
+    """What makes a stored labeller unusable (None: nothing): checked with the state, so a
+    broken one is named before any worker starts."""
     if not isinstance(labeller, Mapping) or labeller.get("kind") != KIND:
-        raise ValueError(f"{source}: its 'labeller' is not a {KIND} labeller")
-    for key in ("mean", "components", "centroids"):
-        if not isinstance(labeller.get(key), torch.Tensor):
-            raise ValueError(f"{source}: its labeller lacks the tensor {key!r}")
+        return f"its 'labeller' is not a {KIND} labeller"
+    missing = [k for k in ("mean", "components", "centroids")
+               if not isinstance(labeller.get(k), torch.Tensor)]
+    if missing or not all(isinstance(labeller.get(k), int) for k in ("size", "channels")):
+        return f"its labeller is incomplete (lacks {missing or ['size', 'channels']})"
+    return None
 
 
 def assign(labeller: Mapping[str, Any], images: Sequence[torch.Tensor] | torch.Tensor
@@ -105,4 +111,5 @@ def cluster_agreement(labels: np.ndarray, clusters: np.ndarray) -> float:
     return float(agree) / max(1, len(labels))
 
 
-__all__ = ["LABEL_SOURCES", "assign", "check_labeller", "cluster_agreement", "fit_labeller"]
+__all__ = ["as_channels", "assign", "cluster_agreement", "fit_labeller",
+           "labeller_problem"]

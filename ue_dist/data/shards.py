@@ -6,8 +6,8 @@ method and eps, source shard, over the input's own fields), plus any other membe
 sample (``KEY.txt`` captions, ...), passed through byte for byte. On input the image may be any
 of ``READ_EXTS``; on output it is always PNG: a lossy re-encode (JPEG) would move pixels by more
 than eps and undo the bound. Members of one sample are consecutive, as WebDataset expects; keys
-contain no dots (WebDataset splits the extension at the first dot). We own the tar I/O (rather than Ray's row-level webdataset reader/writer) so that a
-shard is read and committed whole, output shards keep their input's name, and the bytes written
+contain no dots (WebDataset splits the extension at the first dot). We own the tar I/O (rather
+than Ray's row-level webdataset reader/writer) so that a shard is read and committed whole, output shards keep their input's name, and the bytes written
 are a deterministic function of the samples.
 """
 from __future__ import annotations

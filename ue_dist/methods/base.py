@@ -170,6 +170,11 @@ class Method:
                     source: str = "state") -> None:
         if getattr(self, "_finite_state", None) is not state:  # once per state object
             validate_state(state, source)
+            if "labeller" in state:  # fit --labels cluster
+                from ue_dist.core.pseudolabels import labeller_problem
+                problem = labeller_problem(state["labeller"])
+                if problem:
+                    raise StateError(f"{_named(source)}: {problem}")
             self._finite_state = state
         got = state.get("method")
         if got != self.name:

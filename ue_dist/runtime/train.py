@@ -167,11 +167,9 @@ def fit_method(method_name: str, train_url: str, state_url: str, *,
     from ue_dist.data.shards import list_shards
     if not list_shards(train_url, storage_options):
         raise StateError(f"no shards under {train_url!r}")
-    label_sources = opts.option(opts.FIT.options, "labels").valid_choices()
-    if labels not in label_sources:
-        raise StateError(f"--labels must be one of {list(label_sources)}, got {labels!r}")
-    if labels == "cluster" and int(clusters) < 2:
-        raise StateError(f"--clusters must be at least 2, got {clusters}")
+    for name, value in (("labels", labels), ("clusters", clusters)):
+        opt = opts.option(opts.FIT.options, name)
+        opts.check_value(value, opt, opt.flag, StateError)
     pseudo = {"labels": labels, "clusters": int(clusters)} if labels == "cluster" else {}
     run_name = run_name or default_run_name(method_name, train_url, state_url,
                                             dict(method.settings, train_fraction=train_fraction,
