@@ -137,10 +137,11 @@ def test_refusals_happen_before_anything_is_written(ray_local, tmp_path):
         protect("classwise", src, f"{src}/prot", state_url=state, progress=None)
     with pytest.raises(StateError, match="needs a fitted state"):
         protect("classwise", src, str(tmp_path / "d0"), progress=None)
-    # a state fitted on 16x16 images does not fit 32x32 data: refused before any shard is written
-    fit_classwise(str(tmp_path / "s16.pt"), image_size=16)
-    with pytest.raises(StateError, match="shape"):
-        protect("classwise", src, str(tmp_path / "d1"), state_url=str(tmp_path / "s16.pt"),
+    # an L2 method's state fitted on 16x16 images cannot protect 32x32 data (its bound is one
+    # on a whole 16x16 image): refused before any shard is written
+    fit_quick("lsp", str(tmp_path / "s16.pt"), image_size=16)
+    with pytest.raises(StateError, match="L2 norm of a whole image of the fitted size 16x16"):
+        protect("lsp", src, str(tmp_path / "d1"), state_url=str(tmp_path / "s16.pt"),
                 progress=None)
     assert not os.path.exists(tmp_path / "d1") or not list_shards(str(tmp_path / "d1"))
     fit_classwise(state)

@@ -36,7 +36,8 @@ from ue_dist.data.imageset import ImageSet
 from ue_dist.data.shards import Sample, ShardError, read_shard, write_shard
 from ue_dist.methods.base import (Method, StateError, get_method, read_state_bytes,
                                   state_from_bytes)
-from ue_dist.methods.protect import protect_uint8, sample_meta, selected_for_protection
+from ue_dist.methods.protect import (native_problem, protect_native, protect_uint8, sample_meta,
+                                     selected_for_protection)
 from ue_dist.runtime import ledger  # Ray-free: the per-shard commit records
 
 
@@ -165,17 +166,16 @@ def output_meta(meta: Mapping[str, Any] | None, protected: bool, method: str | N
 
 # one shard ------------------------------------------------------------------------------------
 def check_samples(config: PipelineConfig, src: str, samples: list[Sample]) -> None:
-    """One image shape per shard, the state's shape and class count: else a bad shard."""
-    shapes = {tuple(s.image.shape) for s in samples}
-    if len(shapes) > 1:
-        raise ShardError(f"shard {src!r} mixes image shapes {sorted(shapes)}")
+    """Every image protectable by the state at its own size (``native_problem``: channels, and
+    the fitted size for an L2/L0 method), every label within the state's classes: else a bad
+    shard."""
     state = config.state
-    if samples and state is not None:
-        h, w, c = next(iter(shapes))
-        try:
-            config.method.check_state(state, [c, h, w], source=config.state_url)
-        except StateError as exc:
-            raise ShardError(f"shard {src!r}: {exc}") from None
+    if state is not None:
+        for s in samples:
+            h, w, c = s.image.shape
+            problem = native_problem(config.method, state, (c, h, w))
+            if problem:
+                raise ShardError(f"shard {src}, sample {s.key!r}: {problem}")
     if state is not None and ("labeller" in state or config.labels == "predict"):
         return  # pseudo-labels: every sample is labelled by the state, .cls or not
     classes = state.get("num_classes") if state is not None else None
@@ -249,16 +249,23 @@ def predicted_labels(config: PipelineConfig, samples: list[Sample]) -> torch.Ten
 
 def protect_samples(config: PipelineConfig, src: str, samples: list[Sample],
                     mask: np.ndarray) -> list[Sample]:
-    """The output samples of shard ``src``: the ``mask``ed ones perturbed, torch seeded from
-    (seed, shard name), every one's metadata saying whether it is protected."""
+    """The output samples of shard ``src``: the ``mask``ed ones perturbed at their own size
+    (``protect_native``: tiles of the fitted size), torch seeded from (seed, shard name), every
+    one's metadata saying whether it is protected."""
     labels = sample_labels(config, samples)
-    images = (torch.from_numpy(np.stack([s.image for s in samples])).permute(0, 3, 1, 2)
-              .contiguous() if samples else torch.zeros(0, dtype=torch.uint8))
-    seed = shard_seed(config.seed, ledger.shard_name(src))
-    out = perturb_selected(config, images, labels, mask, seed=seed)
+    images = [s.image for s in samples]
+    chosen = np.flatnonzero(mask)
+    if len(chosen):
+        seed_everything(shard_seed(config.seed, ledger.shard_name(src)))
+        done = protect_native(config.method, config.loaded,
+                              [torch.from_numpy(np.require(images[i], requirements="W"))
+                               .permute(2, 0, 1) for i in chosen],
+                              labels[torch.from_numpy(chosen)], config.state, config.device,
+                              int(config.batch_size))
+        for i, image in zip(chosen, done):
+            images[i] = image.permute(1, 2, 0).contiguous().numpy()
     method = config.method
-    return [Sample(key=s.key, image=out[i].permute(1, 2, 0).contiguous().numpy(),
-                   label=s.label, extra=dict(s.extra),
+    return [Sample(key=s.key, image=images[i], label=s.label, extra=dict(s.extra),
                    meta=output_meta(s.meta, mask[i], method.name, method.eps, src))
             for i, s in enumerate(samples)]
 

@@ -166,6 +166,7 @@ def _check_shape(method, state, state_url: str, src_url: str, storage_options) -
     """Check the state against (C, H, W) of the first image of SRC's first shard that has a
     readable one, reading only that far (the actor reads the shard whole, once); False if none."""
     from ue_dist.data.shards import ShardError, first_image_shape, list_shards
+    from ue_dist.methods.base import StateError
 
     for url in list_shards(src_url, storage_options) if storage.exists(src_url, storage_options) \
             else []:
@@ -174,8 +175,13 @@ def _check_shape(method, state, state_url: str, src_url: str, storage_options) -
         except ShardError:
             continue  # reported (and skipped) when the pipeline reaches it
         if shape is not None:
+            from ue_dist.methods.protect import native_problem
+
             h, w, c = shape
-            method.check_state(state, [int(c), int(h), int(w)], source=state_url)
+            problem = native_problem(method, state, (int(c), int(h), int(w)))
+            if problem:  # the whole bucket is refused before anything is written
+                raise StateError(f"{state_url} cannot protect {url} (an image of {h}x{w}x{c}): "
+                                 f"{problem}")
             return True
     return False
 
