@@ -47,3 +47,18 @@ def digits_imageset(split: str = "train", image_size: int | None = 32, seed: int
     images, labels = digits_arrays(image_size, seed=seed)[split]
     keys = [f"digits-{split}-{i:05d}" for i in range(len(labels))]
     return ImageSet.from_numpy_hwc(images, labels, keys, num_classes=10)
+
+
+def sample_photos() -> dict[str, bytes]:
+    """The two real JPEG photographs scikit-learn ships (``china.jpg``, ``flower.jpg``, 427x640
+    RGB, CC-BY; no download): the file bytes by name, for real-photo tests and benchmarks."""
+    import os
+
+    import sklearn.datasets
+
+    folder = os.path.join(os.path.dirname(sklearn.datasets.__file__), "images")
+    out = {}
+    for name in ("china.jpg", "flower.jpg"):
+        with open(os.path.join(folder, name), "rb") as f:
+            out[name] = f.read()
+    return out
