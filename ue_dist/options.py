@@ -253,6 +253,17 @@ PROTECT = Command("protect", "Protect every shard of SRC into DST on Ray Data (r
     Opt("cpus_per_actor", type=float, default=0.5, low=0.01,
         help="CPUs per actor, fractional allowed"),
     Opt("batch_size", type=int, default=256, low=1, help="images per perturb call"),
+    Opt("joint", type=bool,
+        help="bayes only: optimise all shards of SRC as ONE set (the paper's joint mode: every "
+             "sample's embedding all-gathered across --workers Ray Train workers, the "
+             "unselected --fraction kept clean in the objective) instead of batch by batch "
+             "against the state's clean bank (the default streaming mode)"),
+    Opt("workers", type=int, default=2, low=1,
+        help="--joint: Ray Train workers (each reads and owns a contiguous part of the shards; "
+             "--cpus-per-actor/--gpus-per-actor are per worker)"),
+    Opt("checkpoint_every", type=int, default=10, low=0,
+        help="--joint: ascent steps between checkpoints in DST/_ue-joint (a crashed or "
+             "interrupted run resumes from the last; 0: none)"),
     Opt("labels", default="given", choices=("given", "predict"),
         help="the label a sample is protected with: given (its .cls; a state fitted with "
              "`fit --labels cluster` labels every image by its clusters instead) or predict "
