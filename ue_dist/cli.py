@@ -91,7 +91,8 @@ def _fit(args: argparse.Namespace) -> int:
                         storage_path=args.storage, run_name=args.run_name,
                         storage_options=storage_options(args), max_failures=args.max_failures,
                         train_fraction=args.train_fraction, labels=args.labels,
-                        clusters=args.clusters, overwrite=args.overwrite, progress=to_stderr)
+                        clusters=args.clusters, image_size=args.image_size, views=args.views,
+                        overwrite=args.overwrite, progress=to_stderr)
     result["settings"] = method.settings
     emit(args, result)
     return 0

@@ -114,6 +114,11 @@ def _converters() -> Sequence[str]:
     return sorted(CONVERTERS)
 
 
+def _views() -> Sequence[str]:
+    from ue_dist.data.views import VIEWS
+    return VIEWS
+
+
 def deprecated(old: str, new: str, where: str) -> None:
     """One warning line per old spelling and process (a spec validated twice warns once)."""
     line = (f"{where}: warning: {old} is deprecated, use {new} "
@@ -135,7 +140,8 @@ VERBOSE = Opt("verbose", type=bool, flags=("-v", "--verbose"), spec=False,
 METHOD = Opt("method", required=True, help="method name (see `ue-dist methods`)")
 PRESET = Opt("preset", default="paper", choices=_presets,
              help="method settings: paper = the papers' settings; quick = sized to try on a "
-                  "laptop CPU")
+                  "laptop CPU; imagenet = the paper's ImageNet-subset settings, for 224 x 224 "
+                  "inputs (rem; fit with --image-size 224)")
 SET = Opt("overrides", type=dict, flags=("--set",), metavar="KEY=VALUE",
           help="override one method setting (repeatable); unknown keys are an error")
 VICTIM_PRESET = Opt("victim_preset", default="paper", choices=_victim_presets,
@@ -209,6 +215,17 @@ FIT = Command("fit", "Fit a method (source model, generator or embedding) on Ray
              "pseudo-labels of the pooled pixels, for photos without labels, as Unlearnable "
              "Clusters; the labeller goes into the state and labels every image protect sees)"),
     Opt("clusters", type=int, default=10, low=2, help="pseudo-classes for --labels cluster"),
+    Opt("image_size", type=int, low=1, metavar="N",
+        help="fit on one N x N view of every image (--views), so shards of mixed sizes (photo "
+             "buckets) can be fitted; the state's image shape is then [C, N, N], C = 3 if any "
+             "image has colour else 1 (alpha dropped, grey replicated). Default: the images' "
+             "own size, which must then be one size"),
+    Opt("views", default="crop", choices=_views,
+        help="with --image-size: crop = one seeded random N x N crop at the image's own scale "
+             "(images smaller than N first scaled up to N), the default because protect "
+             "perturbs native-scale tiles of the fitted size, so the model learns on what "
+             "those tiles look like; resize = smaller side scaled to N (antialiased), then "
+             "the centre N x N"),
     Opt("overwrite", type=bool, spec=False, help="replace an existing STATE_URL"),
     replace(PRESET, spec=False), replace(SET, spec=False), *COMMON),
     "ue-dist fit --method em out/digits/train out/em.pt --preset quick --workers 2 "

@@ -248,7 +248,8 @@ def run_job(spec: Mapping[str, Any], progress: Callable[[str], None] = print) ->
             gpus_per_worker=fit["gpus_per_worker"], cpus_per_worker=fit["cpus_per_worker"], storage_path=storage.join(root, "runs"),
             run_name=f"{name}-fit", storage_options=so, max_failures=fit["max_failures"],
             train_fraction=fit["train_fraction"], labels=fit["labels"],
-            clusters=fit["clusters"], progress=say)
+            clusters=fit["clusters"], image_size=fit["image_size"], views=fit["views"],
+            progress=say)
 
     from ue_dist.runtime.protect import protect
 
