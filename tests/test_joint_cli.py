@@ -134,3 +134,21 @@ def test_joint_refusals(bucket, tmp_path):
         protect("bayes", bucket["src"], str(tmp_path / "d"), state_url=bucket["state_url"],
                 joint=True, watch=True, progress=None)
     assert not os.path.exists(tmp_path / "d") or not list_shards(str(tmp_path / "d"))
+
+
+def test_sweep_joint_mode_protects_each_fraction_jointly(bucket):
+    """bayes_mode: joint in a sweep: one joint protection per fraction (its clean part fixed in
+    the objective), the same as perturb_jointly with that mask; streaming shares one."""
+    from ue_dist.core.quantize import apply_perturbation
+    from ue_dist.runtime.sweep import cache_key, fit_and_protect
+
+    settings = dict(bucket["method"].settings)
+    data = bucket["data"]
+    state, protected = fit_and_protect("bayes", settings, data, joint=(FRACTION, 0))
+    delta, _, _, chosen = _single(bucket)
+    assert torch.equal(protected, torch.from_numpy(apply_perturbation(data.images, delta, eps=8 / 255)))
+    assert torch.equal(protected[torch.from_numpy(~chosen)], data.images[torch.from_numpy(~chosen)])
+    joint = {"bayes_mode": "joint"}
+    assert cache_key(joint, "bayes", 0, 0.5) != cache_key(joint, "bayes", 0, 1.0)
+    assert cache_key({"bayes_mode": "streaming"}, "bayes", 0, 0.5) == "bayes:0"
+    assert cache_key(joint, "em", 0, 0.5) == "em:0"

@@ -415,6 +415,11 @@ SWEEP_SPEC = (
     Opt("methods", type=list, default=(), help="method names (grid)"),
     replace(PRESET, name="method_preset"),
     Opt("method_overrides", type=dict, help="{METHOD: {key: value}} per-method settings"),
+    Opt("bayes_mode", default="streaming", choices=("streaming", "joint"),
+        help="how bayes protects the training set: streaming (batch by batch against the "
+             "state's clean bank, once for every fraction) or joint (the paper's: the whole set "
+             "ascends together, the unprotected part fixed in the objective, so one joint run "
+             "per fraction)"),
     Opt("fractions", type=list, default=(1.0,), help="protected fractions in [0, 1]"),
     Opt("subsets", type=list, default=("all", "clean"), choices=("all", "clean"),
         help="all (mixed) and/or clean (clean part only)"),
