@@ -9,7 +9,6 @@ the embedding model in eval mode the result equals the single-process one on the
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import posixpath
@@ -147,7 +146,6 @@ def protect_dataset_jointly(src: str, dst: str, state_url: str, *, preset: str =
 
 # joint mode on a bucket: ue-dist protect --method bayes --joint ----------------------------------
 JOINT_DIR = "_ue-joint"  # in DST: per-run checkpoints and Ray Train's run folder
-METRICS_FILE = "joint-metrics.json"
 
 
 def check_joint(method, state: Mapping[str, Any] | None, opts: Any) -> None:
@@ -240,6 +238,7 @@ def bucket_worker_loop(config: dict[str, Any]) -> None:
     from ue_dist.pipeline import (PipelineConfig, check_samples, commit_shard, output_meta,
                                   read_state, sample_labels)
     from ue_dist.runtime import ledger
+    from ue_dist.runtime.ray_env import report_result
 
     r, ws = rank(), world_size()
     so = config["storage_options"] or None
@@ -325,14 +324,7 @@ def bucket_worker_loop(config: dict[str, Any]) -> None:
                "samples": int(all_reduce_sum(torch.tensor([float(len(every))]))),
                "protected": int(all_reduce_sum(torch.tensor([float(chosen.sum())]))),
                "peak_rss_mib_per_worker": [round(p) for p in peaks]}
-    # Ray Train keeps the metrics of a report that carries a checkpoint: rank 0 sends one
-    with tempfile.TemporaryDirectory() as tmp:
-        if r == 0:
-            with open(os.path.join(tmp, METRICS_FILE), "w") as f:
-                json.dump(metrics, f)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-        else:
-            ray.train.report(metrics)
+    report_result(metrics)
 
 
 def protect_bucket_jointly(summary: dict[str, Any], method, src_url: str, dst_url: str,
@@ -348,7 +340,8 @@ def protect_bucket_jointly(summary: dict[str, Any], method, src_url: str, dst_ur
     from ue_dist.data import storage
     from ue_dist.data.shards import list_shards
     from ue_dist.runtime import ledger
-    from ue_dist.runtime.ray_env import ensure_ray, pyarrow_filesystem, user_error_in
+    from ue_dist.runtime.ray_env import (ensure_ray, pyarrow_filesystem, result_metrics,
+                                         user_error_in)
 
     so = opts.storage_options
     shards = list_shards(src_url, so)
@@ -399,12 +392,7 @@ def protect_bucket_jointly(summary: dict[str, Any], method, src_url: str, dst_ur
         if user is not None:
             raise user from None
         raise
-    if result.checkpoint is None:
-        raise RuntimeError(f"protect --joint: the worker group ended without its result "
-                           f"({result.error})")
-    with result.checkpoint.as_directory() as directory:
-        with open(os.path.join(directory, METRICS_FILE)) as f:
-            metrics = json.load(f)
+    metrics = result_metrics(result, "protect --joint")
     storage.remove_tree(storage.join(dst_url, JOINT_DIR), so)
     summary.update({"shards_done": len(shards), "images": int(metrics.get("samples", 0)),
                     "images_protected": int(metrics.get("protected", 0)), "joint": {

@@ -110,3 +110,37 @@ def pyarrow_filesystem(url: str, storage_options: Mapping[str, Any] | None = Non
 
 def default_storage() -> str:
     return os.environ.get("UE_DIST_STORAGE", os.path.abspath("runs"))
+
+
+RESULT_FILE = "result.json"
+
+
+def report_result(metrics: Mapping[str, Any]) -> None:
+    """Every Ray Train worker's last report; rank 0's carries ``metrics`` in a checkpoint
+    (Ray Train keeps the metrics of a report only with a checkpoint): ``result_metrics`` reads
+    them back in the driver."""
+    import json
+    import tempfile
+
+    import ray.train
+
+    from ue_dist.core.distributed import rank
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if rank() == 0:
+            with open(os.path.join(tmp, RESULT_FILE), "w") as f:
+                json.dump(dict(metrics), f)
+            ray.train.report(dict(metrics), checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        else:
+            ray.train.report(dict(metrics))
+
+
+def result_metrics(result: Any, what: str) -> dict[str, Any]:
+    """The metrics rank 0 sent with ``report_result`` (``result``: ``trainer.fit()``'s)."""
+    import json
+
+    if result.checkpoint is None:
+        raise RuntimeError(f"{what}: the worker group ended without its result ({result.error})")
+    with result.checkpoint.as_directory() as directory:
+        with open(os.path.join(directory, RESULT_FILE)) as f:
+            return json.load(f)
