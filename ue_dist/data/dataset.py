@@ -132,9 +132,10 @@ def write_samples(url: str, samples: list[Sample], *, shard_size: int = DEFAULT_
             target = storage.join(url, shard_name(index))
             write_shard(target, samples[start:start + shard_size], storage_options)
             written.append(target)
-        labels = Counter(int(s.label) for s in samples)
+        labels = Counter(int(s.label) for s in samples if s.label is not None)
+        classes = num_classes or (max(labels) + 1 if labels else None)  # None: no labels
         manifest = {"samples": len(samples), "shards": len(written), "image_shape": list(shape),
-                    "num_classes": int(num_classes or max(labels) + 1),
+                    "num_classes": None if classes is None else int(classes),
                     "label_histogram": {str(k): v for k, v in sorted(labels.items())},
                     **dict(extra or {})}
         storage.write_bytes(storage.join(url, MANIFEST), json.dumps(manifest, indent=1).encode(),

@@ -304,7 +304,7 @@ def amplified(original: np.ndarray, protected: np.ndarray) -> np.ndarray:
 
 
 def _pairs(src: str, dst: str, n: int, storage_options: Mapping[str, Any] | None
-           ) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+           ) -> Iterator[tuple[str, str | None, np.ndarray, np.ndarray]]:
     """The first ``n`` keys of ``dst`` (shard order) that ``src`` also holds. Protect keeps the
     input shard's name, so the source shard of the same name is read first."""
     src_shards = list_shards(src, storage_options)
@@ -321,7 +321,7 @@ def _pairs(src: str, dst: str, n: int, storage_options: Mapping[str, Any] | None
                     cache.clear()  # one source shard in memory at a time
                     cache[u] = {t.key: t.image for t in read_shard(u, storage_options)}
                 if s.key in cache[u]:
-                    yield s.key, cache[u][s.key], s.image
+                    yield s.key, s.meta.get("source_path"), cache[u][s.key], s.image
                     found += 1
                     break
             if found >= n:
@@ -344,12 +344,13 @@ def preview(src: str, dst: str, out: str | None = None, *, n: int = 16, cell: in
     if int(n) < 1:
         raise ExportError(f"--n must be >= 1, got {n}")
     rows, table = [], []
-    for key, original, protected in _pairs(src, dst, int(n), storage_options):
+    for key, source, original, protected in _pairs(src, dst, int(n), storage_options):
         if original.shape != protected.shape:
             raise ExportError(f"sample {key!r}: the original is {original.shape} and the "
                               f"protected image {protected.shape}; they cannot be compared")
         figures = image_metrics(original, protected)
-        table.append({"key": key, "shape": list(original.shape), **figures})
+        table.append({"key": key, "source_path": source, "shape": list(original.shape),
+                      **figures})
         rows.append((original, protected, amplified(original, protected)))
     if not rows:
         raise ExportError(f"no key of {dst!r} is also in {src!r}; pass the protected output "
@@ -376,7 +377,8 @@ def preview(src: str, dst: str, out: str | None = None, *, n: int = 16, cell: in
 
 
 def _caption(f: Mapping[str, Any]) -> str:
-    return (f"{f['key'][:40]}  max|d| {f['max_delta']}  PSNR {f['psnr']:.2f} dB  "
+    name = f.get("source_path") or f["key"]
+    return (f"{name[-40:]}  max|d| {f['max_delta']}  PSNR {f['psnr']:.2f} dB  "
             f"SSIM {f['ssim']:.4f}")
 
 
