@@ -280,3 +280,30 @@ def test_preview_grid_and_table(photos, tmp_path, capsys):
     assert cli(["preview", str(out / "train"), str(tmp_path / "prot"), "--n", "2"]) == 0
     table = capsys.readouterr().out
     assert "inf" in table and "SSIM" in table
+
+
+def test_unicode_and_long_names_round_trip_through_convert_and_export(tmp_path):
+    long_rel = "albums/" + "x" * 120 + ".final.jpg"
+    for rel in ("été/photo 1.v2.png", long_rel):
+        _photo(tmp_path / "in" / rel, 5, 7, len(rel))
+    convert_imagefolder(str(tmp_path / "in"), str(tmp_path / "out"), labels="none")
+    samples = _samples(tmp_path / "out" / "train")
+    assert any(s.key.startswith("%%") and s.meta["source_path"] == long_rel for s in samples)
+    photo_io.export(str(tmp_path / "out" / "train"), str(tmp_path / "png"))
+    assert _tree(tmp_path / "png") == sorted(["albums/" + "x" * 120 + ".final.png",
+                                              "été/photo 1.v2.png", "ue-dist-export.json"])
+
+
+def test_overwrite_refuses_a_stale_test_split(photos, tmp_path):
+    out = tmp_path / "out"
+    for i in range(6):
+        _photo(photos / "dog" / f"more{i}.png", 7, 7, 20 + i)
+    convert_imagefolder(str(photos), str(out), test_fraction=0.3)
+    with pytest.raises(Exception, match="earlier conversion.*no test split"):
+        convert_imagefolder(str(photos), str(out), overwrite=True)
+    assert len(_samples(out / "train")) == 7  # untouched
+    convert_imagefolder(str(photos), str(tmp_path / "o2"), shard_size=1)
+    assert len(list_shards(str(tmp_path / "o2" / "train"))) == 10
+    convert_imagefolder(str(photos), str(tmp_path / "o2"), shard_size=100, overwrite=True)
+    assert len(list_shards(str(tmp_path / "o2" / "train"))) == 1  # the 9 stale shards removed
+    assert len(_samples(tmp_path / "o2" / "train")) == 10

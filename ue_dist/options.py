@@ -161,7 +161,8 @@ CONVERT = Command("convert", "Convert a dataset into WebDataset shards: OUT/trai
              "default: where `apt-get install dataset-fashion-mnist` puts them, "
              "/usr/share/datasets/fashion-mnist); idx: IMAGES LABELS [TEST_IMAGES TEST_LABELS] "
              "OUT (MNIST-format files, .gz or not; one pair is split like numpy). Writes "
-             "OUT/train and OUT/test"),
+             "OUT/train and OUT/test (imagefolder: OUT/test only with --test-fraction or a "
+             "PATH holding train/ and test/)"),
     Opt("inputs", type=list, default=(), cli=False,
         help="job specs: the input paths (PATH... without OUT, which is ROOT/data)"),
     Opt("n", type=int, default=5000, low=1, help="synthetic: number of samples"),

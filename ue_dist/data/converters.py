@@ -480,6 +480,12 @@ def convert_imagefolder(path: str, out: str, image_size: int | None = None, seed
             raise storage.StorageError(f"{storage.join(out, split)!r} already holds "
                                        f"{len(existing)} shard(s); choose an empty output or "
                                        "pass --overwrite")
+    for split in {"train", "test"} - set(plan):
+        existing = _existing_shards(storage.join(out, split), storage_options)
+        if existing:  # an earlier conversion's split would be read with this one's
+            raise storage.StorageError(f"{storage.join(out, split)!r} holds {len(existing)} "
+                                       "shard(s) of an earlier conversion and this one writes no "
+                                       f"{split} split; remove it or choose another OUT")
     stage = photo_io.staging_url(out, "_ue-convert-tmp-")
     writers: dict[str, _SplitWriter] = {}
     try:

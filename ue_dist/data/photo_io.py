@@ -184,8 +184,7 @@ def export(dst: str, out_dir: str, *, overwrite: bool = False, extras: bool = Fa
 
     Everything is written into a hidden staging folder first and moved into place only when
     every sample exported, so a refused sample leaves ``out_dir`` as it was."""
-    storage.refuse_inside(out_dir, dst)
-    storage.refuse_inside(dst, out_dir, what="input")
+    storage.refuse_inside(out_dir, dst, refuse_containing=True)
     storage.check_writable_root(out_dir, storage_options)
     fs, root = storage.get_fs(out_dir, storage_options)
     local = storage.protocol_of(out_dir) == "file"
@@ -305,25 +304,34 @@ def amplified(original: np.ndarray, protected: np.ndarray) -> np.ndarray:
 
 def _pairs(src: str, dst: str, n: int, storage_options: Mapping[str, Any] | None
            ) -> Iterator[tuple[str, str | None, np.ndarray, np.ndarray]]:
-    """The first ``n`` keys of ``dst`` (shard order) that ``src`` also holds. Protect keeps the
-    input shard's name, so the source shard of the same name is read first."""
+    """The first ``n`` keys of ``dst`` (shard order) that ``src`` also holds, with the
+    sample's ``source_path``. Protect keeps the input shard's name, so the source shard of the
+    same name is looked in first; only a key not there makes one pass over all of ``src`` to
+    index its keys (one source shard in memory at a time)."""
     src_shards = list_shards(src, storage_options)
     by_name = {posixpath.basename(u): u for u in src_shards}
+    index: dict[str, str] | None = None
+    cache: dict[str, dict[str, np.ndarray]] = {}
+
+    def images(url: str) -> dict[str, np.ndarray]:
+        if url not in cache:
+            cache.clear()
+            cache[url] = {t.key: t.image for t in read_shard(url, storage_options)}
+        return cache[url]
+
     found = 0
-    cache: dict[str, Any] = {}
     for shard in list_shards(dst, storage_options):
-        name = posixpath.basename(shard)
-        order = ([by_name[name]] if name in by_name else []) + \
-            [u for u in src_shards if posixpath.basename(u) != name]
+        same = by_name.get(posixpath.basename(shard))
         for s in read_shard(shard, storage_options):
-            for u in order:
-                if u not in cache:
-                    cache.clear()  # one source shard in memory at a time
-                    cache[u] = {t.key: t.image for t in read_shard(u, storage_options)}
-                if s.key in cache[u]:
-                    yield s.key, s.meta.get("source_path"), cache[u][s.key], s.image
-                    found += 1
-                    break
+            url = same if same is not None and s.key in images(same) else None
+            if url is None:
+                if index is None:
+                    index = {k: u for u in src_shards for k in images(u)}
+                url = index.get(s.key)
+            if url is None:
+                continue
+            yield s.key, s.meta.get("source_path"), images(url)[s.key], s.image
+            found += 1
             if found >= n:
                 return
 
