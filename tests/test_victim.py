@@ -86,7 +86,8 @@ def test_victim_preset_choices_come_from_the_presets():
 
     assert tuple(opts.VICTIM_PRESET.valid_choices()) == tuple(VICTIM_PRESETS)
     assert {"rem", "gue", "bayes"} <= set(VICTIM_PRESETS)
-    assert tuple(opts.PRESET.valid_choices()) == ("paper", "quick")  # method presets unchanged
+    # method presets are their own list (no victim preset leaks into them)
+    assert tuple(opts.PRESET.valid_choices()) == ("paper", "quick", "imagenet")
     args = build_parser().parse_args(["evaluate", "--train", "a", "--test", "b",
                                       "--victim-preset", "rem"])
     assert args.victim_preset == "rem"

@@ -116,7 +116,8 @@ def _fit(args: argparse.Namespace) -> int:
                         storage_path=args.storage, run_name=args.run_name,
                         storage_options=storage_options(args), max_failures=args.max_failures,
                         train_fraction=args.train_fraction, labels=args.labels,
-                        clusters=args.clusters, overwrite=args.overwrite, progress=to_stderr)
+                        clusters=args.clusters, image_size=args.image_size, views=args.views,
+                        overwrite=args.overwrite, progress=to_stderr)
     result["settings"] = method.settings
     emit(args, result)
     return 0
@@ -184,6 +185,8 @@ def _protect_cmd(args: argparse.Namespace) -> int:
                       actors=args.actors, gpus_per_actor=args.gpus_per_actor,
                       cpus_per_actor=args.cpus_per_actor, batch_size=args.batch_size,
                       labels=args.labels, mode=args.mode, watch=args.watch,
+                      joint=args.joint, workers=args.workers,
+                      checkpoint_every=args.checkpoint_every,
                       poll_seconds=args.poll_seconds,
                       max_polls=args.max_polls, stop_file=args.stop_file,
                       storage_options=storage_options(args), wait_for_lease=args.wait_for_lease,

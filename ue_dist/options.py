@@ -119,6 +119,11 @@ def _resize_modes() -> Sequence[str]:
     return RESIZE_MODES
 
 
+def _views() -> Sequence[str]:
+    from ue_dist.data.views import VIEWS
+    return VIEWS
+
+
 def deprecated(old: str, new: str, where: str) -> None:
     """One warning line per old spelling and process (a spec validated twice warns once)."""
     line = (f"{where}: warning: {old} is deprecated, use {new} "
@@ -140,7 +145,8 @@ VERBOSE = Opt("verbose", type=bool, flags=("-v", "--verbose"), spec=False,
 METHOD = Opt("method", required=True, help="method name (see `ue-dist methods`)")
 PRESET = Opt("preset", default="paper", choices=_presets,
              help="method settings: paper = the papers' settings; quick = sized to try on a "
-                  "laptop CPU")
+                  "laptop CPU; imagenet = the paper's ImageNet-subset settings, for 224 x 224 "
+                  "inputs (rem; fit with --image-size 224)")
 SET = Opt("overrides", type=dict, flags=("--set",), metavar="KEY=VALUE",
           help="override one method setting (repeatable); unknown keys are an error")
 VICTIM_PRESET = Opt("victim_preset", default="paper", choices=_victim_presets,
@@ -252,6 +258,17 @@ FIT = Command("fit", "Fit a method (source model, generator or embedding) on Ray
              "pseudo-labels of the pooled pixels, for photos without labels, as Unlearnable "
              "Clusters; the labeller goes into the state and labels every image protect sees)"),
     Opt("clusters", type=int, default=10, low=2, help="pseudo-classes for --labels cluster"),
+    Opt("image_size", type=int, low=1, metavar="N",
+        help="fit on one N x N view of every image (--views), so shards of mixed sizes (photo "
+             "buckets) can be fitted; the state's image shape is then [C, N, N], C = 3 if any "
+             "image has colour else 1 (alpha dropped, grey replicated). Default: the images' "
+             "own size, which must then be one size"),
+    Opt("views", default="crop", choices=_views,
+        help="with --image-size: crop = one seeded random N x N crop at the image's own scale "
+             "(images smaller than N first scaled up to N), the default because protect "
+             "perturbs native-scale tiles of the fitted size, so the model learns on what "
+             "those tiles look like; resize = smaller side scaled to N (antialiased), then "
+             "the centre N x N"),
     Opt("overwrite", type=bool, spec=False, help="replace an existing STATE_URL"),
     replace(PRESET, spec=False), replace(SET, spec=False), *COMMON),
     "ue-dist fit --method em out/digits/train out/em.pt --preset quick --workers 2 "
@@ -296,6 +313,17 @@ PROTECT = Command("protect", "Protect every shard of SRC into DST on Ray Data (r
     Opt("cpus_per_actor", type=float, default=0.5, low=0.01,
         help="CPUs per actor, fractional allowed"),
     Opt("batch_size", type=int, default=256, low=1, help="images per perturb call"),
+    Opt("joint", type=bool,
+        help="bayes only: optimise all shards of SRC as ONE set (the paper's joint mode: every "
+             "sample's embedding all-gathered across --workers Ray Train workers, the "
+             "unselected --fraction kept clean in the objective) instead of batch by batch "
+             "against the state's clean bank (the default streaming mode)"),
+    Opt("workers", type=int, default=2, low=1,
+        help="--joint: Ray Train workers (each reads and owns a contiguous part of the shards; "
+             "--cpus-per-actor/--gpus-per-actor are per worker)"),
+    Opt("checkpoint_every", type=int, default=10, low=0,
+        help="--joint: ascent steps between checkpoints in DST/_ue-joint (a crashed or "
+             "interrupted run resumes from the last; 0: none)"),
     Opt("labels", default="given", choices=("given", "predict"),
         help="the label a sample is protected with: given (its .cls; a state fitted with "
              "`fit --labels cluster` labels every image by its clusters instead) or predict "
@@ -430,6 +458,11 @@ SWEEP_SPEC = (
     Opt("methods", type=list, default=(), help="method names (grid)"),
     replace(PRESET, name="method_preset"),
     Opt("method_overrides", type=dict, help="{METHOD: {key: value}} per-method settings"),
+    Opt("bayes_mode", default="streaming", choices=("streaming", "joint"),
+        help="how bayes protects the training set: streaming (batch by batch against the "
+             "state's clean bank, once for every fraction) or joint (the paper's: the whole set "
+             "ascends together, the unprotected part fixed in the objective, so one joint run "
+             "per fraction)"),
     Opt("fractions", type=list, default=(1.0,), help="protected fractions in [0, 1]"),
     Opt("subsets", type=list, default=("all", "clean"), choices=("all", "clean"),
         help="all (mixed) and/or clean (clean part only)"),

@@ -11,7 +11,9 @@ from typing import Any, Mapping, Sequence
 
 from ue_dist.errors import UserError
 
-PRESETS = ("paper", "quick")
+# every method has paper and quick; imagenet (REM's ImageNet-subset settings) only where a
+# method defines it: the method's resolve names its own valid presets
+PRESETS = ("paper", "quick", "imagenet")
 
 
 class SettingsError(UserError, ValueError):

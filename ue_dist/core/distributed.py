@@ -79,3 +79,9 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     out = t.detach().clone()
     dist.all_reduce(out, op=dist.ReduceOp.SUM)
     return out
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op single-process)."""
+    if is_distributed():
+        dist.barrier()

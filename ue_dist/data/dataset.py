@@ -27,6 +27,11 @@ def read_all_shards(url: str, storage_options: Mapping[str, Any] | None = None
     return list(zip(shards, contents))
 
 
+class MixedSizesError(ShardError):
+    """Images of different shapes in a set that is used as one tensor (``fit --image-size``
+    turns such a set into fixed-size views)."""
+
+
 def _shapes(shard_samples: list[tuple[str, list]]) -> tuple[Counter, tuple | None]:
     """``(Counter of image shapes, (shard, key, shape) of the first sample whose shape differs
     from the first one's, or None)``; refuses a key that appears twice and an empty dataset."""
@@ -54,31 +59,93 @@ def _check_consistent(shard_samples: list[tuple[str, list]]) -> tuple[int, ...]:
     shapes, mixed = _shapes(shard_samples)
     if mixed is not None:
         (shard0, key0, shape0), (shard, key, shape) = mixed
-        raise ShardError(f"shard {shard}, sample {key!r}: image shape {shape} differs from "
-                         f"{shape0} (shard {shard0}, sample {key0!r}): mixed image shapes in one "
-                         f"dataset ({len(shapes)} sizes); a set loaded whole needs one size: "
-                         "convert with --image-size N (--resize-mode center_crop or border)")
+        raise MixedSizesError(
+            f"shard {shard}, sample {key!r}: image shape {shape} differs from {shape0} (shard "
+            f"{shard0}, sample {key0!r}): mixed image shapes in one dataset ({len(shapes)} sizes); "
+            "a set loaded whole needs one size: convert with --image-size N (--resize-mode "
+            "center_crop or border)")
     return next(iter(shapes))
 
 
+def _unlabelled(shard: str, key: str) -> ShardError:
+    return ShardError(f"shard {shard}, sample {key!r}: no label ({key}.cls); a labelled set is "
+                      "needed here")
+
+
 def load_imageset(url: str, storage_options: Mapping[str, Any] | None = None, *,
-                  require_labels: bool = True) -> ImageSet:
+                  require_labels: bool = True, image_size: int | None = None,
+                  views: str = "crop", seed: int = 0) -> ImageSet:
     """Every shard under ``url`` (one split, e.g. ``OUT/train``) as one ``ImageSet``;
-    ``require_labels=False``: a sample without a label gets -1 (pseudo-labels replace them)."""
+    ``require_labels=False``: a sample without a label gets -1 (pseudo-labels replace them).
+
+    ``image_size=N``: one ``N x N`` view of every image instead (``data/views.py``: ``views`` is
+    ``crop`` or ``resize``, the crops drawn from ``seed`` and each key), so a set of mixed sizes
+    loads; shards are read one at a time, so memory holds the views and one shard of originals.
+    Without it, mixed sizes are refused (``MixedSizesError``)."""
+    if image_size is not None:
+        return _load_views(url, storage_options, require_labels=require_labels,
+                           image_size=int(image_size), views=views, seed=seed)
     shard_samples = read_all_shards(url, storage_options)
     _check_consistent(shard_samples)
     samples = [(shard, s) for shard, ss in shard_samples for s in ss]
     unlabelled = next(((shard, s.key) for shard, s in samples if s.label is None), None)
     if unlabelled is not None and require_labels:
-        raise ShardError(f"shard {unlabelled[0]}, sample {unlabelled[1]!r}: no label "
-                         f"({unlabelled[1]}.cls); a labelled set is needed here")
+        raise _unlabelled(*unlabelled)
     images = np.stack([s.image for _, s in samples])
     labels = np.array([-1 if s.label is None else s.label for _, s in samples], dtype=np.int64)
     meta = [dict(s.meta, source_shard=s.meta.get("source_shard") or shard) for shard, s in samples]
+    return ImageSet.from_numpy_hwc(images, labels, [s.key for _, s in samples], meta,
+                                   _num_classes(url, storage_options, labels))
+
+
+def _num_classes(url: str, storage_options: Mapping[str, Any] | None, labels: np.ndarray) -> int:
     manifest = _read_manifest(url, storage_options)
     num_classes = manifest.get("num_classes") if manifest else None
-    num_classes = max(int(num_classes or 0), int(labels.max()) + 1)
-    return ImageSet.from_numpy_hwc(images, labels, [s.key for _, s in samples], meta, num_classes)
+    return max(int(num_classes or 0), int(labels.max()) + 1)
+
+
+def _load_views(url: str, storage_options: Mapping[str, Any] | None, *, require_labels: bool,
+                image_size: int, views: str, seed: int) -> ImageSet:
+    """``load_imageset`` with ``image_size``: shard by shard, each image replaced by its view."""
+    from ue_dist.data.views import VIEWS, as_channels, make_view, view_rng
+
+    if views not in VIEWS:
+        raise ShardError(f"--views must be one of {', '.join(VIEWS)}, got {views!r}")
+    if image_size < 1:
+        raise ShardError(f"--image-size must be >= 1, got {image_size}")
+    shards = list_shards(url, storage_options)
+    if not shards:
+        raise storage.StorageError(f"no shards (*.tar) found under {url!r}")
+    blocks: list[np.ndarray] = []  # one n_shard x N x N x C block per shard (C = 1 or 3)
+    keys: list[str] = []
+    labels: list[int] = []
+    meta: list[dict[str, Any]] = []
+    seen: dict[str, str] = {}
+    for shard in shards:
+        samples = read_shard(shard, storage_options)  # the originals live for one shard only
+        out = []
+        for s in samples:
+            if s.key in seen:
+                raise ShardError(f"shard {shard}, sample {s.key!r}: key also appears in shard "
+                                 f"{seen[s.key]} (keys must be unique)")
+            seen[s.key] = shard
+            if s.label is None and require_labels:
+                raise _unlabelled(shard, s.key)
+            out.append(make_view(s.image, image_size, views, rng=view_rng(seed, s.key)))
+            keys.append(s.key)
+            labels.append(-1 if s.label is None else int(s.label))
+            meta.append(dict(s.meta, source_shard=s.meta.get("source_shard") or shard))
+        if out:
+            channels = max(v.shape[2] for v in out)
+            blocks.append(np.stack([as_channels(v, channels) for v in out]))
+        del samples
+    if not blocks:
+        raise ShardError("the dataset has no samples")
+    channels = max(b.shape[3] for b in blocks)  # colour if any image has colour
+    images = np.concatenate([as_channels(b, channels) for b in blocks])
+    label_array = np.asarray(labels, dtype=np.int64)
+    return ImageSet.from_numpy_hwc(images, label_array, keys, meta,
+                                   _num_classes(url, storage_options, label_array))
 
 
 def _read_manifest(url: str, storage_options: Mapping[str, Any] | None) -> dict[str, Any] | None:

@@ -576,8 +576,24 @@ def ls(url: str, storage_options: Mapping[str, Any] | None = None,
                      fs=fs)
 
 
+def remove(url: str, storage_options: Mapping[str, Any] | None = None) -> None:
+    """Remove the file at ``url`` if it exists."""
+    fs, path = get_fs(url, storage_options)
+    if fs.exists(path):
+        _retrying(lambda: fs.rm(path), url, "remove", storage_options, fs=fs)
+
+
+def remove_tree(url: str, storage_options: Mapping[str, Any] | None = None) -> None:
+    """Remove the folder / prefix ``url`` and everything under it, if it exists (a local
+    symlink is refused by ``shutil.rmtree``, so nothing outside is touched)."""
+    fs, path = get_fs(url, storage_options)
+    if fs.exists(path):
+        _retrying(lambda: fs.rm(path, recursive=True), url, "remove", storage_options, fs=fs)
+
+
 __all__ = ["StorageError", "get_fs", "join", "normalise", "resolved", "refuse_inside", "atomic_write",
            "read_bytes", "write_bytes", "exists", "parse_storage_options", "check_writable_root",
            "fsspec", "protocol_of"]
 __all__ += ["StorageNotFoundError", "StoragePermissionError", "StorageUnreachableError",
-            "StorageTransientError", "storage_error", "is_transient", "ls", "mask_secrets"]
+            "StorageTransientError", "storage_error", "is_transient", "ls", "mask_secrets",
+            "remove", "remove_tree"]

@@ -430,6 +430,7 @@ class BayesErrorMaximisation(Method):
     def perturb_jointly(self, loaded: LoadedBayes, images: torch.Tensor, labels: torch.Tensor,
                         fixed: torch.Tensor | None = None, bank: bool = False,
                         on_step: Callable[[int, float, torch.Tensor], Any] | None = None,
+                        init: torch.Tensor | None = None, start_step: int = 0,
                         ) -> tuple[torch.Tensor, list[float]]:
         """Full-strength (set-wise) mode: all samples ascend together; returns (delta, beta history).
 
@@ -438,6 +439,10 @@ class BayesErrorMaximisation(Method):
         ``bank=True`` adds the state's bank as extra fixed keys (off by default: the samples
         themselves are the dataset). ``retrain_every=k`` (authors' variant) fine-tunes the
         embedding model on the current protected images every k steps (single process only).
+        Resuming: ``init`` is the delta after ``start_step`` steps (a checkpoint); the remaining
+        steps run and ``on_step`` gets the global step numbers. For the sign and gradient rules
+        this equals the uninterrupted run (the ascent keeps no other state); ``adam``'s moments
+        restart.
         """
         check_images(loaded, images, labels)
         s = self.settings
@@ -455,11 +460,21 @@ class BayesErrorMaximisation(Method):
 
             retrain = retrainer(s, model, labels)
         x = images.to(loaded.device).float()
+        start = int(start_step)
+        if not 0 <= start <= int(s["steps"]):
+            raise ValueError(f"start_step must lie in [0, {int(s['steps'])}], got {start}")
+        if start and retrain is not None:
+            raise SettingsError("retrain_every > 0 (the authors' variant) cannot resume")
+        step_hook = on_step
+        if on_step is not None and start:
+            def step_hook(t: int, beta: float, delta: torch.Tensor) -> Any:
+                return on_step(t + start, beta, delta)
         return bayes_pga(embed_fn, x, labels.to(loaded.device).long(), eps=self.eps,
-                         step_size=float(s["step_size"]), steps=int(s["steps"]),
+                         step_size=float(s["step_size"]), steps=int(s["steps"]) - start,
+                         init=init.to(x.device) if init is not None else None,
                          sigma=self._sigma(loaded), num_classes=loaded.num_classes, norm=s["norm"],
                          step_rule=s["step_rule"], fixed=fixed,
                          bank=loaded.bank if bank else None,
                          bank_labels=loaded.bank_labels if bank else None, chunk=int(s["chunk"]),
-                         block_size=int(s["block_size"]) or None, on_step=on_step,
+                         block_size=int(s["block_size"]) or None, on_step=step_hook,
                          retrain=retrain, retrain_every=int(s["retrain_every"]))

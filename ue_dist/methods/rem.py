@@ -393,6 +393,25 @@ class REM(SourceModelMethod):
                   "steps_u": 4, "step_frac_u": 0.5, "steps_a": 2, "step_frac_a": 0.75,
                   "eot_samples": 2, "augmentation": "auto", "stop_acc": 0.0, "seed": 0,
                   "log_every": 25, "checkpoint_every": 50, "precision": "fp32"},
+        # Appendix A.3.1 / Table 5 (ImageNet subset, the first 100 classes): ResNet-18, 3,000
+        # SGD iterations of batch 128, momentum 0.9, weight decay 5e-4, lr 0.1 x0.1 every 1,200;
+        # rho_u = 8/255 with rho_a = 4/255 (Tables 1-2, Fig. 6); K_u = 7 steps of rho_u/4,
+        # K_a = 10 steps of rho_a/5 (Table 5's REM row); EOT over the training augmentation
+        # with J = 4. An iteration is one minibatch, which is what train_steps and
+        # lr_decay_every count. Not keys of this method, so not in the preset:
+        # * the 224 x 224 input is the data's: fit with `--image-size 224` (or shards that
+        #   size); at 224 the source model has the ImageNet stem (7x7 stride-2 conv + 3x3
+        #   max-pool, core/models.py: inputs > 64 px);
+        # * the paper's ImageNet augmentation is random crop, resize to 224, flip; "auto" at
+        #   224 is crop-flip (4-pixel pad, random crop, flip), the nearest kind core/augment.py
+        #   has, and the pixel rescaling to [-0.5, 0.5] is the models' Normalize layer.
+        # The authors' scripts/in-mini/gen_rem.sh uses 7 steps of rho_a/4 for K_a instead
+        # (--set steps_a=7 --set step_frac_a=0.25); A.4's "8 steps of rho_a/4" is the
+        # victim's adversarial training (core/victim.py), not the source model's.
+        "imagenet": {"eps": 8 / 255, "rho_a": 4 / 255, **_schedule("resnet18", 3000, 128, 1200),
+                     "steps_u": 7, "step_frac_u": 0.25, "steps_a": 10, "step_frac_a": 0.2,
+                     "eot_samples": 4, "augmentation": "auto", "stop_acc": 0.0, "seed": 0,
+                     "log_every": 50, "checkpoint_every": 500, "precision": "fp32"},
     }
 
     declared = {**_SOURCE_MODEL, **_NOISE,

@@ -9,8 +9,10 @@ the embedding model in eval mode the result equals the single-process one on the
 """
 from __future__ import annotations
 
+import json
 import math
 import os
+import posixpath
 import tempfile
 from typing import Any, Mapping, Sequence
 
@@ -141,6 +143,279 @@ def protect_dataset_jointly(src: str, dst: str, state_url: str, *, preset: str =
     return {"src": src, "dst": dst, "samples": len(data), "protected": int(chosen.sum()),
             "shards": len(shards), "beta_before": out["history"][0],
             "beta_after": out["history"][-1]}
+
+
+# joint mode on a bucket: ue-dist protect --method bayes --joint ----------------------------------
+JOINT_DIR = "_ue-joint"  # in DST: per-run checkpoints and Ray Train's run folder
+METRICS_FILE = "joint-metrics.json"
+
+
+def check_joint(method, state: Mapping[str, Any] | None, opts: Any) -> None:
+    """What ``--joint`` refuses before anything is written (``opts``: ``ProtectOptions``)."""
+    if method.name != "bayes":
+        raise SettingsError(f"--joint optimises one set jointly, the Bayes-error objective's "
+                            f"mode; method {method.name!r} perturbs batch by batch: drop --joint")
+    if opts.watch:
+        raise SettingsError("--joint optimises the shards present now as one set; it cannot "
+                            "--watch for new ones (protect new data with a new run)")
+    if opts.labels == "predict":
+        raise SettingsError("--labels predict: method 'bayes' has no classifier")
+    if int(method.settings["retrain_every"]) > 0:
+        raise SettingsError("--joint runs on a worker group: retrain_every > 0 (the authors' "
+                            "variant) runs single-process only (perturb_jointly in Python)")
+
+
+def own_shards(shards: Sequence[str], world: int, rank: int) -> list[str]:
+    """Rank ``rank``'s contiguous part of ``shards`` (ranks in order = samples in order)."""
+    per = math.ceil(len(shards) / world)
+    return list(shards[rank * per:(rank + 1) * per])
+
+
+def _checkpoint_steps(folder: str, storage_options: Mapping[str, Any] | None) -> list[int]:
+    """Steps whose checkpoint every rank finished (rank 0 writes ``step-N.done`` after a
+    barrier), oldest first."""
+    from ue_dist.data import storage
+
+    if not storage.exists(folder, storage_options):
+        return []
+    names = [posixpath.basename(str(e).rstrip("/")) for e in storage.ls(folder, storage_options)]
+    return sorted(int(n[5:-5]) for n in names
+                  if n.startswith("step-") and n.endswith(".done") and n[5:-5].isdigit())
+
+
+def write_checkpoint(folder: str, step: int, parts: Sequence[tuple[str, torch.Tensor]],
+                     storage_options: Mapping[str, Any] | None) -> None:
+    """One rank's part of the checkpoint after ``step`` ascent steps: the float delta of each of
+    its shards, ``folder/step-N/SHARD.pt`` (the step counts once rank 0 writes its marker)."""
+    import io
+
+    from ue_dist.data import storage
+
+    for name, delta in parts:
+        buf = io.BytesIO()
+        torch.save(delta.detach().cpu().clone(), buf)
+        storage.write_bytes(storage.join(folder, f"step-{step:06d}", f"{name}.pt"),
+                            buf.getvalue(), storage_options)
+
+
+def mark_checkpoint(folder: str, step: int, storage_options: Mapping[str, Any] | None) -> None:
+    """Rank 0, after every rank wrote its part: the step counts; older checkpoints go."""
+    from ue_dist.data import storage
+
+    storage.write_bytes(storage.join(folder, f"step-{step:06d}.done"), b"", storage_options)
+    for old in _checkpoint_steps(folder, storage_options)[:-1]:
+        storage.remove(storage.join(folder, f"step-{old:06d}.done"), storage_options)
+        storage.remove_tree(storage.join(folder, f"step-{old:06d}"), storage_options)
+
+
+def read_checkpoint(folder: str, step: int, names: Sequence[str],
+                    storage_options: Mapping[str, Any] | None) -> torch.Tensor:
+    """The deltas of shards ``names`` after ``step`` steps, concatenated in that order."""
+    import io
+
+    from ue_dist.data import storage
+
+    return torch.cat([torch.load(io.BytesIO(storage.read_bytes(
+        storage.join(folder, f"step-{step:06d}", f"{name}.pt"), storage_options)),
+        weights_only=True) for name in names])
+
+
+def bucket_worker_loop(config: dict[str, Any]) -> None:
+    """Ray Train worker of ``protect --joint``: read this rank's shards, ascend jointly with the
+    other ranks (embeddings all-gathered every step), checkpoint every few steps into DST, commit
+    this rank's shards through the shared shard commit and ledger."""
+    import resource
+    import time
+
+    import numpy as np
+    import ray.train
+    import ray.train.torch
+
+    from ue_dist.core.distributed import all_gather_no_grad, all_reduce_sum, barrier, rank, world_size
+    from ue_dist.core.quantize import apply_perturbation
+    from ue_dist.data import storage
+    from ue_dist.data.shards import Sample, ShardError, read_shard
+    from ue_dist.methods.base import get_method
+    from ue_dist.methods.protect import selected_for_protection
+    from ue_dist.pipeline import (PipelineConfig, check_samples, commit_shard, output_meta,
+                                  read_state, sample_labels)
+    from ue_dist.runtime import ledger
+
+    r, ws = rank(), world_size()
+    so = config["storage_options"] or None
+    device = ray.train.torch.get_device() if config["use_gpu"] else torch.device("cpu")
+    method = get_method("bayes")(config["settings"])
+    state, _ = read_state(method, config["state_url"], so)
+    pconfig = PipelineConfig(method=method, state=state, state_url=config["state_url"],
+                             loaded=method.load(state, device), fraction=config["fraction"],
+                             seed=config["seed"], storage_options=so, device=device,
+                             settings_hash=config["run_hash"])
+    fitted = tuple(int(v) for v in state["image_shape"])  # C, H, W
+    mine, problem = [], None
+    try:
+        for url in own_shards(config["shards"], ws, r):
+            samples = read_shard(url, so)
+            check_samples(pconfig, url, samples)
+            for smp in samples:
+                h, w, c = smp.image.shape
+                if (c, h, w) != fitted:
+                    raise ShardError(f"shard {url}, sample {smp.key!r}: an image of {h}x{w}x{c}; "
+                                     f"--joint optimises the set at the fitted shape "
+                                     f"{fitted[1]}x{fitted[2]}x{fitted[0]} (C={fitted[0]})")
+            mine.append((url, samples))
+    except ShardError as exc:
+        problem = exc
+    # every rank learns whether any shard is bad before the first collective of the ascent
+    if float(all_reduce_sum(torch.tensor([1.0 if problem else 0.0]))) > 0:
+        if problem is not None:
+            raise problem
+        return  # the rank holding the bad shard raises it, naming the shard
+    every = [s for _, ss in mine for s in ss]
+    x8 = torch.from_numpy(np.stack([s.image for s in every])).permute(0, 3, 1, 2).contiguous()
+    labels = sample_labels(pconfig, every)
+    chosen = selected_for_protection([s.key for s in every], pconfig.fraction, pconfig.seed)
+    folder, steps = config["checkpoints"], int(method.settings["steps"])
+    done_steps = _checkpoint_steps(folder, so)
+    start, init = 0, None
+    if done_steps:  # resume: every rank sees the same markers, so the same step
+        start = done_steps[-1]
+        init = read_checkpoint(folder, start, [ledger.shard_name(u) for u, _ in mine], so)
+    every_k = int(config["checkpoint_every"])
+    stamps: list[float] = []
+
+    def on_step(t: int, beta: float, delta: torch.Tensor) -> None:
+        stamps.append(time.perf_counter())
+        if not every_k or t == start or t % every_k or t >= steps:
+            return
+        parts, offset = [], 0
+        for url, samples in mine:
+            parts.append((ledger.shard_name(url), delta[offset:offset + len(samples)]))
+            offset += len(samples)
+        write_checkpoint(folder, t, parts, so)
+        barrier()  # every rank's part is written before the step counts as checkpointed
+        if r == 0:
+            mark_checkpoint(folder, t, so)
+
+    x = ImageSet.to_float(x8).to(device)
+    delta, history = method.perturb_jointly(
+        pconfig.loaded, x, labels.to(device), fixed=torch.from_numpy(~chosen).to(device),
+        on_step=on_step, init=init, start_step=start)
+    delta = delta.cpu()
+    protected = torch.from_numpy(apply_perturbation(x8, delta, **method.bound()))
+    offset = 0
+    for url, samples in mine:
+        n = len(samples)
+        mask = chosen[offset:offset + n]
+        out = [Sample(key=s.key, image=(protected[offset + i] if mask[i] else x8[offset + i])
+                      .permute(1, 2, 0).contiguous().numpy(), label=s.label, extra=dict(s.extra),
+                      meta=output_meta(s.meta, mask[i], method.name, method.eps, url,
+                                       mode="joint"))
+               for i, s in enumerate(samples)]
+        commit_shard(pconfig, url, config["dst"], out, mask,
+                     config["fingerprints"].get(ledger.shard_name(url)))
+        offset += n
+    peak = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0])
+    peaks = all_gather_no_grad(peak).tolist()
+    barrier()  # every rank committed: the checkpoints are no longer needed
+    if r == 0 and storage.exists(folder, so):
+        storage.remove_tree(folder, so)
+    step_s = float(np.diff(stamps).mean()) if len(stamps) > 1 else float("nan")
+    metrics = {"beta_before": history[0], "beta_after": history[-1],
+               "start_step": start, "steps": steps, "seconds_per_step": step_s,
+               "samples": int(all_reduce_sum(torch.tensor([float(len(every))]))),
+               "protected": int(all_reduce_sum(torch.tensor([float(chosen.sum())]))),
+               "peak_rss_mib_per_worker": [round(p) for p in peaks]}
+    # Ray Train keeps the metrics of a report that carries a checkpoint: rank 0 sends one
+    with tempfile.TemporaryDirectory() as tmp:
+        if r == 0:
+            with open(os.path.join(tmp, METRICS_FILE), "w") as f:
+                json.dump(metrics, f)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        else:
+            ray.train.report(metrics)
+
+
+def protect_bucket_jointly(summary: dict[str, Any], method, src_url: str, dst_url: str,
+                           opts: Any, lease: Any, say: Any) -> None:
+    """The driver of ``protect --joint`` (called by ``runtime.protect.protect`` holding DST's
+    lease): skip a finished run, else run ``bucket_worker_loop`` on ``opts.workers`` Ray Train
+    workers and fill ``summary``."""
+    import time
+
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from ue_dist.data import storage
+    from ue_dist.data.shards import list_shards
+    from ue_dist.runtime import ledger
+    from ue_dist.runtime.ray_env import ensure_ray, pyarrow_filesystem, user_error_in
+
+    so = opts.storage_options
+    shards = list_shards(src_url, so)
+    if not shards:
+        raise storage.StorageError(f"no shards (*.tar) under {src_url!r}")
+    names = [ledger.shard_name(u) for u in shards]
+    fingerprints = ledger.source_fingerprints(src_url, so)
+    run_hash = summary["settings_hash"]
+    summary["shards_total"] = len(shards)
+    done = ledger.committed(dst_url, so, expect_hash=None if opts.mode == "overwrite"
+                            else run_hash)
+    if opts.mode != "overwrite" and all(
+            n in done and not ledger.source_changed(done[n], fingerprints.get(n)) for n in names):
+        summary["shards_skipped"] = len(shards)
+        say(f"[protect] --joint: all {len(shards)} shard(s) already committed by this joint run "
+            f"in {dst_url}; nothing to do")
+        return
+    workers = min(int(opts.workers), len(shards))
+    folder = storage.join(dst_url, JOINT_DIR, run_hash)
+    gpus = float(opts.gpus_per_actor)
+    ensure_ray()
+    fs, path = pyarrow_filesystem(storage.join(folder, "ray"), so)
+    config = {"shards": shards, "settings": dict(method.settings), "state_url": opts.state_url,
+              "fraction": float(opts.fraction), "seed": int(opts.seed), "dst": dst_url,
+              "storage_options": dict(so or {}), "use_gpu": gpus > 0, "run_hash": run_hash,
+              "checkpoints": storage.join(folder, "steps"),
+              "checkpoint_every": int(opts.checkpoint_every),
+              "fingerprints": {n: fingerprints.get(n) for n in names}}
+    say(f"[protect] --joint: {len(shards)} shard(s) as one set on {workers} Ray Train "
+        f"worker(s), {int(method.settings['steps'])} ascent steps, checkpoints every "
+        f"{int(opts.checkpoint_every)} in {folder}")
+    resources = {"CPU": float(opts.cpus_per_actor), **({"GPU": gpus} if gpus > 0 else {})}
+    trainer = TorchTrainer(
+        bucket_worker_loop, train_loop_config=config,
+        torch_config=TorchConfig(backend="nccl" if gpus >= 1 else "gloo"),
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpus > 0,
+                                     resources_per_worker=resources),
+        # a fresh name per attempt: Ray would resume a finished run of the same name; the
+        # ascent resumes from the checkpoints in DST instead
+        run_config=RunConfig(name=f"joint-{int(time.time() * 1000)}", storage_path=path,
+                             storage_filesystem=fs, failure_config=FailureConfig(max_failures=0)))
+    try:
+        result = trainer.fit()
+        if result.error is not None:
+            raise result.error
+    except Exception as exc:  # a bad shard is a user error naming it; nothing was committed
+        user = user_error_in(exc)
+        if user is not None:
+            raise user from None
+        raise
+    if result.checkpoint is None:
+        raise RuntimeError(f"protect --joint: the worker group ended without its result "
+                           f"({result.error})")
+    with result.checkpoint.as_directory() as directory:
+        with open(os.path.join(directory, METRICS_FILE)) as f:
+            metrics = json.load(f)
+    storage.remove_tree(storage.join(dst_url, JOINT_DIR), so)
+    summary.update({"shards_done": len(shards), "images": int(metrics.get("samples", 0)),
+                    "images_protected": int(metrics.get("protected", 0)), "joint": {
+                        k: metrics.get(k) for k in ("beta_before", "beta_after", "start_step",
+                                                    "steps", "seconds_per_step",
+                                                    "peak_rss_mib_per_worker")}})
+    say(f"[protect] --joint: beta {metrics.get('beta_before'):.4f} -> "
+        f"{metrics.get('beta_after'):.4f} over steps {metrics.get('start_step')}.."
+        f"{metrics.get('steps')}, {metrics.get('seconds_per_step', float('nan')):.2f} s/step, "
+        f"peak RSS per worker {metrics.get('peak_rss_mib_per_worker')} MiB")
+    lease.check()
 
 
 # the bayes-error report ----------------------------------------------------------------------

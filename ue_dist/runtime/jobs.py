@@ -265,7 +265,8 @@ def run_job(spec: Mapping[str, Any], progress: Callable[[str], None] = print) ->
             gpus_per_worker=fit["gpus_per_worker"], cpus_per_worker=fit["cpus_per_worker"], storage_path=storage.join(root, "runs"),
             run_name=f"{name}-fit", storage_options=so, max_failures=fit["max_failures"],
             train_fraction=fit["train_fraction"], labels=fit["labels"],
-            clusters=fit["clusters"], progress=say)
+            clusters=fit["clusters"], image_size=fit["image_size"], views=fit["views"],
+            progress=say)
 
     from ue_dist.runtime.protect import protect
 
@@ -276,7 +277,8 @@ def run_job(spec: Mapping[str, Any], progress: Callable[[str], None] = print) ->
         preset=method["preset"], overrides=method["overrides"], fraction=prot["fraction"],
         seed=prot["seed"], actors=prot["actors"], gpus_per_actor=prot["gpus_per_actor"],
         cpus_per_actor=prot["cpus_per_actor"], batch_size=prot["batch_size"], labels=prot["labels"],
-        mode=prot["mode"],
+        mode=prot["mode"], joint=prot["joint"], workers=prot["workers"],
+        checkpoint_every=prot["checkpoint_every"],
         storage_options=so, progress=say)
 
     if spec["evaluate"] is not None:

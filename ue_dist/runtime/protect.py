@@ -78,6 +78,9 @@ class ProtectOptions:
     gpus_per_actor: float = _declared("gpus_per_actor")
     cpus_per_actor: float = _declared("cpus_per_actor")
     batch_size: int = _declared("batch_size")
+    joint: bool = False
+    workers: int = _declared("workers")
+    checkpoint_every: int = _declared("checkpoint_every")
     labels: str = _declared("labels")
     mode: str = _declared("mode")
     watch: bool = False
@@ -91,7 +94,8 @@ class ProtectOptions:
     def check(self) -> None:
         """Refuse a bad value, naming its option (by its command-line flag)."""
         for name in ("fraction", "seed", "actors", "gpus_per_actor", "cpus_per_actor",
-                     "batch_size", "labels", "mode", "poll_seconds", "wait_for_lease", "max_polls"):
+                     "batch_size", "workers", "checkpoint_every", "labels", "mode",
+                     "poll_seconds", "wait_for_lease", "max_polls"):
             opt = opts_schema.option(opts_schema.PROTECT.options, name)
             opts_schema.check_value(getattr(self, name), opt, opt.flag, SettingsError)
 
@@ -282,7 +286,9 @@ def protect(method_name: str, src_url: str, dst_url: str, options: ProtectOption
                                      # the label source changes the bytes; "given" keeps the
                                      # hash of runs from before the option existed
                                      **({"labels": opts.labels} if opts.labels != "given"
-                                        else {})})
+                                        else {}),
+                                     # one set optimised jointly: other bytes than streaming
+                                     **({"joint": True} if opts.joint else {})})
     if opts.labels == "predict" and (state is None or not method.predicts
                                      or "labeller" in state):
         why = ("its state labels images by their clusters (fit --labels cluster)"
@@ -290,6 +296,9 @@ def protect(method_name: str, src_url: str, dst_url: str, options: ProtectOption
         raise SettingsError(f"--labels predict: method {method.name!r} cannot predict labels "
                             f"({why}); methods with a classifier: "
                             f"{', '.join(n for n in method_names() if get_method(n).predicts)}")
+    if opts.joint:
+        from ue_dist.runtime.bayes_joint import check_joint
+        check_joint(method, state, opts)
     run = _Run(_new_summary(method, src_url, dst_url, opts, run_hash))
     if state is not None:  # a state that does not fit the images is refused before any write
         run.shape_checked = _check_shape(method, state, opts.state_url, src_url, so)
@@ -300,8 +309,13 @@ def protect(method_name: str, src_url: str, dst_url: str, options: ProtectOption
         if state is not None:  # after the lease: a refused run's error stays its one line
             _say_changed_settings(method, state, say)
         _remove_temps(dst_url, so, say)
-        _poll(run, method, state, lease, say, method_name=method_name, src_url=src_url,
-              dst_url=dst_url, opts=opts)
+        if opts.joint:
+            from ue_dist.runtime.bayes_joint import protect_bucket_jointly
+            protect_bucket_jointly(run.summary, method, src_url, dst_url, opts, lease, say)
+            _copy_manifest(src_url, dst_url, run.summary, so)
+        else:
+            _poll(run, method, state, lease, say, method_name=method_name, src_url=src_url,
+                  dst_url=dst_url, opts=opts)
         _remove_temps(dst_url, so, say)  # e.g. left by an actor Ray restarted
     finally:
         lease.release()

@@ -258,13 +258,19 @@ def method_settings(spec: Mapping[str, Any], method: str, seed: int,
 
 
 def fit_and_protect(method: str, settings: Mapping[str, Any], train: ImageSet,
-                    device: str | torch.device = "cpu") -> tuple[dict[str, Any], torch.Tensor]:
+                    device: str | torch.device = "cpu",
+                    joint: tuple[float, int] | None = None) -> tuple[dict[str, Any], torch.Tensor]:
     """Fit ``method`` on ``train`` and protect every training image (uint8, same order).
 
     One method instance fits and protects, so the noise is computed with exactly the settings
-    written into the state (what ``ue-dist protect`` takes from a state, ``Method.for_state``)."""
+    written into the state (what ``ue-dist protect`` takes from a state, ``Method.for_state``).
+    ``joint=(fraction, seed)`` (bayes, ``bayes_mode: joint``): the whole set ascends together
+    with the samples that ``(fraction, seed)`` leaves clean fixed in the objective, as
+    ``protect --joint`` does; only the selected samples come back changed."""
     import numpy as np
 
+    from ue_dist.core.quantize import apply_perturbation
+    from ue_dist.methods.protect import selected_for_protection
     from ue_dist.pipeline import PipelineConfig, perturb_selected
 
     m = get_method(method)(dict(settings))
@@ -273,7 +279,13 @@ def fit_and_protect(method: str, settings: Mapping[str, Any], train: ImageSet,
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         state = m.fit(train, LocalContext(device=device, seed=seed, log=lambda msg: None))
-    config = PipelineConfig(method=m, state=state, loaded=m.load(state, device), device=device)
+    loaded = m.load(state, device)
+    if joint is not None:
+        chosen = selected_for_protection(train.keys, float(joint[0]), int(joint[1]))
+        delta, _ = m.perturb_jointly(loaded, train.float_images().to(device), train.labels,
+                                     fixed=torch.from_numpy(~chosen).to(device))
+        return state, torch.from_numpy(apply_perturbation(train.images, delta.cpu(), **m.bound()))
+    config = PipelineConfig(method=m, state=state, loaded=loaded, device=device)
     every = np.ones(len(train), dtype=bool)  # a trial picks its fraction later (``mix``)
     return state, perturb_selected(config, train.images, train.labels, every)
 
@@ -294,16 +306,32 @@ def _load_tensor(url: str, storage_options) -> torch.Tensor:
 
 
 def prepare(method: str, settings: Mapping[str, Any], train: ImageSet, root: str,
-            storage_options=None, device: str = "cpu") -> tuple[str, str]:
-    """Fit + protect once, cached by (method, settings); returns the two cache URLs."""
-    digest = _digest([method, dict(settings), train.image_shape, len(train), train.keys[:3]])
+            storage_options=None, device: str = "cpu",
+            joint: tuple[float, int] | None = None) -> tuple[str, str]:
+    """Fit + protect once, cached by (method, settings[, joint fraction and seed]); returns the
+    two cache URLs."""
+    digest = _digest([method, dict(settings), train.image_shape, len(train), train.keys[:3]]
+                     + ([{"joint": list(joint)}] if joint is not None else []))
     state_url, images_url = _cache_urls(root, method, digest)
     if storage.exists(state_url, storage_options) and storage.exists(images_url, storage_options):
         return state_url, images_url
-    state, protected = fit_and_protect(method, settings, train, device)
+    state, protected = fit_and_protect(method, settings, train, device, joint=joint)
     _save_tensor(images_url, protected, storage_options)
     save_state(state, state_url, storage_options)  # written last: its presence marks the pair done
     return state_url, images_url
+
+
+def cache_fraction(spec: Mapping[str, Any], method: str, fraction: float) -> float | None:
+    """The fraction a cached protection is specific to: None (every fraction shares one)
+    unless bayes is protected jointly (the fixed part enters the objective)."""
+    joint = method == "bayes" and spec.get("bayes_mode", "streaming") == "joint"
+    return float(fraction) if joint else None
+
+
+def cache_key(spec: Mapping[str, Any], method: str, seed: int, fraction: float | None) -> str:
+    """The sweep's cache entry of (method, seed[, joint fraction])."""
+    joint = cache_fraction(spec, method, fraction) if fraction is not None else None
+    return f"{method}:{seed}" + (f":joint{joint:g}" if joint is not None else "")
 
 
 def mix(train: ImageSet, protected: torch.Tensor, fraction: float, seed: int,
@@ -363,8 +391,8 @@ def trial_inputs(config: Mapping[str, Any], train: ImageSet, job: Mapping[str, A
         settings = method_settings(job["spec"], method, seed, params)
         _, protected = fit_and_protect(method, settings, train, device)
     elif fraction > 0:
-        protected = _load_tensor(job["cache"][f"{method}:{seed}"]["images"], so)
-        settings = job["cache"][f"{method}:{seed}"]["settings"]
+        cached = job["cache"][cache_key(job["spec"], method, seed, fraction)]
+        protected, settings = _load_tensor(cached["images"], so), cached["settings"]
     else:
         protected, settings = train.images, {"eps": None}
     data = select_subset(mix(train, protected, fraction, seed, method, settings.get("eps")), subset)
@@ -507,7 +535,10 @@ _SPEC_IDENTITY = ("data", "methods", "method_preset", "method_overrides", "fract
 def _check_same_spec(spec: Mapping[str, Any], root: str, so, resumed: bool) -> None:
     """A sweep resumes only with the spec it started with (Tune would keep the old grid)."""
     url = storage.join(root, "_cache", "spec.json")
-    mine = json.dumps({k: spec[k] for k in _SPEC_IDENTITY}, sort_keys=True, default=str)
+    identity = {k: spec[k] for k in _SPEC_IDENTITY}
+    if spec.get("bayes_mode", "streaming") != "streaming":  # older sweeps keep their identity
+        identity["bayes_mode"] = spec["bayes_mode"]
+    mine = json.dumps(identity, sort_keys=True, default=str)
     if resumed and storage.exists(url, so):
         before = storage.read_bytes(url, so).decode()
         if before != mine:
@@ -639,18 +670,22 @@ def _fit_all(spec: Mapping[str, Any], train: ImageSet, root: str, so,
     res = spec["resources"]
 
     @ray.remote(num_cpus=res["cpu"], num_gpus=res["gpu"])
-    def _prep(method, settings, train_ref):
+    def _prep(method, settings, train_ref, joint):
         torch.set_num_threads(max(1, int(res["cpu"])))
         device = gpu_device(res["gpu"], "resources_per_trial.gpu")
-        return prepare(method, settings, train_ref, root, so, device)
+        return prepare(method, settings, train_ref, root, so, device, joint=joint)
 
     todo = {}
     train_ref = ray.put(train)
     for method in spec["methods"]:
         for seed in spec["seeds"]:
-            if max(spec["fractions"]) > 0:
-                settings = method_settings(spec, method, seed)
-                todo[f"{method}:{seed}"] = (settings, _prep.remote(method, settings, train_ref))
+            settings = method_settings(spec, method, seed)
+            # streaming: one protection serves every fraction; joint: one per fraction
+            for fraction in sorted({cache_fraction(spec, method, f)
+                                    for f in spec["fractions"] if f > 0}):
+                joint = (fraction, int(seed)) if fraction is not None else None
+                todo[cache_key(spec, method, seed, fraction)] = (
+                    settings, _prep.remote(method, settings, train_ref, joint))
     progress(f"[ue-dist] sweep {spec['name']}: fitting/protecting {len(todo)} (method, seed) "
              f"pair(s) (cached in {storage.join(root, '_cache')})")
     line = ProgressLine("[sweep] fits", len(todo), progress)

@@ -81,12 +81,18 @@ def _fit_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from ue_dist.data.dataset import load_imageset
+    from ue_dist.data.dataset import MixedSizesError, load_imageset
 
     method = build_method(config["method"], config["preset"], config["overrides"])
     clustered = config.get("labels", "given") == "cluster"
-    train = load_imageset(config["train_url"], config["storage_options"],
-                          require_labels=not clustered)
+    image_size = config.get("image_size")
+    try:
+        train = load_imageset(config["train_url"], config["storage_options"],
+                              require_labels=not clustered, image_size=image_size,
+                              views=config.get("views", "crop"), seed=config["seed"])
+    except MixedSizesError as exc:
+        raise MixedSizesError(f"{exc}; pass --image-size N (job specs: fit.image_size) to fit "
+                              "on one N x N view of every image (--views crop|resize)") from None
     if config.get("train_fraction", 1.0) < 1.0:
         train = subset_for_fit(train, config["train_fraction"], config["seed"])
     labeller = None
@@ -102,6 +108,8 @@ def _fit_worker(config: dict[str, Any]) -> None:
         state = dict(method.fit(train, ctx), fit_run=config["run_name"])
         if labeller is not None:
             state["labeller"] = labeller
+        if image_size is not None:  # what the fitted image shape was made from
+            state["fit_views"] = {"image_size": int(image_size), "views": config["views"]}
     ctx.report({"done": True, "seconds": time.time() - config["started"]}, state)
 
 
@@ -144,13 +152,15 @@ def fit_method(method_name: str, train_url: str, state_url: str, *,
                max_failures: int = _declared("max_failures"),
                train_fraction: float = _declared("train_fraction"),
                labels: str = _declared("labels"), clusters: int = _declared("clusters"),
-               overwrite: bool = False,
+               image_size: int | None = _declared("image_size"),
+               views: str = _declared("views"), overwrite: bool = False,
                progress: Callable[[str], None] = print) -> dict[str, Any]:
     """Fit ``method_name`` on ``train_url`` with a Ray Train worker group; write its state to
     ``state_url``. The options are ``ue-dist fit``'s (``ue_dist.options.FIT``): the run lives
     in ``storage_path`` (``--storage``; default ``$UE_DIST_STORAGE`` or ``./runs``) under
     ``run_name`` (default derived from the method, data, state URL and settings), so a rerun
-    resumes it."""
+    resumes it. ``image_size``/``views``: fit on one fixed-size view of every image
+    (``data/views.py``), for shards of mixed sizes."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -167,13 +177,16 @@ def fit_method(method_name: str, train_url: str, state_url: str, *,
     from ue_dist.data.shards import list_shards
     if not list_shards(train_url, storage_options):
         raise StateError(f"no shards under {train_url!r}")
-    for name, value in (("labels", labels), ("clusters", clusters)):
+    for name, value in (("labels", labels), ("clusters", clusters), ("image_size", image_size),
+                        ("views", views)):
         opt = opts.option(opts.FIT.options, name)
         opts.check_value(value, opt, opt.flag, StateError)
     pseudo = {"labels": labels, "clusters": int(clusters)} if labels == "cluster" else {}
+    # only when given, so that the run names of fits without views stay what they were
+    sized = {"image_size": int(image_size), "views": views} if image_size is not None else {}
     run_name = run_name or default_run_name(method_name, train_url, state_url,
                                             dict(method.settings, train_fraction=train_fraction,
-                                                 **pseudo))
+                                                 **pseudo, **sized))
     storage_path = storage.absolute(storage_path or default_storage())
     fs, path = pyarrow_filesystem(storage_path, storage_options)
     ensure_ray()
@@ -184,7 +197,8 @@ def fit_method(method_name: str, train_url: str, state_url: str, *,
               "train_url": train_url, "storage_options": dict(storage_options or {}),
               "use_gpu": gpus > 0, "seed": int(method.settings.get("seed", 0)),
               "train_fraction": train_fraction, "run_name": run_name, "started": time.time(),
-              "labels": labels, "clusters": int(clusters)}
+              "labels": labels, "clusters": int(clusters),
+              "image_size": None if image_size is None else int(image_size), "views": views}
     # NCCL needs a GPU of its own per rank; workers sharing GPUs reduce through gloo
     backend = "nccl" if gpus >= 1 or (gpus > 0 and int(workers) == 1) else "gloo"
     resources = {"CPU": float(cpus_per_worker), **({"GPU": gpus} if gpus > 0 else {})}
