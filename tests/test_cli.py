@@ -54,7 +54,7 @@ def _subparsers():
 
 def test_every_option_of_before_is_still_accepted():
     subs = _subparsers()
-    assert set(subs) == set(BEFORE)
+    assert set(BEFORE) <= set(subs)  # commands added since (export, preview) are new
     for name, flags in BEFORE.items():
         have = {s for a in subs[name]._actions for s in a.option_strings}
         assert set(flags.split()) <= have, (name, set(flags.split()) - have)

@@ -271,7 +271,12 @@ def test_imagefolder_and_numpy(tmp_path):
                 tmp_path / "imgs" / cls / f"img.{i}.png")
     result = convert_imagefolder(str(tmp_path / "imgs"), str(tmp_path / "out"))
     assert result["classes"] == ["cat", "dog"]
-    assert result["train"]["samples"] + result["test"]["samples"] == 10
+    # default --test-fraction 0: every image in OUT/train, no OUT/test
+    assert result["train"]["samples"] == 10 and "test" not in result
+    assert not (tmp_path / "out" / "test").exists()
+    split = convert_imagefolder(str(tmp_path / "imgs"), str(tmp_path / "out-split"),
+                                test_fraction=0.2)
+    assert (split["train"]["samples"], split["test"]["samples"]) == (8, 2)
     keys = load_imageset(str(tmp_path / "out" / "train")).keys
     assert all("." not in k for k in keys) and len(set(keys)) == len(keys)
     (tmp_path / "imgs" / "cat" / "broken.png").write_bytes(b"garbage")

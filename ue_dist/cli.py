@@ -57,7 +57,8 @@ def _convert(args: argparse.Namespace) -> int:
     from ue_dist.runtime.data_jobs import convert
     result = convert(args.source, args.paths, n=args.n, image_size=args.image_size,
                      native=args.native, channels=args.channels, shard_size=args.shard_size,
-                     seed=args.seed, overwrite=args.overwrite,
+                     seed=args.seed, overwrite=args.overwrite, labels=args.labels,
+                     test_fraction=args.test_fraction, resize_mode=args.resize_mode,
                      storage_options=storage_options(args))
     emit(args, result, lambda r: "\n".join(
         f"{split}: {r[split]['samples']} samples in {r[split]['shards']} shard(s) -> {r[split]['url']}"
@@ -66,9 +67,15 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _info_text(r: dict) -> str:
-    hist = ", ".join(f"{k}:{v}" for k, v in r["label_histogram"].items())
+    hist = ", ".join(f"{k}:{v}" for k, v in r["label_histogram"].items()) or "none"
+    if r.get("unlabelled"):
+        hist += f" ({r['unlabelled']} without a label)"
+    sizes = r.get("image_shapes", {})
+    shape = str(tuple(r["image_shape"])) if r["image_shape"] is not None else \
+        f"mixed, {len(sizes)} sizes: " + ", ".join(f"{k} ({v})" for k, v in list(sizes.items())[:5]) \
+        + (", ..." if len(sizes) > 5 else "")
     return (f"{r['url']}\n  shards: {r['shards']}\n  samples: {r['samples']}\n"
-            f"  image shape (H, W, C): {tuple(r['image_shape'])}\n  labels: {hist}\n"
+            f"  image shape (H, W, C): {shape}\n  labels: {hist}\n"
             f"  protected: {r['protected']} {r['protected_by_method'] or ''}")
 
 
@@ -77,6 +84,24 @@ def _info(args: argparse.Namespace) -> int:
     from ue_dist.data.dataset import dataset_info
     emit(args, dataset_info(args.url, storage_options(args)), _info_text)
     return 0
+
+@command("export")
+def _export(args: argparse.Namespace) -> int:
+    from ue_dist.data.photo_io import export
+    result = export(args.dst, args.out_dir, overwrite=args.overwrite, extras=args.extras,
+                    storage_options=storage_options(args))
+    emit(args, result, lambda r: f"{r['images']} image(s) ({r['protected']} protected), "
+                                 f"{r['files']} file(s) -> {r['out']}; manifest {r['manifest']}")
+    return 0
+
+
+@command("preview")
+def _preview(args: argparse.Namespace) -> int:
+    from ue_dist.data.photo_io import preview, preview_text
+    emit(args, preview(args.src, args.dst, args.out, n=args.n,
+                       storage_options=storage_options(args)), preview_text)
+    return 0
+
 
 # --- fit, protect (runtime) -------------------------------------------------------------------
 @command("fit")

@@ -114,6 +114,11 @@ def _converters() -> Sequence[str]:
     return sorted(CONVERTERS)
 
 
+def _resize_modes() -> Sequence[str]:
+    from ue_dist.data.photo_io import RESIZE_MODES
+    return RESIZE_MODES
+
+
 def _views() -> Sequence[str]:
     from ue_dist.data.views import VIEWS
     return VIEWS
@@ -162,13 +167,27 @@ CONVERT = Command("convert", "Convert a dataset into WebDataset shards: OUT/trai
              "default: where `apt-get install dataset-fashion-mnist` puts them, "
              "/usr/share/datasets/fashion-mnist); idx: IMAGES LABELS [TEST_IMAGES TEST_LABELS] "
              "OUT (MNIST-format files, .gz or not; one pair is split like numpy). Writes "
-             "OUT/train and OUT/test"),
+             "OUT/train and OUT/test (imagefolder: OUT/test only with --test-fraction or a "
+             "PATH holding train/ and test/)"),
     Opt("inputs", type=list, default=(), cli=False,
         help="job specs: the input paths (PATH... without OUT, which is ROOT/data)"),
     Opt("n", type=int, default=5000, low=1, help="synthetic: number of samples"),
     Opt("image_size", type=int, low=1,
         help="resize images to SIZE x SIZE (digits, fashion-mnist, idx default 32; others keep "
-             "their size)"),
+             "their size; imagefolder: by --resize-mode)"),
+    Opt("labels", default="folders", choices=("folders", "none"),
+        help="imagefolder: folders = the first-level subfolder of PATH is the class (images at "
+             "any depth below it); none = every image anywhere under PATH, no label (photos)"),
+    Opt("test_fraction", type=float, default=0.0, low=0.0, high=1.0,
+        help="imagefolder: share of the images held out as OUT/test (seeded by --seed, "
+             "stratified by class where it can be); 0 = every image goes to OUT/train (and is "
+             "protected) and no OUT/test is written. A PATH with train/ and test/ keeps its split"),
+    Opt("resize_mode", choices=_resize_modes,
+        help="imagefolder, img2dataset's modes: no = native size (images may differ in size; "
+             "the default without --image-size); keep_ratio = the smaller side becomes "
+             "--image-size; center_crop = that, then the centre square; border = the longer side "
+             "becomes --image-size, padded with black to a square (the default with "
+             "--image-size)"),
     Opt("native", type=bool, spec=False,
         help="keep the original size: digits 8x8 (3 channels), fashion-mnist/idx 28x28x1 "
              "grayscale. Without it these grayscale sources become 32x32x3, the CIFAR shape "
@@ -180,6 +199,30 @@ CONVERT = Command("convert", "Convert a dataset into WebDataset shards: OUT/trai
     Opt("seed", type=int, default=0, help="seed of the train/test split"),
     Opt("overwrite", type=bool, spec=False, help="replace shards already in OUT"),
     *COMMON), "ue-dist convert digits out/digits")
+
+EXPORT = Command("export", "Write the images of a folder of shards (e.g. a protected output) "
+                 "back as PNG files at their original relative paths, with a manifest.", (
+    Opt("dst", positional=True, metavar="DST",
+        help="a folder of shards, e.g. the protected output of `protect`; any fsspec URL"),
+    Opt("out_dir", positional=True, metavar="OUT_DIR",
+        help="the folder to write: each image at the relative path it was converted from "
+             "(its json's source_path) with the extension replaced by .png (lossless: a JPEG "
+             "would undo the eps bound), KEY.png without one; OUT_DIR/ue-dist-export.json lists "
+             "every file (path, key, shard, protected, method, eps, sha256)"),
+    Opt("extras", type=bool,
+        help="also write each sample's other members (captions KEY.txt, ...) beside its image, "
+             "as NAME.EXT (default: images only)"),
+    Opt("overwrite", type=bool, help="write into an existing non-empty OUT_DIR"),
+    *COMMON), "ue-dist export out/photos-em out/photos-em-png")
+
+PREVIEW = Command("preview", "Compare original and protected images: a PNG grid (original | "
+                  "protected | perturbation amplified, grey = unchanged) and per image max |delta| "
+                  "in levels, PSNR and SSIM.", (
+    Opt("src", positional=True, metavar="SRC", help="the clean shards (protect's SRC)"),
+    Opt("dst", positional=True, metavar="DST", help="the protected shards (protect's DST)"),
+    Opt("n", type=int, default=16, low=1, help="images: the first N keys of DST also in SRC"),
+    Opt("out", metavar="PNG", help="write the grid to this file or URL (default: the table only)"),
+    *COMMON), "ue-dist preview out/photos/train out/photos-em --n 8 --out grid.png")
 
 INFO = Command("info", "Describe a folder of shards: shards, samples, image shape, labels, "
                "protected count.", (
@@ -386,7 +429,7 @@ RUN = Command("run", "Run a job spec end to end: convert -> fit -> protect -> ev
     JSON), "ue-dist run jobs/digits-quick.yaml --check")
 
 COMMANDS: dict[str, Command] = {c.name: c for c in (
-    CONVERT, INFO, FIT, METHODS, DEFENCES, DEMO, PROTECT, BAYES_ERROR, EVALUATE, SWEEP, RUN)}
+    CONVERT, INFO, EXPORT, PREVIEW, FIT, METHODS, DEFENCES, DEMO, PROTECT, BAYES_ERROR, EVALUATE, SWEEP, RUN)}
 
 # job specs (runtime/jobs.py): top-level keys and the sections that are not a command's ------------
 DATA = (Opt("train", help="training shards URL"), Opt("test", help="clean test shards URL"))

@@ -1,26 +1,28 @@
 """Converters: sources the user has (or that are bundled) into ``OUT/train`` and ``OUT/test`` shards.
 
 Every converter loads and validates its whole input before writing, so bad input leaves nothing
-behind; keys are stable (derived from the source's own order or file names) and unique.
+behind (imagefolder streams instead, into a hidden staging folder moved into place at the end);
+keys are stable (derived from the source's own order or file names) and unique.
 """
 from __future__ import annotations
 
 import gzip
 import io
+import json
 import os
+import posixpath
 import pickle
-import re
 import struct
 import tarfile
 import zlib
+from collections import Counter
 from typing import Any, Callable, Mapping
 
 import numpy as np
-from PIL import Image
 
-from ue_dist.data import storage
-from ue_dist.data.dataset import DEFAULT_SHARD_SIZE, write_samples
-from ue_dist.data.shards import Sample, bits_per_channel
+from ue_dist.data import photo_io, storage
+from ue_dist.data.dataset import DEFAULT_SHARD_SIZE, MANIFEST, write_samples
+from ue_dist.data.shards import Sample, ShardError, decode_image, shard_name, write_shard
 from ue_dist.data.sources import _resize, digits_arrays
 from ue_dist.errors import UserError
 
@@ -299,86 +301,227 @@ def convert_cifar(path: str, out: str, variant: str = "cifar10", image_size: int
 
 # image folder ----------------------------------------------------------------------------------
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
+#: --labels: folders = the first-level subfolder is the class; none = every image, no label
+LABEL_MODES = ("folders", "none")
 
 
-def _safe_key(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_\-]+", "_", text)
+def _image_files(folder: str, base: str) -> list[str]:
+    """Relative ('/'-separated, from ``base``) paths of the images under ``folder``, at any
+    depth, sorted; hidden files and folders (leading '.') are skipped."""
+    found = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for f in files:
+            if not f.startswith(".") and f.lower().endswith(IMAGE_SUFFIXES):
+                found.append(os.path.relpath(os.path.join(root, f), base).replace(os.sep, "/"))
+    return sorted(found)
 
 
-def imagefolder_arrays(path: str, image_size: int | None = None, test_fraction: float = 0.2,
-                       seed: int = 0) -> tuple[Splits, dict[str, list[str]], list[str]]:
-    """``PATH/<class>/<image>`` (or ``PATH/train/<class>`` + ``PATH/test/<class>``)."""
+def imagefolder_plan(path: str, labels: str = "folders", test_fraction: float = 0.0,
+                     seed: int = 0) -> tuple[dict[str, list[tuple[str, int | None]]], list[str]]:
+    """Which file goes to which split with which label, without reading any image:
+    ``({split: [(relative path, label), ...] sorted by path}, classes)``.
+
+    ``PATH/<class>/...`` (``labels="folders"``: the first-level subfolder is the class, images
+    at any depth below it) or any images under ``PATH`` (``labels="none"``: label None); either
+    also as ``PATH/train`` + ``PATH/test``, the given split. Otherwise everything is ``train``
+    unless ``test_fraction > 0``: then a seeded split, stratified by class where it can be."""
     if not os.path.exists(path):
         raise ConvertError(f"imagefolder: {path!r} does not exist")
     if not os.path.isdir(path):
         raise ConvertError(f"imagefolder: {path!r} is a file, not a folder")
-    has_splits = os.path.isdir(os.path.join(path, "train")) and os.path.isdir(os.path.join(path, "test"))
-    roots = {"train": os.path.join(path, "train"), "test": os.path.join(path, "test")} if has_splits \
-        else {"all": path}
-    classes = sorted({d for r in roots.values() for d in os.listdir(r)
-                      if os.path.isdir(os.path.join(r, d))})
-    if not classes:
-        raise ConvertError(f"imagefolder: no class folders under {path!r}")
-    per_split: dict[str, tuple[list, list, list]] = {}
-    shape = None
+    if labels not in LABEL_MODES:
+        raise ConvertError(f"imagefolder: --labels must be one of {', '.join(LABEL_MODES)}, "
+                           f"got {labels!r}")
+    has_splits = all(os.path.isdir(os.path.join(path, s)) for s in ("train", "test"))
+    if has_splits and test_fraction:
+        raise ConvertError(f"imagefolder: {path!r} holds train/ and test/ (the split is given); "
+                           f"--test-fraction {test_fraction} applies to a folder without them")
+    roots = {"train": os.path.join(path, "train"), "test": os.path.join(path, "test")} \
+        if has_splits else {"all": path}
+    classes: list[str] = []
+    if labels == "folders":
+        classes = sorted({d for r in roots.values() for d in os.listdir(r)
+                          if os.path.isdir(os.path.join(r, d)) and not d.startswith(".")})
+        if not classes:
+            raise ConvertError(f"imagefolder: no class folders under {path!r} (expected "
+                               "PATH/<class>/<image>); pass --labels none for photos without "
+                               "classes")
+    plan: dict[str, list[tuple[str, int | None]]] = {}
     for split, root in roots.items():
-        images, labels, keys = [], [], []
-        for c, cls in enumerate(classes):
-            folder = os.path.join(root, cls)
-            if not os.path.isdir(folder):
-                continue
-            for f in sorted(os.listdir(folder)):
-                if not f.lower().endswith(IMAGE_SUFFIXES):
-                    continue
-                file = os.path.join(folder, f)
-                try:
-                    with open(file, "rb") as fh:
-                        blob = fh.read()
-                    with Image.open(io.BytesIO(blob)) as pil:
-                        bits = bits_per_channel(blob, pil)
-                        if bits <= 8:
-                            arr = np.asarray(pil.convert("RGB"), dtype=np.uint8)
-                except Exception as exc:
-                    raise ConvertError(f"imagefolder: {file} is not a decodable image "
-                                       f"({type(exc).__name__})") from None
-                if bits > 8:  # uint8 would clip or drop bits; eps is defined on 8-bit values
-                    raise ConvertError(f"imagefolder: {file} is a {bits}-bit image; the eps bound "
-                                       "is defined on 8-bit pixels: convert it to 8-bit first")
-                if image_size is not None:
-                    arr = _resize(arr[None], image_size)[0]
-                if shape is None:
-                    shape = arr.shape
-                elif arr.shape != shape:
-                    raise ConvertError(f"imagefolder: {file} has shape {arr.shape}, others "
-                                       f"{shape}; pass --image-size to resize all images")
-                images.append(arr)
-                labels.append(c)
-                keys.append(_safe_key(f"{cls}/{os.path.splitext(f)[0]}").replace("/", "_"))
-        per_split[split] = (images, labels, keys)
+        items: list[tuple[str, int | None]] = []
+        if labels == "none":
+            items = [(rel, None) for rel in _image_files(root, path)]
+        else:
+            for c, cls in enumerate(classes):
+                if os.path.isdir(os.path.join(root, cls)):
+                    items += [(rel, c) for rel in _image_files(os.path.join(root, cls), path)]
+        if items:
+            plan[split] = sorted(items)
+    if not plan:
+        raise ConvertError(f"imagefolder: no images ({', '.join(IMAGE_SUFFIXES)}) under {path!r}")
     if has_splits:
-        splits = {s: (np.stack(v[0]), np.array(v[1])) for s, v in per_split.items() if v[0]}
-        keys = {s: v[2] for s, v in per_split.items()}
-    else:
-        images, labels, all_keys = per_split["all"]
-        if not images:
-            raise ConvertError(f"imagefolder: no images under {path!r}")
-        from sklearn.model_selection import train_test_split
-        y = np.array(labels)
-        strat = y if np.bincount(y).min() >= 2 else None
-        tr, te = train_test_split(np.arange(len(y)), test_size=test_fraction, random_state=seed,
-                                  stratify=strat)
-        x = np.stack(images)
-        splits = {"train": (x[tr], y[tr]), "test": (x[te], y[te])}
-        keys = {"train": [all_keys[i] for i in tr], "test": [all_keys[i] for i in te]}
-    return splits, keys, classes
+        return plan, classes
+    items = plan.pop("all")
+    if not test_fraction:
+        return {"train": items}, classes
+    from sklearn.model_selection import train_test_split
+    index = np.arange(len(items))
+    y = np.array([-1 if lab is None else lab for _, lab in items])
+    strat = y if labels == "folders" and np.unique(y, return_counts=True)[1].min() >= 2 else None
+    try:
+        try:
+            tr, te = train_test_split(index, test_size=test_fraction, random_state=seed,
+                                      stratify=strat)
+        except ValueError:  # fewer test samples than classes: no stratified split exists
+            tr, te = train_test_split(index, test_size=test_fraction, random_state=seed)
+    except ValueError as exc:
+        raise ConvertError(f"imagefolder: --test-fraction {test_fraction} cannot split "
+                           f"{len(items)} image(s) ({_reason(exc)})") from None
+    return {"train": [items[i] for i in sorted(tr)], "test": [items[i] for i in sorted(te)]}, \
+        classes
+
+
+def load_photo(file: str, resize_mode: str = "no", image_size: int | None = None) -> np.ndarray:
+    """One image file as H x W x C uint8 by the shards' own decoding rule (``decode_image``:
+    EXIF orientation applied, grey 1 channel, colour RGB, transparency RGBA, more than 8 bits
+    refused), then resized (``photo_io.resize_image``). Errors name the file."""
+    try:
+        with open(file, "rb") as fh:
+            blob = fh.read()
+    except OSError as exc:
+        raise ConvertError(f"imagefolder: cannot read {file} ({_reason(exc)})") from None
+    try:
+        image = decode_image(blob)
+    except ShardError as exc:  # e.g. 16-bit: "... is a 16-bit image (mode I;16) ..."
+        raise ConvertError(f"imagefolder: {file} is a {exc}") from None
+    except Exception as exc:
+        raise ConvertError(f"imagefolder: {file} is not a decodable image "
+                           f"({type(exc).__name__})") from None
+    return photo_io.resize_image(image, resize_mode, image_size)
+
+
+class _SplitWriter:
+    """Samples of one split, written as shards of ``shard_size`` into the staging folder as
+    they fill (so memory holds one shard), with the counts the manifest needs."""
+
+    def __init__(self, stage: str, split: str, shard_size: int,
+                 storage_options: Mapping[str, Any] | None):
+        self.url, self.shard_size, self.so = storage.join(stage, split), int(shard_size), \
+            storage_options
+        self.buffer: list[Sample] = []
+        self.shards: list[str] = []
+        self.keys: dict[str, str] = {}
+        self.shapes: Counter = Counter()
+        self.labels: Counter = Counter()
+
+    def add(self, sample: Sample, rel: str) -> None:
+        if sample.key in self.keys:
+            raise ConvertError(f"imagefolder: {rel} and {self.keys[sample.key]} map to the same "
+                               f"sample key {sample.key!r} (same path but the extension); "
+                               "rename one of them")
+        self.keys[sample.key] = rel
+        self.shapes["x".join(map(str, sample.image.shape))] += 1
+        if sample.label is not None:
+            self.labels[int(sample.label)] += 1
+        self.buffer.append(sample)
+        if len(self.buffer) >= self.shard_size:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.buffer:
+            name = shard_name(len(self.shards))
+            write_shard(storage.join(self.url, name), self.buffer, self.so)
+            self.shards.append(name)
+            self.buffer = []
+
+
+def _existing_shards(url: str, storage_options: Mapping[str, Any] | None) -> list[str]:
+    fs, path = storage.get_fs(url, storage_options)
+    if not fs.exists(path):
+        return []
+    if fs.isfile(path):
+        raise storage.StorageError(f"{url!r} is an existing file, not a folder for shards")
+    return [posixpath.basename(str(e).rstrip("/")) for e in fs.ls(path, detail=False)
+            if str(e).endswith(".tar")]
 
 
 def convert_imagefolder(path: str, out: str, image_size: int | None = None, seed: int = 0,
-                        **kw: Any) -> dict:
+                        labels: str = "folders", test_fraction: float = 0.0,
+                        resize_mode: str | None = None, shard_size: int = DEFAULT_SHARD_SIZE,
+                        storage_options: Mapping[str, Any] | None = None,
+                        overwrite: bool = False) -> dict:
+    """A folder of photos into ``OUT/train`` (and ``OUT/test`` when the input has one or
+    ``test_fraction > 0``), streaming: files are read in sorted order and written as shards as
+    they fill, into a hidden staging folder ``OUT/_ue-convert-tmp-<random>``; the shards are
+    moved into place only when every image converted, the manifests last, so a bad file
+    leaves no shard behind. Keys come from the relative path (``photo_io.path_key``), which
+    every sample's json also keeps as ``source_path``. ``resize_mode`` (img2dataset's names)
+    defaults to ``no`` (native sizes, which may differ) and to ``border`` with ``image_size``."""
     storage.refuse_inside(out, path)
-    splits, keys, classes = imagefolder_arrays(path, image_size, seed=seed)
-    result = write_splits(out, splits, "imagefolder", keys=keys, num_classes=len(classes), **kw)
-    result["classes"] = classes
+    mode = resize_mode or ("border" if image_size is not None else "no")
+    if mode not in photo_io.RESIZE_MODES:
+        raise ConvertError(f"imagefolder: --resize-mode must be one of "
+                           f"{', '.join(photo_io.RESIZE_MODES)}, got {mode!r}")
+    if mode != "no" and image_size is None:
+        raise ConvertError(f"imagefolder: --resize-mode {mode} needs --image-size N")
+    if mode == "no" and image_size is not None:
+        raise ConvertError(f"imagefolder: --resize-mode no keeps the native size; it excludes "
+                           f"--image-size {image_size}")
+    if not 0 <= float(test_fraction) < 1:
+        raise ConvertError(f"imagefolder: --test-fraction must lie in [0, 1), got {test_fraction}")
+    if int(shard_size) < 1:
+        raise ConvertError(f"imagefolder: --shard-size must be >= 1, got {shard_size}")
+    plan, classes = imagefolder_plan(path, labels, float(test_fraction), seed)
+    storage.check_writable_root(out, storage_options)
+    for split in plan:
+        existing = _existing_shards(storage.join(out, split), storage_options)
+        if existing and not overwrite:
+            raise storage.StorageError(f"{storage.join(out, split)!r} already holds "
+                                       f"{len(existing)} shard(s); choose an empty output or "
+                                       "pass --overwrite")
+    for split in {"train", "test"} - set(plan):
+        existing = _existing_shards(storage.join(out, split), storage_options)
+        if existing:  # an earlier conversion's split would be read with this one's
+            raise storage.StorageError(f"{storage.join(out, split)!r} holds {len(existing)} "
+                                       "shard(s) of an earlier conversion and this one writes no "
+                                       f"{split} split; remove it or choose another OUT")
+    stage = photo_io.staging_url(out, "_ue-convert-tmp-")
+    writers: dict[str, _SplitWriter] = {}
+    try:
+        for split, items in plan.items():
+            writer = writers[split] = _SplitWriter(stage, split, shard_size, storage_options)
+            for rel, label in items:
+                image = load_photo(os.path.join(path, *rel.split("/")), mode, image_size)
+                writer.add(Sample(photo_io.path_key(rel), image, label,
+                                  {"protected": False, "version": 1, "source_path": rel}), rel)
+            writer.flush()
+        result: dict[str, Any] = {"out": out, "source": "imagefolder", "classes": classes,
+                                  "labels": labels, "resize_mode": mode, "image_size": image_size}
+        for split, writer in writers.items():
+            url = storage.join(out, split)
+            stale = set(_existing_shards(url, storage_options)) - set(writer.shards)
+            for name in writer.shards:
+                photo_io.move(storage.join(writer.url, name), storage.join(url, name),
+                              storage_options)
+            fs = storage.get_fs(url, storage_options)[0]
+            for name in sorted(stale):  # --overwrite: shards of an earlier, larger conversion
+                fs.rm(storage.get_fs(storage.join(url, name), storage_options)[1])
+            shapes = dict(sorted(writer.shapes.items()))
+            manifest = {"samples": len(writer.keys), "shards": len(writer.shards),
+                        "image_shape": [int(v) for v in next(iter(shapes)).split("x")]
+                        if len(shapes) == 1 else None,
+                        "image_shapes": shapes,
+                        "num_classes": len(classes) if labels == "folders" else None,
+                        "label_histogram": {str(k): v for k, v in sorted(writer.labels.items())},
+                        "classes": classes, "labels": labels, "resize_mode": mode,
+                        "image_size": image_size, "source": "imagefolder", "split": split}
+            storage.write_bytes(storage.join(url, MANIFEST),
+                                json.dumps(manifest, indent=1).encode(), storage_options)
+            result[split] = {"url": url, "samples": len(writer.keys),
+                             "shards": len(writer.shards), "image_shapes": shapes}
+    finally:
+        photo_io.remove_tree(stage, storage_options)
     return result
 
 

@@ -32,26 +32,39 @@ class MixedSizesError(ShardError):
     turns such a set into fixed-size views)."""
 
 
-def _check_consistent(shard_samples: list[tuple[str, list]]) -> tuple[int, ...]:
-    shape = None
-    first = None
+def _shapes(shard_samples: list[tuple[str, list]]) -> tuple[Counter, tuple | None]:
+    """``(Counter of image shapes, (shard, key, shape) of the first sample whose shape differs
+    from the first one's, or None)``; refuses a key that appears twice and an empty dataset."""
+    shapes: Counter = Counter()
+    first = differs = None
     seen: dict[str, str] = {}
     for shard, samples in shard_samples:
         for s in samples:
-            if shape is None:
-                shape, first = s.image.shape, (shard, s.key)
-            elif s.image.shape != shape:
-                raise MixedSizesError(
-                    f"shard {shard}, sample {s.key!r}: image shape {s.image.shape} differs from "
-                    f"{shape} (shard {first[0]}, sample {first[1]!r}): mixed image shapes in one "
-                    "dataset")
+            if first is None:
+                first = (shard, s.key, s.image.shape)
+            elif differs is None and s.image.shape != first[2]:
+                differs = (shard, s.key, s.image.shape)
+            shapes[s.image.shape] += 1
             if s.key in seen:
                 raise ShardError(f"shard {shard}, sample {s.key!r}: key also appears in shard "
                                  f"{seen[s.key]} (keys must be unique)")
             seen[s.key] = shard
-    if shape is None:
+    if first is None:
         raise ShardError("the dataset has no samples")
-    return shape
+    return shapes, None if differs is None else (first, differs)
+
+
+def _check_consistent(shard_samples: list[tuple[str, list]]) -> tuple[int, ...]:
+    """The one image shape of a dataset that is loaded as one tensor (training, fitting)."""
+    shapes, mixed = _shapes(shard_samples)
+    if mixed is not None:
+        (shard0, key0, shape0), (shard, key, shape) = mixed
+        raise MixedSizesError(
+            f"shard {shard}, sample {key!r}: image shape {shape} differs from {shape0} (shard "
+            f"{shard0}, sample {key0!r}): mixed image shapes in one dataset ({len(shapes)} sizes); "
+            "a set loaded whole needs one size: convert with --image-size N (--resize-mode "
+            "center_crop or border)")
+    return next(iter(shapes))
 
 
 def _unlabelled(shard: str, key: str) -> ShardError:
@@ -186,9 +199,10 @@ def write_samples(url: str, samples: list[Sample], *, shard_size: int = DEFAULT_
             target = storage.join(url, shard_name(index))
             write_shard(target, samples[start:start + shard_size], storage_options)
             written.append(target)
-        labels = Counter(int(s.label) for s in samples)
+        labels = Counter(int(s.label) for s in samples if s.label is not None)
+        classes = num_classes or (max(labels) + 1 if labels else None)  # None: no labels
         manifest = {"samples": len(samples), "shards": len(written), "image_shape": list(shape),
-                    "num_classes": int(num_classes or max(labels) + 1),
+                    "num_classes": None if classes is None else int(classes),
                     "label_histogram": {str(k): v for k, v in sorted(labels.items())},
                     **dict(extra or {})}
         storage.write_bytes(storage.join(url, MANIFEST), json.dumps(manifest, indent=1).encode(),
@@ -212,20 +226,29 @@ def write_imageset(url: str, imageset: ImageSet, shard_size: int = DEFAULT_SHARD
 
 
 def dataset_info(url: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Shards, samples, image shape (H, W, C), label histogram, how many samples are protected."""
+    """Shards, samples, image shape (H, W, C; None when sizes differ, ``image_shapes`` counts
+    each), label histogram (of the labelled samples; ``unlabelled`` counts the others), how
+    many samples are protected."""
     shard_samples = read_all_shards(url, storage_options)
-    shape = _check_consistent(shard_samples)
+    shapes, mixed = _shapes(shard_samples)
     labels: Counter = Counter()
-    protected = 0
+    protected = unlabelled = 0
     methods: Counter = Counter()
     for _, samples in shard_samples:
         for s in samples:
-            labels[int(s.label)] += 1
+            if s.label is None:
+                unlabelled += 1
+            else:
+                labels[int(s.label)] += 1
             if s.meta.get("protected"):
                 protected += 1
                 methods[str(s.meta.get("method"))] += 1
-    total = sum(labels.values())
+    total = sum(shapes.values())
     return {"url": url, "shards": len(shard_samples), "samples": total,
-            "image_shape": list(shape), "num_classes": max(labels) + 1,
+            "image_shape": list(next(iter(shapes))) if mixed is None else None,
+            "image_shapes": {"x".join(map(str, k)): v for k, v in
+                             sorted(shapes.items(), key=lambda kv: (-kv[1], kv[0]))},
+            "num_classes": max(labels) + 1 if labels else 0,
             "label_histogram": {str(k): v for k, v in sorted(labels.items())},
+            "unlabelled": unlabelled,
             "protected": protected, "protected_by_method": dict(methods)}

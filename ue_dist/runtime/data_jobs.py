@@ -6,6 +6,7 @@ from typing import Any, Mapping, Sequence
 
 from ue_dist.data import converters, storage
 from ue_dist.data.converters import ConvertError
+from ue_dist.options import CONVERT, check_value, default, option
 
 EXPECTED_PATHS = {"digits": 1, "synthetic": 1, "cifar10": 2, "cifar100": 2, "imagefolder": 2,
                   "numpy": 3, "fashion-mnist": (1, 2), "idx": (3, 5)}
@@ -37,6 +38,23 @@ def _check_options(source: str, image_size: int | None, shard_size: int, seed: i
     if native and image_size is not None and source in GRAYSCALE_SOURCES:
         raise ConvertError(f"convert {source}: --native keeps the original size; it excludes "
                            f"--image-size {image_size}")
+
+
+def _check_photo_options(source: str, labels: str, test_fraction: float,
+                         resize_mode: str | None) -> None:
+    """imagefolder's own options: refused for other sources rather than silently ignored."""
+    given = [flag for flag, value, unset in (
+        ("--labels", labels, default(CONVERT, "labels")),
+        ("--test-fraction", test_fraction, default(CONVERT, "test_fraction")),
+        ("--resize-mode", resize_mode, default(CONVERT, "resize_mode"))) if value != unset]
+    if given and source != "imagefolder":
+        raise ConvertError(f"convert {source}: {', '.join(given)} appl"
+                           f"{'ies' if len(given) == 1 else 'y'} to imagefolder only")
+    check_value(labels, option(CONVERT.options, "labels"), "--labels", ConvertError)
+    check_value(resize_mode, option(CONVERT.options, "resize_mode"), "--resize-mode", ConvertError)
+    if not 0 <= float(test_fraction) < 1:
+        raise ConvertError(f"convert {source}: --test-fraction must lie in [0, 1), got "
+                           f"{test_fraction}")
 
 
 def _check_inputs(source: str, inputs: Sequence[str]) -> None:
@@ -74,12 +92,17 @@ def _check_output(source: str, out: str, storage_options: Mapping[str, Any] | No
 def convert(source: str, paths: Sequence[str], *, n: int = 5000, image_size: int | None = None,
             native: bool = False, channels: int | None = None, shard_size: int = 1000,
             seed: int = 0, overwrite: bool = False,
+            labels: str = default(CONVERT, "labels"),
+            test_fraction: float = default(CONVERT, "test_fraction"),
+            resize_mode: str | None = default(CONVERT, "resize_mode"),
             storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Convert ``source`` (inputs ``paths[:-1]``) into ``OUT/train`` and ``OUT/test``, ``OUT =
     paths[-1]``. Grayscale sources (digits, fashion-mnist, idx) become 32x32x3 by default, the
     shape of the CIFAR victims and methods; ``native`` keeps the original size (digits 8x8 with
     3 channels as before; fashion-mnist and idx 28x28 with 1 channel, their stored format) and
-    ``channels`` (1 or 3) overrides the channel count."""
+    ``channels`` (1 or 3) overrides the channel count. ``labels``, ``test_fraction`` and
+    ``resize_mode`` are imagefolder's (``converters.convert_imagefolder``: streaming, keys from
+    the relative paths, native sizes unless resized, no OUT/test unless asked for)."""
     if source not in converters.CONVERTERS:
         raise ConvertError(f"unknown converter {source!r}; valid: "
                            f"{', '.join(sorted(converters.CONVERTERS))}")
@@ -88,6 +111,7 @@ def convert(source: str, paths: Sequence[str], *, n: int = 5000, image_size: int
     if len(paths) not in counts:
         raise ConvertError(f"convert {source} expects {USAGE[source]}, got {len(paths)} path(s)")
     _check_options(source, image_size, shard_size, seed, native, channels)
+    _check_photo_options(source, labels, test_fraction, resize_mode)
     if source == "fashion-mnist" and len(paths) == 2 and "://" not in paths[0] \
             and os.path.isfile(paths[0]):
         raise ConvertError(f"convert fashion-mnist: input {paths[0]!r} is a file, not the folder "
@@ -113,5 +137,7 @@ def convert(source: str, paths: Sequence[str], *, n: int = 5000, image_size: int
     if source in ("cifar10", "cifar100"):
         return converters.convert_cifar(paths[0], paths[1], variant=source, image_size=image_size, **kw)
     if source == "imagefolder":
-        return converters.convert_imagefolder(paths[0], paths[1], image_size=image_size, seed=seed, **kw)
+        return converters.convert_imagefolder(paths[0], paths[1], image_size=image_size, seed=seed,
+                                              labels=labels, test_fraction=test_fraction,
+                                              resize_mode=resize_mode, **kw)
     return converters.convert_numpy(paths[0], paths[1], paths[2], seed=seed, image_size=image_size, **kw)

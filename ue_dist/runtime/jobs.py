@@ -91,12 +91,26 @@ def _convert_step(value: Any, base: str, root: str) -> dict[str, Any] | None:
     return conv
 
 
+def _writes_no_test(convert: Mapping[str, Any]) -> bool:
+    """convert imagefolder writes OUT/test only with test_fraction > 0 or an input that holds
+    train/ and test/ (a local folder is looked at; a URL is assumed to hold them)."""
+    if convert.get("source") != "imagefolder" or convert.get("test_fraction"):
+        return False
+    inputs = convert.get("inputs") or []
+    folder = inputs[0] if inputs else None
+    return bool(folder) and "://" not in folder and not all(
+        os.path.isdir(os.path.join(folder, s)) for s in ("train", "test"))
+
+
 def _data(value: Any, convert: Mapping[str, Any] | None, base: str) -> dict[str, str]:
     if value is None:
         if convert is None:
             raise JobSpecError("job spec needs data: {train: URL, test: URL} (or a convert step)")
-        return {"train": storage.join(convert["out"], "train"),
+        data = {"train": storage.join(convert["out"], "train"),
                 "test": storage.join(convert["out"], "test")}
+        if _writes_no_test(convert):
+            del data["test"]
+        return data
     data = {k: _path(v, base, f"data.{k}") for k, v in _section(value, "data").items()
             if v is not None}
     if "train" not in data:
@@ -137,7 +151,8 @@ def _evaluate_step(value: Any, data: Mapping[str, str]) -> dict[str, Any] | None
         return None
     ev = _section(value, "evaluate")
     if "test" not in data:
-        raise JobSpecError("evaluate needs data.test (the clean test set)")
+        raise JobSpecError("evaluate needs data.test (the clean test set; convert imagefolder "
+                           "writes one with test_fraction > 0)")
     settings = resolve_victim_settings(ev.pop("victim_preset"), ev.pop("victim_overrides") or {})
     return {"settings": settings, **ev}
 
@@ -228,7 +243,9 @@ def run_job(spec: Mapping[str, Any], progress: Callable[[str], None] = print) ->
             say(f"[ue-dist run {name}] convert {conv['source']} -> {conv['out']}")
             steps["convert"] = convert(conv["source"], [*conv["inputs"], conv["out"]], n=conv["n"],
                                        image_size=conv["image_size"], shard_size=conv["shard_size"],
-                                       seed=conv["seed"], storage_options=so)
+                                       seed=conv["seed"], labels=conv["labels"],
+                                       test_fraction=conv["test_fraction"],
+                                       resize_mode=conv["resize_mode"], storage_options=so)
 
     method, fit = spec["method"], spec["fit"]
     state_url = fit["state"]
