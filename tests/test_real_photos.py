@@ -97,11 +97,17 @@ def _check_output(bucket, dst, method, eps):
         assert (png.height, png.width) == bucket["upright"]["000000003"].shape[:2]
 
 
-def test_gue_protects_real_photos_at_native_size(ray_local, bucket):
-    state = str(bucket["root"] / "gue.pt")
+def _fit(bucket, name: str, overrides: dict):
+    """Fit ``name`` on the photos' crops; returns the method and its state's path."""
+    state = str(bucket["root"] / f"{name}.pt")
     torch.manual_seed(0)
-    method = build_method("gue", "quick", GUE_TINY)
+    method = build_method(name, "quick", overrides)
     save_state(method.fit(_crops(bucket), LocalContext(device="cpu", log=lambda m: None)), state)
+    return method, state
+
+
+def test_gue_protects_real_photos_at_native_size(ray_local, bucket):
+    method, state = _fit(bucket, "gue", GUE_TINY)
     dst = str(bucket["root"] / "gue-out")
     summary = protect("gue", bucket["src"], dst, state_url=state, actors=1,
                       cpus_per_actor=0.5, progress=None)
@@ -110,10 +116,7 @@ def test_gue_protects_real_photos_at_native_size(ray_local, bucket):
 
 
 def test_em_protects_unlabelled_real_photos_with_predicted_labels(ray_local, bucket):
-    state = str(bucket["root"] / "em.pt")
-    torch.manual_seed(0)
-    method = build_method("em", "quick", EM_TINY)
-    save_state(method.fit(_crops(bucket), LocalContext(device="cpu", log=lambda m: None)), state)
+    method, state = _fit(bucket, "em", EM_TINY)
     dst = str(bucket["root"] / "em-out")
     # unlabelled photos need a label source: without one the shard is bad, naming the sample
     refused = protect("em", bucket["src"], str(bucket["root"] / "em-refused"), state_url=state,
