@@ -307,3 +307,30 @@ def test_overwrite_refuses_a_stale_test_split(photos, tmp_path):
     convert_imagefolder(str(photos), str(tmp_path / "o2"), shard_size=100, overwrite=True)
     assert len(list_shards(str(tmp_path / "o2" / "train"))) == 1  # the 9 stale shards removed
     assert len(_samples(tmp_path / "o2" / "train")) == 10
+
+
+def test_convert_to_and_export_from_an_s3_bucket(photos, tmp_path, s3_bucket):
+    """Photos on disk -> shards in a bucket (moto's S3 API) -> files back, on disk and in the
+    bucket: the same layout and pixels as the local round trip, no staging prefix left."""
+    import s3fs
+
+    out = f"{s3_bucket}/shards"
+    convert_imagefolder(str(photos), out, labels="none")
+    fs = s3fs.S3FileSystem()
+    assert not [p for p in fs.find(out) if "_ue-convert-tmp-" in p]
+    originals = {s.meta["source_path"]: s.image for s in _samples(f"{out}/train")}
+    assert sorted(originals) == ["cat/a.b.png", "cat/deep/x.jpg", "dog/d.png", "dog/e.png"]
+    local = tmp_path / "files"
+    assert cli(["export", f"{out}/train", str(local)]) == 0
+    assert _tree(local) == ["cat/a.b.png", "cat/deep/x.png", "dog/d.png", "dog/e.png",
+                            "ue-dist-export.json"]
+    for rel, image in originals.items():
+        png = os.path.splitext(rel)[0] + ".png"
+        assert np.array_equal(np.asarray(Image.open(local / png)), image), rel
+    remote = f"{s3_bucket}/files"
+    summary = photo_io.export(f"{out}/train", remote)
+    assert summary["images"] == 4
+    written = sorted(p[len(remote) - len("s3://"):].lstrip("/") for p in fs.find(remote))
+    assert written == ["cat/a.b.png", "cat/deep/x.png", "dog/d.png", "dog/e.png",
+                       "ue-dist-export.json"], written
+    assert fs.cat(f"{remote}/dog/d.png") == (local / "dog" / "d.png").read_bytes()
