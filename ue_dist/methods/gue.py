@@ -33,7 +33,7 @@ head, the losses, the barrier's inner products and all optimiser state stay fp32
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -332,13 +332,13 @@ def selection_score(method: Method, gen: nn.Module, train: ImageSet,
     poisoned = ImageSet(protected, fit_set.labels.clone(), fit_set.keys, fit_set.meta,
                         train.num_classes)
     s = method.settings
-    adv_eps = float(s["select_adv_eps"])
+    adv_eps = float(s.get("select_adv_eps", 0.0))  # GUE-AT's; 0 for the others
     # GUE-AT keeps the generator that is strongest against the defence it exists for: its
     # selection victim trains with PGD-AT (the authors' gue_adv.py: 4/255, 10 steps of eps/4)
     victim_settings = resolve_victim_settings("quick", {
         "arch": s["select_arch"], "epochs": int(s["select_epochs"]), "seed": int(ctx.seed),
         "eval_robust": False, "precision": str(s["precision"]), "adv_eps": adv_eps,
-        "adv_method": "pgd", "adv_steps": int(s["select_adv_steps"]),
+        "adv_method": "pgd", "adv_steps": int(s.get("select_adv_steps", 10)),
         "adv_step_size": adv_eps / 4 if adv_eps > 0 else None})
     # every worker scores the same (synchronised) generator the same way: no broadcast needed
     quiet = LocalContext(device=ctx.device, seed=int(ctx.seed), log=lambda _msg: None)
@@ -437,83 +437,29 @@ def _preset(**kw: Any) -> dict[str, Any]:
     return out
 
 
-@register
-class Gue(Method):
-    """GUE: BOME on the unlearnable-example Stackelberg game, U-Net generator, L_sur leader loss.
+class GeneratorMethod(Method):
+    """What every generator method shares (GUE, GUE-AT, DeepConfuse): a U-Net ``g_w`` with an
+    ``eps * tanh`` head, fitted on a seeded split of the training data, kept in the state with
+    the epoch model selection chose; ``perturb`` is one eval-mode forward pass (labels unused)."""
 
-    Threat model: L-inf perturbations of radius ``eps`` on every protected image; the victim
-    trains normally. ``perturb``: one eval-mode generator pass, ``B x C x H x W`` -> same shape.
-    """
+    #: (player, its key in the checkpoint's "training" dict) restored on resume
+    resumed_players: ClassVar[tuple[tuple[str, str], ...]] = (
+        ("gen", "generator"), ("cls", "classifier"), ("gen_opt", "gen_opt"),
+        ("cls_opt", "cls_opt"))
 
-    name = "gue"
-    # labels train the generator; perturb is g_w(x) alone
-    kind, year, needs_labels = "generator", 2024, False
-    paper = PAPER
-    presets = {
-        "paper": _preset(width=64, arch="resnet18", epochs=50, batch_size=256),
-        # digits on one CPU core in about two minutes: narrow U-Net and follower, more steps
-        # (batch 32), faster players (generator SGD lr 1 with momentum, classifier lr 0.05)
-        "quick": _preset(width=8, arch="small-cnn", cls_width=16, epochs=12, batch_size=32,
-                         inner_steps=3, gen_lr=1.0, gen_momentum=0.9, cls_lr=0.05,
-                         val_fraction=0.0, select_every=0, select_epochs=2,
-                         select_arch="small-cnn"),
-    }
-
-    declared = _DECLARED
-
-    def validate_settings(self) -> None:
-        super().validate_settings()
-        s = self.settings
-        ms = s["lr_milestones"]
-        if not all(isinstance(m, int) and not isinstance(m, bool) and m >= 1 for m in ms):
-            raise SettingsError(f"lr_milestones must be a list of epochs >= 1, got {ms!r}")
-        if s["follower_loss"] != "ce":
-            if not float(s["at_eps"]) > 0:
-                raise SettingsError(f"at_eps must be > 0 when follower_loss={s['follower_loss']!r}")
-            at_step_size(s)
-
-    # fit ----------------------------------------------------------------------------------------
-    def fit(self, train: ImageSet, ctx: FitContext) -> dict[str, Any]:
+    def _split(self, train: ImageSet) -> dict[str, torch.Tensor]:
+        """The seeded fit / val / unseen split (``split_indices``), refusing one with nothing
+        to fit on or fewer than 2 classes."""
         s = self.settings
         if int(train.num_classes) < 2:
             raise SettingsError(f"method {self.name!r} needs at least 2 classes, got "
                                 f"{int(train.num_classes)}")
         split = split_indices(len(train), float(s["train_fraction"]), float(s["val_fraction"]),
                               int(s["split_seed"]))
-        fit_idx = split["fit"]
-        if len(fit_idx) == 0:
+        if len(split["fit"]) == 0:
             raise SettingsError(f"train_fraction={s['train_fraction']} and val_fraction="
                                 f"{s['val_fraction']} leave no images to fit on ({len(train)} given)")
-        players = build_players(s, self.eps, train, ctx)
-        start_epoch, step, best = self._resume(players, train, ctx)
-        gen = players["gen"]
-        steps_per_epoch = max(1, math.ceil(len(fit_idx) / int(s["batch_size"])))  # same on every worker
-        ctx.log(f"[{self.name}] fitting on {len(fit_idx)} images ({len(split['val'])} held out for "
-                f"selection, {len(split['unseen'])} never seen), {steps_per_epoch} steps/epoch")
-        epochs = int(s["epochs"])
-        bar = ctx.progress(f"[{self.name}] epochs", epochs)
-        bar.start(start_epoch)
-        for epoch in range(start_epoch, epochs):
-            set_learning_rates(players, s, epoch)
-            record, step = bome_epoch(players, train, fit_idx[ctx.shard_indices(len(fit_idx))],
-                                      epoch, step, steps_per_epoch, s, ctx)
-            _sync_buffers(gen, ctx)
-            every = int(s["select_every"])
-            if every > 0 and len(split["val"]) > 0 and ((epoch + 1) % every == 0 or epoch + 1 == epochs):
-                score = selection_score(self, gen, train, split, ctx)
-                record["val_acc"] = score
-                if best["score"] is None or score <= best["score"]:
-                    best = {"score": score, "epoch": epoch + 1, "generator": _cpu_state(gen)}
-            bar.update(epoch + 1, format_metrics({k: v for k, v in record.items()
-                                                  if k not in ("epoch", "step")}))
-            checkpoint = self._state(train, gen, best, split) | {"training": {
-                "generator": _cpu_state(gen), "classifier": _cpu_state(players["cls"]),
-                "gen_opt": players["gen_opt"].state_dict(),
-                "cls_opt": players["cls_opt"].state_dict(),
-                "epoch": epoch + 1, "step": step, "best_score": best["score"],
-                "best_epoch": best["epoch"], "best_generator": best["generator"]}}
-            ctx.report(record, state=checkpoint)
-        return self._state(train, gen, best, split)
+        return split
 
     def _resume(self, players: dict[str, Any], train: ImageSet,
                 ctx: FitContext) -> tuple[int, int, dict[str, Any]]:
@@ -523,13 +469,35 @@ class Gue(Method):
             return 0, 0, {"score": None, "epoch": None, "generator": None}
         self.check_state(resumed, train.image_shape, source="resumed checkpoint")
         tr = resumed["training"]
-        for key, saved in (("gen", "generator"), ("cls", "classifier"), ("gen_opt", "gen_opt"),
-                           ("cls_opt", "cls_opt")):
+        for key, saved in self.resumed_players:
             players[key].load_state_dict(tr[saved])
         ctx.log(f"[{self.name}] resumed at epoch {int(tr['epoch'])}")
         return int(tr["epoch"]), int(tr["step"]), {
             "score": tr.get("best_score"), "epoch": tr.get("best_epoch"),
             "generator": tr.get("best_generator")}
+
+    def _end_epoch(self, players: Mapping[str, Any], train: ImageSet,
+                   split: Mapping[str, torch.Tensor], best: dict[str, Any], record: dict[str, Any],
+                   epoch: int, step: int, bar: Any, ctx: FitContext) -> dict[str, Any]:
+        """After (0-based) ``epoch``: model selection every ``select_every`` epochs and at the
+        last (the lowest held-out score wins), the progress line, the resumable checkpoint;
+        returns the best generator so far."""
+        gen, epochs = players["gen"], int(self.settings["epochs"])
+        every = int(self.settings["select_every"])
+        if every > 0 and len(split["val"]) > 0 and ((epoch + 1) % every == 0 or epoch + 1 == epochs):
+            score = selection_score(self, gen, train, split, ctx)
+            record["val_acc"] = score
+            if best["score"] is None or score <= best["score"]:
+                best = {"score": score, "epoch": epoch + 1, "generator": _cpu_state(gen)}
+        bar.update(epoch + 1, format_metrics({k: v for k, v in record.items()
+                                              if k not in ("epoch", "step")}))
+        saved = {name: _cpu_state(players[key]) if isinstance(players[key], nn.Module)
+                 else players[key].state_dict() for key, name in self.resumed_players}
+        checkpoint = self._state(train, gen, best, split) | {"training": {
+            **saved, "epoch": epoch + 1, "step": step, "best_score": best["score"],
+            "best_epoch": best["epoch"], "best_generator": best["generator"]}}
+        ctx.report(record, state=checkpoint)
+        return best
 
     def _state(self, train: ImageSet, gen: nn.Module, best: Mapping[str, Any],
                split: Mapping[str, torch.Tensor]) -> dict[str, Any]:
@@ -582,6 +550,64 @@ class Gue(Method):
         delta = in_precision(gen, device, precision)(images)
         # labels are not used: the generator maps images to perturbations (works on new data)
         return (images + delta).clamp(0.0, 1.0) - images
+
+
+@register
+class Gue(GeneratorMethod):
+    """GUE: BOME on the unlearnable-example Stackelberg game, U-Net generator, L_sur leader loss.
+
+    Threat model: L-inf perturbations of radius ``eps`` on every protected image; the victim
+    trains normally. ``perturb``: one eval-mode generator pass, ``B x C x H x W`` -> same shape.
+    """
+
+    name = "gue"
+    # labels train the generator; perturb is g_w(x) alone
+    kind, year, needs_labels = "generator", 2024, False
+    paper = PAPER
+    presets = {
+        "paper": _preset(width=64, arch="resnet18", epochs=50, batch_size=256),
+        # digits on one CPU core in about two minutes: narrow U-Net and follower, more steps
+        # (batch 32), faster players (generator SGD lr 1 with momentum, classifier lr 0.05)
+        "quick": _preset(width=8, arch="small-cnn", cls_width=16, epochs=12, batch_size=32,
+                         inner_steps=3, gen_lr=1.0, gen_momentum=0.9, cls_lr=0.05,
+                         val_fraction=0.0, select_every=0, select_epochs=2,
+                         select_arch="small-cnn"),
+    }
+
+    declared = _DECLARED
+
+    def validate_settings(self) -> None:
+        super().validate_settings()
+        s = self.settings
+        ms = s["lr_milestones"]
+        if not all(isinstance(m, int) and not isinstance(m, bool) and m >= 1 for m in ms):
+            raise SettingsError(f"lr_milestones must be a list of epochs >= 1, got {ms!r}")
+        if s["follower_loss"] != "ce":
+            if not float(s["at_eps"]) > 0:
+                raise SettingsError(f"at_eps must be > 0 when follower_loss={s['follower_loss']!r}")
+            at_step_size(s)
+
+    # fit ----------------------------------------------------------------------------------------
+    def fit(self, train: ImageSet, ctx: FitContext) -> dict[str, Any]:
+        s = self.settings
+        split = self._split(train)
+        fit_idx = split["fit"]
+        players = build_players(s, self.eps, train, ctx)
+        start_epoch, step, best = self._resume(players, train, ctx)
+        gen = players["gen"]
+        steps_per_epoch = max(1, math.ceil(len(fit_idx) / int(s["batch_size"])))  # same on every worker
+        ctx.log(f"[{self.name}] fitting on {len(fit_idx)} images ({len(split['val'])} held out for "
+                f"selection, {len(split['unseen'])} never seen), {steps_per_epoch} steps/epoch")
+        epochs = int(s["epochs"])
+        bar = ctx.progress(f"[{self.name}] epochs", epochs)
+        bar.start(start_epoch)
+        for epoch in range(start_epoch, epochs):
+            set_learning_rates(players, s, epoch)
+            record, step = bome_epoch(players, train, fit_idx[ctx.shard_indices(len(fit_idx))],
+                                      epoch, step, steps_per_epoch, s, ctx)
+            _sync_buffers(gen, ctx)
+            best = self._end_epoch(players, train, split, best, record, epoch, step, bar, ctx)
+        return self._state(train, gen, best, split)
 
 
 @register
