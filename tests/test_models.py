@@ -8,7 +8,7 @@ torch.set_num_threads(1)
 
 # (arch, parameter count in millions at 10 classes, 32x32x3): the CIFAR variants' known sizes
 EXPECTED_MPARAMS = {"small-cnn": 0.14, "resnet18": 11.17, "resnet34": 21.28, "resnet50": 23.52,
-                    "vgg16": 14.73, "vgg19": 20.04, "densenet121": 6.96, "mobilenetv2": 2.24,
+                    "vgg11": 9.23, "vgg16": 14.73, "vgg19": 20.04, "densenet121": 6.96, "mobilenetv2": 2.24,
                     "wrn-28-10": 36.48, "wrn-34-10": 46.16, "wrn-16-2": 0.69}
 
 

@@ -204,6 +204,7 @@ ARCHITECTURES: dict[str, Callable[[int, int, int], nn.Module]] = {
     "resnet18": _resnet(18),
     "resnet34": _resnet(34),
     "resnet50": _resnet(50),
+    "vgg11": _vgg("A"),  # DeepConfuse's classifier
     "vgg16": _vgg("D"),
     "vgg19": _vgg("E"),
     "densenet121": _densenet121,
