@@ -249,6 +249,8 @@ CONTRACT_SETTINGS: dict[str, dict] = {
     "hypo": {**_SOURCE_MODEL, "steps": 2},
     "gue": dict(_GENERATOR),
     "gue-at": {**_GENERATOR, "at_steps": 1},
+    "deepconfuse": {"width": 4, "cls_width": 4, "epochs": 1, "cls_epochs": 1, "batch_size": 16,
+                    "select_every": 0, "val_fraction": 0.0, "log_every": 1},
     "lsp": {},
     "ar": {},
     "ops": {},
@@ -405,7 +407,7 @@ STEP_SETTING = {"em": "steps_u", "rem": "steps_u", "tap": "steps", "hypo": "step
                 "bayes": "steps"}
 # methods whose fit depends on eps: the source model trains on noise of that radius, the class
 # patterns are drawn at it, the generator's eps * tanh is built with it
-EPS_FITTED = {"classwise", "em-classwise", "em", "rem", "gue", "gue-at"}
+EPS_FITTED = {"classwise", "em-classwise", "em", "rem", "gue", "gue-at", "deepconfuse"}
 
 
 def test_method_for_its_state_takes_the_fitted_settings(fitted, contract_data):
