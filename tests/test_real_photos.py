@@ -1,7 +1,8 @@
 """Real photographs end to end: scikit-learn's two JPEG photos (china.jpg, flower.jpg, 427x640)
 in an img2dataset-style shard (jpg + txt + json, mixed sizes, no labels, one EXIF-rotated copy)
 protected at native size with GUE and EM (tiny settings) through ``ue_dist.runtime.protect``;
-the bound checked pixel by pixel in the written PNGs, captions and fields unchanged."""
+the bound checked pixel by pixel in the written PNGs, captions and fields unchanged, and the
+protected photos exported back to files."""
 from __future__ import annotations
 
 import io
@@ -16,6 +17,7 @@ from PIL import Image, ImageOps
 from ue_dist.core.context import LocalContext
 from ue_dist.core.quantize import pixel_budget
 from ue_dist.data.imageset import ImageSet
+from ue_dist.data.photo_io import export
 from ue_dist.data.shards import read_shard
 from ue_dist.data.sources import sample_photos
 from ue_dist.methods.base import build_method, save_state
@@ -113,6 +115,21 @@ def test_gue_protects_real_photos_at_native_size(ray_local, bucket):
                       cpus_per_actor=0.5, progress=None)
     assert summary["ok"] and summary["images_protected"] == 4, summary
     _check_output(bucket, dst, "gue", method.eps)
+    # and back out as files: img2dataset's samples carry no source path, so each is KEY.png
+    out_dir = bucket["root"] / "gue-files"
+    export(dst, str(out_dir), extras=True)
+    assert sorted(p.name for p in out_dir.iterdir()) == sorted(
+        [f"{k}.png" for k in bucket["upright"]] + [f"{k}.txt" for k in bucket["upright"]]
+        + ["ue-dist-export.json"])
+    manifest = json.loads((out_dir / "ue-dist-export.json").read_text())
+    budget = pixel_budget(method.eps)
+    for key, original in bucket["upright"].items():
+        written = np.asarray(Image.open(out_dir / f"{key}.png"))
+        assert written.shape == original.shape
+        assert np.abs(written.astype(int) - original.astype(int)).max() <= budget
+        assert (out_dir / f"{key}.txt").read_text() == bucket["captions"][key]
+    assert manifest["images"] == manifest["protected"] == 4, manifest
+    assert {f["method"] for f in manifest["files"] if f["member"] == "image"} == {"gue"}
 
 
 def test_em_protects_unlabelled_real_photos_with_predicted_labels(ray_local, bucket):
