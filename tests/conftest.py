@@ -20,6 +20,18 @@ os.environ.setdefault("UE_DIST_LOG_DIR", tempfile.mkdtemp(prefix="ue-dist-test-l
 from helpers import free_port  # noqa: E402  (after the Ray variable: helpers imports ue_dist)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module's tiny models: the test machine is shared, and several
+    threads per process thrash it (``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def moto_s3():
     from moto.server import ThreadedMotoServer

@@ -16,12 +16,7 @@ from ue_dist.methods.deepconfuse import DeepConfuse, confuse_step, pseudo_update
 from ue_dist.methods.protect import protect_uint8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _players(lr=0.05, gen_lr=1e-3, dtype=torch.float32):

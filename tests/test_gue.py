@@ -23,13 +23,7 @@ from ue_dist.methods.gue import (Gue, GueAT, barrier_lambda, bome_step, follower
                                  split_indices, surrogate_objective)
 from ue_dist.methods.protect import protect_uint8
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # the test machine is shared; several intra-op threads per process thrash it
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TINY = {"width": 4, "epochs": 2, "batch_size": 16, "inner_steps": 2, "select_every": 0,

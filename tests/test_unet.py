@@ -5,13 +5,7 @@ import torch
 from ue_dist.core.unet import UNetGenerator, count_parameters
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # the test machine is shared; several intra-op threads per process thrash it
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_paper_width_has_7_79_million_parameters():
