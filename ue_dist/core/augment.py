@@ -15,6 +15,7 @@ Two levels of API:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -58,38 +59,69 @@ def random_crop_flip(x: torch.Tensor, pad: int = 4, flip: bool = True,
 
 @dataclass
 class AugParams:
-    """Per-sample parameters of one augmentation draw (``offsets`` N x 2, ``flips`` N)."""
+    """Per-sample parameters of one augmentation draw (``offsets`` N x 2, ``flips`` N) and,
+    for defence-aware EOT, the view of each sample: ``choice`` N, 0 = the image itself,
+    ``i`` = ``views[i - 1]`` (differentiable defences, ``core.defenses.eot_view``), applied
+    before the crop and flip as a victim pre-processes its data before augmenting it."""
 
     kind: str
     pad: int
     offsets: torch.Tensor | None = None
     flips: torch.Tensor | None = None
+    views: tuple[Callable[[torch.Tensor], torch.Tensor], ...] = ()
+    choice: torch.Tensor | None = None
 
     def __len__(self) -> int:
-        return 0 if self.flips is None else int(self.flips.shape[0])
+        if self.flips is not None:
+            return int(self.flips.shape[0])
+        return 0 if self.choice is None else int(self.choice.shape[0])
 
     def slice(self, start: int, stop: int) -> "AugParams":
+        choice = None if self.choice is None else self.choice[start:stop]
         if self.kind == "none":
-            return self
-        return AugParams(self.kind, self.pad, self.offsets[start:stop], self.flips[start:stop])
+            return AugParams(self.kind, self.pad, views=self.views, choice=choice)
+        return AugParams(self.kind, self.pad, self.offsets[start:stop], self.flips[start:stop],
+                         self.views, choice)
 
 
 def sample_params(kind: str, n: int, generator: torch.Generator | None = None,
-                  device: torch.device | str = "cpu", pad: int = 4) -> AugParams:
-    """Independent parameters for ``n`` samples of augmentation ``kind``."""
+                  device: torch.device | str = "cpu", pad: int = 4,
+                  views: tuple[Callable[[torch.Tensor], torch.Tensor], ...] = ()) -> AugParams:
+    """Independent parameters for ``n`` samples of augmentation ``kind``; with ``views``, each
+    sample also draws one of the image itself and the views, uniformly (drawn after the crops,
+    so without views the draws are what they always were)."""
     _check_kind(kind)
     if kind == "none":
-        return AugParams(kind, 0)
-    crop_pad = pad if kind == "crop-flip" else 0
-    offsets, flips = crop_flip_params(n, crop_pad, generator, device, True)
-    return AugParams(kind, crop_pad, offsets, flips)
+        params = AugParams(kind, 0)
+    else:
+        crop_pad = pad if kind == "crop-flip" else 0
+        offsets, flips = crop_flip_params(n, crop_pad, generator, device, True)
+        params = AugParams(kind, crop_pad, offsets, flips)
+    if views:
+        params.views = tuple(views)
+        params.choice = torch.randint(0, len(views) + 1, (n,), generator=generator,
+                                      device="cpu").to(device)
+    return params
+
+
+def apply_views(x: torch.Tensor, views: tuple[Callable[[torch.Tensor], torch.Tensor], ...],
+                choice: torch.Tensor) -> torch.Tensor:
+    """Each sample through its chosen view (0: unchanged), differentiably."""
+    out = x
+    for i, view in enumerate(views, start=1):
+        idx = (choice == i).nonzero().flatten()
+        if len(idx):
+            out = out.index_put((idx,), view(x[idx]).to(x.dtype))
+    return out
 
 
 def apply_params(x: torch.Tensor, params: AugParams) -> torch.Tensor:
+    if len(params) and len(params) != x.shape[0]:
+        raise ValueError(f"augmentation parameters for {len(params)} samples, batch has {x.shape[0]}")
+    if params.views:
+        x = apply_views(x, params.views, params.choice)
     if params.kind == "none":
         return x
-    if len(params) != x.shape[0]:
-        raise ValueError(f"augmentation parameters for {len(params)} samples, batch has {x.shape[0]}")
     return apply_crop_flip(x, params.offsets, params.flips, params.pad)
 
 

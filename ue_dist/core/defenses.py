@@ -274,6 +274,64 @@ _PRE: dict[str, Callable[..., torch.Tensor]] = {
 }
 
 
+# the pre-processing defences as differentiable EOT views (defence-aware protection) -------------
+def jpeg_differentiable(x: torch.Tensor, quality: int = 10) -> torch.Tensor:
+    """JPEG at ``quality`` as a differentiable function of float [0, 1] images (kornia's
+    differentiable codec: the rounding of the DCT coefficients by a smooth approximation);
+    1-channel images are coded as gray RGB and averaged back."""
+    import kornia
+    channels = x.shape[1]
+    if channels not in (1, 3):
+        raise ValueError(f"the differentiable JPEG view takes 1- or 3-channel images, got {channels}")
+    rgb = x.expand(-1, 3, -1, -1) if channels == 1 else x
+    q = torch.full((x.shape[0],), float(quality), device=x.device, dtype=x.dtype)
+    out = kornia.enhance.jpeg_codec_differentiable(rgb, q)
+    return out.mean(1, keepdim=True) if channels == 1 else out
+
+
+def bdr_straight_through(x: torch.Tensor, bits: int = 2) -> torch.Tensor:
+    """``bdr`` on the stored uint8 value of each pixel, forward exact, backward the identity (a
+    straight-through estimator: the quantiser's own gradient is zero almost everywhere)."""
+    step = 2 ** (8 - int(bits))
+    q = torch.floor(torch.round(x * 255) / step) * step / 255
+    return x + (q - x).detach()
+
+
+EOT_VIEW_KINDS = ("pre",)
+
+
+def eot_view(spec: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The defence ``spec`` (``jpeg``, ``jpeg:quality=30``, ``bdr:bits=3``, ``grayscale``,
+    ``median``, ``mean``, ``gaussian``) as a differentiable map of float ``B x C x H x W``
+    images in [0, 1]: what an EOT expectation over the victims' defences draws from. Only the
+    pre-processing defences can be views (a batch augmentation or a loss is not a function of
+    one image)."""
+    try:
+        d = parse_defense(spec)
+    except SettingsError as exc:
+        raise SettingsError(f"eot_defences: {exc}") from None
+    if d.kind == "none":
+        raise SettingsError("eot_defences: 'none' is no view; leave the list empty for none")
+    if d.kind not in EOT_VIEW_KINDS:
+        valid = ", ".join(sorted(n for n, e in DEFENSES.items() if e.kind in EOT_VIEW_KINDS))
+        raise SettingsError(f"eot_defences: {spec!r} is a {d.kind} defence; only the "
+                            f"pre-processing defences can be EOT views ({valid})")
+    p = dict(d.params)
+    if d.name == "jpeg":
+        return lambda x: jpeg_differentiable(x, int(p["quality"]))
+    if d.name == "bdr":
+        return lambda x: bdr_straight_through(x, int(p["bits"]))
+    fn = _PRE[d.name]
+    return lambda x: fn(x, **p)
+
+
+def eot_views(specs: Any) -> tuple[Callable[[torch.Tensor], torch.Tensor], ...]:
+    """``eot_view`` of each spec of a method's ``eot_defences`` setting (a list of specs)."""
+    if isinstance(specs, str):
+        specs = [v for v in specs.split(",") if v.strip()]
+    return tuple(eot_view(str(v)) for v in specs or ())
+
+
 def preprocess(defense: Defense | str, images_uint8: torch.Tensor,
                batch_size: int = 1024) -> torch.Tensor:
     """Apply a pre-processing defence to uint8 NCHW images (others pass through unchanged)."""

@@ -39,6 +39,7 @@ from ue_dist.core.augment import (AugParams, apply_params, augment, resolve_augm
                                   sample_params)
 from ue_dist.core.config import SettingsError
 from ue_dist.core.context import FitContext
+from ue_dist.core.defenses import eot_views
 from ue_dist.core.models import ARCHITECTURES, build_model
 from ue_dist.core.pgd import pgd
 from ue_dist.core.training import (Loss, TrainLoop, cpu_state_dict, decay_every_schedule,
@@ -104,12 +105,15 @@ def robust_error_minimizing_noise(model: nn.Module, x: torch.Tensor, y: torch.Te
                                   eps: float, step_u: float, steps_u: int, rho_a: float = 0.0,
                                   step_a: float = 0.0, steps_a: int = 0, eot_samples: int = 1,
                                   augmentation: str = "none", pad: int = 4,
+                                  views: tuple = (),
                                   generator: torch.Generator | None = None,
                                   batched: bool = True, precision: str = "fp32") -> torch.Tensor:
     """``argmin_{|du| <= eps} E_t max_{|da| <= rho_a} CE(f(t(x + du) + da), y)`` by signed PGD.
 
     Fresh transformations are drawn at every descent step (Algorithm 1, line 11). With
     ``rho_a = 0``, ``eot_samples = 1`` and ``augmentation = "none"`` this is EM's noise.
+    ``views``: differentiable defences (``core.defenses.eot_views``) each view may pass through
+    before its crop and flip (defence-aware noise).
     ``model`` should be in eval mode (batch statistics would couple the samples).
     ``precision`` (``fp32``/``bf16``/``auto``, ``ue_dist.core.precision``) covers the model
     forwards and the loss only: ``du``, the signed steps and the projection stay fp32, so the
@@ -119,7 +123,8 @@ def robust_error_minimizing_noise(model: nn.Module, x: torch.Tensor, y: torch.Te
     precision = resolve_precision(precision, x.device)
 
     def objective(xu: torch.Tensor) -> torch.Tensor:
-        params = sample_params(augmentation, eot_samples * batch, generator, x.device, pad)
+        params = sample_params(augmentation, eot_samples * batch, generator, x.device, pad,
+                               views)
         with autocast(x.device, precision):
             return eot_loss(model, xu, y, params, eot_samples, rho_a=rho_a, step_a=step_a,
                             steps_a=steps_a, generator=generator, batched=batched)
@@ -311,6 +316,15 @@ _NOISE: dict[str, Setting] = {
 _AUGMENTATION = choice("auto", "crop-flip", "flip", "none", help="EOT / training augmentation")
 
 
+def eot_defences_setting(protect_time: bool) -> Setting:
+    """The defence-aware EOT views of a method's noise (``core.defenses.eot_view``); fixed by
+    the fit where the fit itself computes noise (REM, EM), protect-time where it does not."""
+    return Setting("list", "victims' pre-processing defences the noise is optimised through as "
+                   "EOT views, each drawn as often as the plain image (e.g. jpeg,grayscale,"
+                   "bdr:bits=2,median; `ue-dist defences`); empty: none",
+                   protect_time=protect_time, legacy=((),))
+
+
 class SourceModelMethod(Method):
     """Shared parts of methods whose state is one trained classifier (REM, EM, TAP)."""
 
@@ -322,6 +336,7 @@ class SourceModelMethod(Method):
 
     def validate_settings(self) -> None:
         super().validate_settings()
+        eot_views(self.settings.get("eot_defences", ()))  # unknown or unusable names: by name
         if self.eps >= 1:
             raise SettingsError(f"eps must be < 1 (images are on the [0, 1] scale), got {self.eps}")
 
@@ -354,7 +369,7 @@ class SourceModelMethod(Method):
         model.to(device).eval().requires_grad_(False)
         prepare_model(model, device, str(self.settings["precision"]))
         return LoadedModel(model, (channels, height, width), num_classes, device,
-                           {k: v for k, v in state.items() if k in ("permutation",)})
+                           {k: v for k, v in state.items() if k in ("permutation", "centroids")})
 
     def _inputs(self, loaded: LoadedModel, images: torch.Tensor,
                 labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -387,12 +402,14 @@ class REM(SourceModelMethod):
         "paper": {"eps": 8 / 255, "rho_a": 4 / 255, **_schedule("resnet18", 5000, 128, 2000),
                   "steps_u": 10, "step_frac_u": 0.2, "steps_a": 10, "step_frac_a": 0.2,
                   "eot_samples": 5, "augmentation": "auto", "stop_acc": 0.0, "seed": 0,
-                  "log_every": 50, "checkpoint_every": 500, "precision": "fp32"},
+                  "log_every": 50, "checkpoint_every": 500, "precision": "fp32",
+                  "eot_defences": []},
         # digits-sized: a small CNN, 150 steps of 32, shorter PGD (4 x rho_u/2, 2 x 3rho_a/4), J = 2
         "quick": {"eps": 8 / 255, "rho_a": 2 / 255, **_schedule("small-cnn", 150, 32, 100),
                   "steps_u": 4, "step_frac_u": 0.5, "steps_a": 2, "step_frac_a": 0.75,
                   "eot_samples": 2, "augmentation": "auto", "stop_acc": 0.0, "seed": 0,
-                  "log_every": 25, "checkpoint_every": 50, "precision": "fp32"},
+                  "log_every": 25, "checkpoint_every": 50, "precision": "fp32",
+                  "eot_defences": []},
         # Appendix A.3.1 / Table 5 (ImageNet subset, the first 100 classes): ResNet-18, 3,000
         # SGD iterations of batch 128, momentum 0.9, weight decay 5e-4, lr 0.1 x0.1 every 1,200;
         # rho_u = 8/255 with rho_a = 4/255 (Tables 1-2, Fig. 6); K_u = 7 steps of rho_u/4,
@@ -411,10 +428,12 @@ class REM(SourceModelMethod):
         "imagenet": {"eps": 8 / 255, "rho_a": 4 / 255, **_schedule("resnet18", 3000, 128, 1200),
                      "steps_u": 7, "step_frac_u": 0.25, "steps_a": 10, "step_frac_a": 0.2,
                      "eot_samples": 4, "augmentation": "auto", "stop_acc": 0.0, "seed": 0,
-                     "log_every": 50, "checkpoint_every": 500, "precision": "fp32"},
+                     "log_every": 50, "checkpoint_every": 500, "precision": "fp32",
+                     "eot_defences": []},
     }
 
     declared = {**_SOURCE_MODEL, **_NOISE,
+                "eot_defences": eot_defences_setting(protect_time=False),
                 "rho_a": Setting("radius", "PGD-AT radius of the source model (0: off)"),
                 "steps_a": count("PGD ascent steps on da (K_a)", protect_time=True),
                 "step_frac_a": positive("da step size as a fraction of rho_a", protect_time=True),
@@ -442,7 +461,8 @@ class REM(SourceModelMethod):
                 "step_a": rho_a * float(s.get("step_frac_a", 0.2)),
                 "steps_a": int(s.get("steps_a", 0)) if rho_a > 0 else 0,
                 "eot_samples": int(s.get("eot_samples", 1)),
-                "augmentation": self._augmentation(image_size)}
+                "augmentation": self._augmentation(image_size),
+                "views": eot_views(s.get("eot_defences", ()))}
 
     def fit(self, train: ImageSet, ctx: FitContext) -> dict[str, Any]:
         kw = self.noise_kwargs(train.image_shape[1])
@@ -487,14 +507,17 @@ class EM(REM):
         # source-model schedule as REM; stop_acc=0.99 gives Huang et al.'s stopping rule.
         "paper": {"eps": 8 / 255, **_schedule("resnet18", 5000, 128, 2000),
                   "steps_u": 10, "step_frac_u": 0.2, "stop_acc": 0.0, "stop_on": "batches",
-                  "seed": 0, "log_every": 50, "checkpoint_every": 500, "precision": "fp32"},
+                  "seed": 0, "log_every": 50, "checkpoint_every": 500, "precision": "fp32",
+                  "eot_defences": []},
         # digits-sized: small CNN, at most 200 steps of 32, Huang et al.'s stop at 99% accuracy
         "quick": {"eps": 8 / 255, **_schedule("small-cnn", 200, 32, 100),
                   "steps_u": 10, "step_frac_u": 0.2, "stop_acc": 0.99, "stop_on": "batches",
-                  "seed": 0, "log_every": 25, "checkpoint_every": 50, "precision": "fp32"},
+                  "seed": 0, "log_every": 25, "checkpoint_every": 50, "precision": "fp32",
+                  "eot_defences": []},
     }
 
     declared = {**_SOURCE_MODEL, **_NOISE,
+                "eot_defences": eot_defences_setting(protect_time=False),
                 # states fitted before this setting existed measured on the batches
                 "stop_on": choice("batches", "train_set", legacy=("batches",),
                                   help="where stop_acc is measured: the last log_every batches, "
@@ -506,7 +529,8 @@ class EM(REM):
     def noise_kwargs(self, image_size: int) -> dict[str, Any]:
         return {"eps": self.eps, "step_u": self.eps * float(self.settings["step_frac_u"]),
                 "steps_u": int(self.settings["steps_u"]), "rho_a": 0.0, "step_a": 0.0,
-                "steps_a": 0, "eot_samples": 1, "augmentation": "none"}
+                "steps_a": 0, "eot_samples": 1, "augmentation": "none",
+                "views": eot_views(self.settings.get("eot_defences", ()))}
 
     def fit(self, train: ImageSet, ctx: FitContext) -> dict[str, Any]:
         if self.settings["stop_on"] != "train_set" or not float(self.settings["stop_acc"]) > 0:

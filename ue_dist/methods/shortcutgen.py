@@ -42,8 +42,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ue_dist.core.augment import augment, resolve_augmentation
+from ue_dist.core.augment import apply_params, resolve_augmentation, sample_params
 from ue_dist.core.context import FitContext
+from ue_dist.core.defenses import eot_views
 from ue_dist.core.models import ARCHITECTURES
 from ue_dist.core.precision import PRECISIONS, in_precision, prepare_model, resolve_precision
 from ue_dist.core.settings import Setting, choice, count, fraction, non_negative, positive_int
@@ -51,6 +52,7 @@ from ue_dist.core.unet import UNetGenerator
 from ue_dist.data.imageset import ImageSet
 from ue_dist.methods.base import register
 from ue_dist.methods.gue import GeneratorMethod, _mean_across_workers, _sync_buffers, build_classifier
+from ue_dist.methods.rem import eot_defences_setting
 
 PAPER = ("van Vlijmen et al., Generative Poisoning Using Random Discriminators (ShortcutGen), "
          "arXiv:2211.01086, 2022")
@@ -69,12 +71,14 @@ def random_discriminator(arch: str, num_classes: int, channels: int, image_size:
 def shortcut_step(gen: torch.nn.Module, disc: torch.nn.Module, opt: torch.optim.Optimizer,
                   x: torch.Tensor, y: torch.Tensor, augmentation: str, precision: str,
                   generator: torch.Generator | None = None,
-                  ctx: FitContext | None = None) -> float:
-    """One Adam step of the generator on ``CE(disc(t(x + g(x))), y)``; returns the loss."""
+                  ctx: FitContext | None = None, views: tuple = ()) -> float:
+    """One Adam step of the generator on ``CE(disc(t(x + g(x))), y)``; returns the loss.
+    ``views``: defence-aware EOT (``core.defenses.eot_views``) inside ``t``."""
     gen.train()
     params = [p for p in gen.parameters() if p.requires_grad]
     x_p = (x + in_precision(gen, x.device, precision)(x)).clamp(0.0, 1.0)
-    view = augment(x_p, augmentation, generator)
+    view = apply_params(x_p, sample_params(augmentation, len(x_p), generator, x.device,
+                                           views=views))
     loss = F.cross_entropy(in_precision(disc, x.device, precision)(view), y)
     grads = _mean_across_workers(torch.autograd.grad(loss, params), ctx)
     opt.zero_grad(set_to_none=True)
@@ -89,7 +93,7 @@ def _preset(**kw: Any) -> dict[str, Any]:
     out = {"eps": 8 / 255, "width": 64, "arch": "resnet18", "cls_width": 0, "epochs": 50,
            "batch_size": 256, "gen_lr": 1e-3, "augmentation": "auto", "train_fraction": 1.0,
            "val_fraction": 0.1, "split_seed": 0, "select_every": 5, "select_epochs": 20,
-           "select_arch": "resnet18", "log_every": 50, "precision": "fp32"}
+           "select_arch": "resnet18", "log_every": 50, "precision": "fp32", "eot_defences": []}
     out.update(kw)
     return out
 
@@ -129,7 +133,12 @@ class ShortcutGen(GeneratorMethod):
         "select_epochs": count(), "select_arch": choice(*sorted(ARCHITECTURES)),
         "log_every": positive_int("steps between per-step metric reports"),
         "precision": choice(*PRECISIONS, protect_time=True),
+        "eot_defences": eot_defences_setting(protect_time=False),
     }
+
+    def validate_settings(self) -> None:
+        super().validate_settings()
+        eot_views(self.settings["eot_defences"])  # unknown or unusable names: by name
 
     def fit(self, train: ImageSet, ctx: FitContext) -> dict[str, Any]:
         s = self.settings
@@ -139,6 +148,7 @@ class ShortcutGen(GeneratorMethod):
         device = ctx.device
         precision = resolve_precision(s["precision"], device)
         aug = resolve_augmentation(str(s["augmentation"]), h)
+        views = eot_views(s["eot_defences"])
         disc = prepare_model(random_discriminator(s["arch"], int(train.num_classes), c, h,
                                                   int(s["cls_width"]), ctx.seed * 7919 + 1,
                                                   device), device, precision)
@@ -164,7 +174,8 @@ class ShortcutGen(GeneratorMethod):
                 idx = order[(torch.arange(local_batch) + i * local_batch) % max(1, len(order))]
                 loss = shortcut_step(gen, disc, players["gen_opt"],
                                      ImageSet.to_float(train.images[idx]).to(device),
-                                     train.labels[idx].to(device), aug, precision, rng, ctx)
+                                     train.labels[idx].to(device), aug, precision, rng, ctx,
+                                     views)
                 step += 1
                 total += loss
                 if step % int(s["log_every"]) == 0:

@@ -21,13 +21,15 @@ import torch.nn.functional as F
 from ue_dist.core.augment import apply_params, sample_params
 from ue_dist.core.config import SettingsError
 from ue_dist.core.context import FitContext
+from ue_dist.core.defenses import eot_views
 from ue_dist.core.pgd import pgd
 from ue_dist.core.precision import autocast, resolve_precision, upcast
 from ue_dist.core.settings import Setting, choice, positive, positive_int
 from ue_dist.data.imageset import ImageSet
 from ue_dist.methods.base import StateError, register
 from ue_dist.methods.rem import (_AUGMENTATION, _SOURCE_MODEL, LoadedModel, SourceModelMethod,
-                                 _schedule, batch_generator, train_source_model)
+                                 _schedule, batch_generator, eot_defences_setting,
+                                 train_source_model)
 
 TARGETS = ("shift", "permutation")
 
@@ -77,12 +79,13 @@ class CleanModelAttack(SourceModelMethod):
         gen = batch_generator(int(s["seed"]), x, y)
         kind = self._augmentation(loaded.image_shape[1]) if self.eot_augmented else "none"
         views = int(s.get("eot_samples", 1))
+        defences = eot_views(s.get("eot_defences", ()))
         model = loaded.model
         # bf16 covers the forward only; delta and its projection stay fp32 inside pgd
         precision = resolve_precision(s.get("precision", "fp32"), x.device)
 
         def loss(z: torch.Tensor) -> torch.Tensor:
-            params = sample_params(kind, views * len(z), gen, z.device)
+            params = sample_params(kind, views * len(z), gen, z.device, views=defences)
             with autocast(x.device, precision):
                 out = upcast(model(apply_params(z.repeat(views, 1, 1, 1), params)))
             return F.cross_entropy(out, target.repeat(views), reduction="sum")
@@ -102,6 +105,7 @@ _CLEAN_MODEL_PGD: dict[str, Setting] = {
                    protect_time=True),
     "steps": positive_int("PGD steps of the noise", protect_time=True),
     "step_frac": positive("step size as a fraction of eps", protect_time=True),
+    "eot_defences": eot_defences_setting(protect_time=True),
 }
 
 
@@ -120,11 +124,11 @@ class TAP(CleanModelAttack):
         "paper": {"eps": 8 / 255, **_schedule("resnet18", 40000, 128, 16000), "steps": 250,
                   "step_frac": 1 / 125, "eot_samples": 1, "augmentation": "auto",
                   "target": "shift", "seed": 0, "log_every": 50, "checkpoint_every": 500,
-                  "precision": "fp32"},
+                  "precision": "fp32", "eot_defences": []},
         "quick": {"eps": 8 / 255, **_schedule("small-cnn", 300, 32, 200), "steps": 20,
                   "step_frac": 0.1, "eot_samples": 1, "augmentation": "auto",
                   "target": "shift", "seed": 0, "log_every": 25, "checkpoint_every": 100,
-                  "precision": "fp32"},
+                  "precision": "fp32", "eot_defences": []},
     }
 
     # target is fixed by the fit: the permutation is in the state
@@ -180,10 +184,10 @@ class HYPO(CleanModelAttack):
     presets = {
         "paper": {"eps": 8 / 255, **_schedule("resnet18", 58650, 128, 39100), "steps": 100,
                   "step_frac": 0.1, "augmentation": "auto", "seed": 0, "log_every": 50,
-                  "checkpoint_every": 500, "precision": "fp32"},
+                  "checkpoint_every": 500, "precision": "fp32", "eot_defences": []},
         "quick": {"eps": 8 / 255, **_schedule("small-cnn", 300, 32, 200), "steps": 20,
                   "step_frac": 0.1, "augmentation": "auto", "seed": 0, "log_every": 25,
-                  "checkpoint_every": 100, "precision": "fp32"},
+                  "checkpoint_every": 100, "precision": "fp32", "eot_defences": []},
     }
     declared = {**_CLEAN_MODEL_PGD,
                 "augmentation": choice("auto", "crop-flip", "flip", "none",
