@@ -247,9 +247,13 @@ CONTRACT_SETTINGS: dict[str, dict] = {
     "rem": {**_SOURCE_MODEL, "steps_u": 2, "steps_a": 1},
     "tap": {**_SOURCE_MODEL, "steps": 2},
     "hypo": {**_SOURCE_MODEL, "steps": 2},
+    "entf-push": {**_SOURCE_MODEL, "steps": 2, "ref_steps": 1},
+    "entf-pull": {**_SOURCE_MODEL, "steps": 2, "ref_steps": 1},
     "gue": dict(_GENERATOR),
     "gue-at": {**_GENERATOR, "at_steps": 1},
     "deepconfuse": {"width": 4, "cls_width": 4, "epochs": 1, "cls_epochs": 1, "batch_size": 16,
+                    "select_every": 0, "val_fraction": 0.0, "log_every": 1},
+    "shortcutgen": {"width": 4, "cls_width": 4, "epochs": 1, "batch_size": 16,
                     "select_every": 0, "val_fraction": 0.0, "log_every": 1},
     "lsp": {},
     "ar": {},
@@ -404,10 +408,12 @@ def test_method_refuses_other_image_shape(fitted, contract_data):
 # --- protect uses the settings the state was fitted with (Method.for_state) -----------------------
 # the setting each method's noise takes its PGD / ascent step count from (a protect-time setting)
 STEP_SETTING = {"em": "steps_u", "rem": "steps_u", "tap": "steps", "hypo": "steps",
+                "entf-push": "steps", "entf-pull": "steps",
                 "bayes": "steps"}
 # methods whose fit depends on eps: the source model trains on noise of that radius, the class
 # patterns are drawn at it, the generator's eps * tanh is built with it
-EPS_FITTED = {"classwise", "em-classwise", "em", "rem", "gue", "gue-at", "deepconfuse"}
+EPS_FITTED = {"classwise", "em-classwise", "em", "rem", "gue", "gue-at", "deepconfuse",
+              "shortcutgen"}
 
 
 def test_method_for_its_state_takes_the_fitted_settings(fitted, contract_data):
