@@ -256,3 +256,30 @@ def test_perturb_is_bounded_deterministic_and_raises_the_target_loss(t):
     # a 1-step FGSM of size eps (what the official PGD loop computes) raises it too
     fgsm = build_method("ntga", "quick", {"target_size": 48, "t": t, "steps": 1, "step_frac": 1.0})
     assert target_loss(x + fgsm.perturb(loaded, x, y)) > clean
+
+
+# -- effectiveness (slow) ------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.xfail(reason="weakens but does not protect: measured protected 66.4 % vs clean 98.9 % "
+                          "(24-epoch victims; t=64: 80.3 %, t=8: 70.6 %, t=1: 64.2 %, t=inf: "
+                          "98.3 %; one block of all 1,437 at t=64: 79.7 %)", strict=False)
+def test_ntga_makes_digits_unlearnable():
+    """Quick preset on the 1,437 training digits (32 x 32), blocks of the pipeline's default 256;
+    victims: the quick small CNN, 24 epochs (as tests/test_deepconfuse.py). About 5 minutes on
+    one thread (protect 14 s; each victim ~2 min on the shared cores)."""
+    from ue_dist.core.victim import resolve_victim_settings, train_victim
+
+    train, test = digits_imageset("train"), digits_imageset("test")
+    method = build_method("ntga", "quick")
+    state = method.fit(train, _quiet())
+    out = protect_uint8(method, method.load(state), train.images, train.labels, batch_size=256)
+    protected = ImageSet(out, train.labels.clone(), train.keys, train.meta, train.num_classes)
+
+    def victim(data):
+        settings = resolve_victim_settings("quick", {"epochs": 24})
+        return float(train_victim(data, test, settings, ctx=_quiet())["test_acc"])
+
+    clean, poisoned = victim(train), victim(protected)
+    print(f"\nNTGA digits (24-epoch victims): clean {clean:.3f}, protected {poisoned:.3f}")
+    assert clean > 0.9
+    assert poisoned < clean - 0.4
