@@ -230,11 +230,12 @@ def _quiet():
     return LocalContext(device="cpu", seed=0, log=lambda _m: None)
 
 
-@pytest.mark.parametrize("t", [64.0, None], ids=["t64", "tinf"])
-def test_perturb_is_bounded_deterministic_and_raises_the_target_loss(t):
+@pytest.mark.parametrize("surrogate,t", [("fnn", 64.0), ("fnn", None), ("cnn", 4.0)],
+                         ids=["fnn-t64", "fnn-tinf", "cnn-t4"])
+def test_perturb_is_bounded_deterministic_and_raises_the_target_loss(surrogate, t):
     """One block of 64 native 8 x 8 digits against a 48-image target set."""
     data = digits_imageset("train", image_size=None).subset(range(160))
-    method = build_method("ntga", "quick", {"target_size": 48, "t": t})
+    method = build_method("ntga", "quick", {"target_size": 48, "t": t, "surrogate": surrogate})
     state = method.fit(data, _quiet())
     assert state["target_images"].shape == (48, 3, 8, 8) and state["target_images"].dtype == torch.uint8
     assert torch.equal(state["target_labels"], data.labels[state["target_index"]])
@@ -246,15 +247,17 @@ def test_perturb_is_bounded_deterministic_and_raises_the_target_loss(t):
     assert float((x + delta).min()) >= 0 and float((x + delta).max()) <= 1
     assert torch.equal(delta, method.perturb(method.load(state), x.clone(), y.clone()))
 
-    arch = ntk.surrogate("fnn")
+    arch = ntk.surrogate(surrogate)
+
     def target_loss(z):
         with torch.no_grad():
             return float(ntga_loss(z, y, loaded["x"], loaded["y"], 10, arch, t, 1e-4))
     clean, attacked = target_loss(x), target_loss(x + delta)
-    print(f"\ntarget CE (t={t}): clean block {clean:.2f}, NTGA block {attacked:.2f}")
+    print(f"\ntarget CE ({surrogate}, t={t}): clean block {clean:.2f}, NTGA block {attacked:.2f}")
     assert attacked > clean
     # a 1-step FGSM of size eps (what the official PGD loop computes) raises it too
-    fgsm = build_method("ntga", "quick", {"target_size": 48, "t": t, "steps": 1, "step_frac": 1.0})
+    fgsm = build_method("ntga", "quick", {"target_size": 48, "t": t, "surrogate": surrogate,
+                                          "steps": 1, "step_frac": 1.0})
     assert target_loss(x + fgsm.perturb(loaded, x, y)) > clean
 
 

@@ -50,6 +50,12 @@ paper's ``t / N`` for blocks of 256 (``t = 4``). Measured on the digits (1,437 t
 ``t = 64`` 80.3 % (one block of all 1,437: 79.7 %), ``t = 8`` 70.6 %, ``t = 4`` 66.4 %, ``t = 1``
 64.2 %; the official one-step FGSM (``steps=1 step_frac=1``) at ``t = 4`` 63.1 %. It weakens the
 victim but does not make the digits unlearnable (tests/test_ntga.py, slow).
+
+Cost: the FNN kernel is one Gram matrix of the flattened images and a scalar recursion per pair
+(a block of 256 at 32 x 32, 10 steps, 200 targets: ~2 s on one CPU thread). The CNN keeps an
+``H/2 x W/2`` map per pair of images (a tile holds ``tile^2 x H W / 4`` float64 values per
+intermediate): one such block took 200 s and 2.2 GB at ``tile = 64``; lower ``tile`` for it
+(``tile = 2000``, the paper preset's, is for the FNN). Not measured on a GPU here.
 """
 from __future__ import annotations
 
