@@ -258,6 +258,7 @@ CONTRACT_SETTINGS: dict[str, dict] = {
     "lsp": {},
     "ar": {},
     "ops": {},
+    "ntga": {"target_size": 16, "steps": 2, "tile": 32},
 }
 SLOW_METHODS: dict[str, str] = {}  # name -> why its fit cannot be made small
 
@@ -409,7 +410,7 @@ def test_method_refuses_other_image_shape(fitted, contract_data):
 # the setting each method's noise takes its PGD / ascent step count from (a protect-time setting)
 STEP_SETTING = {"em": "steps_u", "rem": "steps_u", "tap": "steps", "hypo": "steps",
                 "entf-push": "steps", "entf-pull": "steps",
-                "bayes": "steps"}
+                "bayes": "steps", "ntga": "steps"}
 # methods whose fit depends on eps: the source model trains on noise of that radius, the class
 # patterns are drawn at it, the generator's eps * tanh is built with it
 EPS_FITTED = {"classwise", "em-classwise", "em", "rem", "gue", "gue-at", "deepconfuse",
