@@ -254,3 +254,27 @@ class KeepStates(LocalContext):
         super().report(metrics, state)
         if state is not None or not self.skip_empty:
             self.states.append(state)
+
+
+# effectiveness on the digits ------------------------------------------------------------------
+def digits_clean_and_protected(method, epochs: int = 24, batch_size: int = 256) -> tuple[float, float]:
+    """Fit ``method`` on the 1,437 training digits (seed 0), protect them all, and train the
+    quick victim (small CNN) for ``epochs`` on the clean and on the protected set: the two clean
+    test accuracies, as the slow effectiveness checks compare them."""
+    from ue_dist.core.context import LocalContext
+    from ue_dist.core.victim import resolve_victim_settings, train_victim
+    from ue_dist.data.imageset import ImageSet
+    from ue_dist.data.sources import digits_imageset
+    from ue_dist.methods.protect import protect_uint8
+
+    def quiet():
+        return LocalContext(device="cpu", seed=0, log=lambda _m: None)
+
+    train, test = digits_imageset("train"), digits_imageset("test")
+    state = method.fit(train, quiet())
+    out = protect_uint8(method, method.load(state), train.images, train.labels,
+                        batch_size=batch_size)
+    protected = ImageSet(out, train.labels.clone(), train.keys, train.meta, train.num_classes)
+    settings = resolve_victim_settings("quick", {"epochs": epochs})
+    return tuple(float(train_victim(data, test, settings, ctx=quiet())["test_acc"])
+                 for data in (train, protected))

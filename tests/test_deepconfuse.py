@@ -11,9 +11,8 @@ import torch.nn.functional as F
 from ue_dist.core.context import LocalContext
 from ue_dist.core.models import build_model
 from ue_dist.core.unet import UNetGenerator
-from ue_dist.data.imageset import ImageSet
 from ue_dist.methods.deepconfuse import DeepConfuse, confuse_step, pseudo_update_objective
-from ue_dist.methods.protect import protect_uint8
+from helpers import digits_clean_and_protected
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -145,21 +144,8 @@ def test_selection_keeps_the_round_with_the_lowest_held_out_score():
 def test_deepconfuse_makes_digits_unlearnable():
     """Quick preset on the 1,437 training digits; victims: quick small CNN, 24 epochs. Fit:
     about 11 minutes on one thread (shared machine)."""
-    from ue_dist.core.victim import resolve_victim_settings, train_victim
-    from ue_dist.data.sources import digits_imageset
-
-    train, test = digits_imageset("train"), digits_imageset("test")
     method = DeepConfuse(DeepConfuse.resolve("quick"))
-    state = method.fit(train, LocalContext(device="cpu", seed=0))
-    out = protect_uint8(method, method.load(state), train.images, train.labels)
-    protected = ImageSet(out, train.labels.clone(), train.keys, train.meta, train.num_classes)
-
-    def victim(data):
-        settings = resolve_victim_settings("quick", {"epochs": 24})
-        quiet = LocalContext(device="cpu", seed=0, log=lambda _m: None)
-        return float(train_victim(data, test, settings, ctx=quiet)["test_acc"])
-
-    clean, poisoned = victim(train), victim(protected)
+    clean, poisoned = digits_clean_and_protected(method)
     print(f"\nDeepConfuse digits (24-epoch victims): clean {clean:.3f}, protected {poisoned:.3f}")
     assert clean > 0.9
     assert poisoned < clean - 0.4

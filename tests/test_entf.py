@@ -11,6 +11,7 @@ from ue_dist.data.imageset import ImageSet
 from ue_dist.methods.bayes import embed
 from ue_dist.methods.entf import EntFPull, EntFPush, class_centroids, pull_targets
 from ue_dist.methods.protect import protect_uint8
+from helpers import digits_clean_and_protected
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -106,21 +107,8 @@ def test_pull_moves_features_toward_another_class(fitted):
 def test_entf_on_digits(cls):
     """Quick preset on the 1,437 training digits; victims: the quick small CNN, 24 epochs,
     standard training. Figures in docs/results.md."""
-    from ue_dist.core.victim import resolve_victim_settings, train_victim
-    from ue_dist.data.sources import digits_imageset
-
-    train, test = digits_imageset("train"), digits_imageset("test")
     method = cls(cls.resolve("quick"))
-    state = method.fit(train, LocalContext(device="cpu", seed=0, log=lambda _m: None))
-    out = protect_uint8(method, method.load(state), train.images, train.labels)
-    protected = ImageSet(out, train.labels.clone(), train.keys, train.meta, train.num_classes)
-
-    def victim(data):
-        settings = resolve_victim_settings("quick", {"epochs": 24})
-        quiet = LocalContext(device="cpu", seed=0, log=lambda _m: None)
-        return float(train_victim(data, test, settings, ctx=quiet)["test_acc"])
-
-    clean, poisoned = victim(train), victim(protected)
+    clean, poisoned = digits_clean_and_protected(method)
     print(f"\n{cls.name} digits (24-epoch victims): clean {clean:.3f}, protected {poisoned:.3f}")
     assert clean > 0.9
     assert poisoned < clean - 0.4

@@ -11,11 +11,10 @@ from torch.func import functional_call, jacrev
 
 from ue_dist.core import ntk
 from ue_dist.core.context import LocalContext
-from ue_dist.data.imageset import ImageSet
 from ue_dist.data.sources import digits_imageset
 from ue_dist.methods.base import build_method
 from ue_dist.methods.ntga import ntga_loss
-from ue_dist.methods.protect import protect_uint8
+from helpers import digits_clean_and_protected
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -270,19 +269,8 @@ def test_ntga_makes_digits_unlearnable():
     """Quick preset on the 1,437 training digits (32 x 32), blocks of the pipeline's default 256;
     victims: the quick small CNN, 24 epochs (as tests/test_deepconfuse.py). About 5 minutes on
     one thread (protect 14 s; each victim ~2 min on the shared cores)."""
-    from ue_dist.core.victim import resolve_victim_settings, train_victim
-
-    train, test = digits_imageset("train"), digits_imageset("test")
     method = build_method("ntga", "quick")
-    state = method.fit(train, _quiet())
-    out = protect_uint8(method, method.load(state), train.images, train.labels, batch_size=256)
-    protected = ImageSet(out, train.labels.clone(), train.keys, train.meta, train.num_classes)
-
-    def victim(data):
-        settings = resolve_victim_settings("quick", {"epochs": 24})
-        return float(train_victim(data, test, settings, ctx=_quiet())["test_acc"])
-
-    clean, poisoned = victim(train), victim(protected)
+    clean, poisoned = digits_clean_and_protected(method)
     print(f"\nNTGA digits (24-epoch victims): clean {clean:.3f}, protected {poisoned:.3f}")
     assert clean > 0.9
     assert poisoned < clean - 0.4

@@ -35,7 +35,6 @@ The README's "5-7 days on one GPU" is this preset.
 from __future__ import annotations
 
 import copy
-import math
 from typing import Any, Mapping
 
 import torch
@@ -46,12 +45,11 @@ from torch.func import functional_call
 from ue_dist.core.context import FitContext
 from ue_dist.core.models import ARCHITECTURES
 from ue_dist.core.precision import PRECISIONS, in_precision, prepare_model, resolve_precision
-from ue_dist.core.settings import Setting, choice, count, fraction, non_negative, positive_int
-from ue_dist.core.unet import UNetGenerator
+from ue_dist.core.settings import Setting, choice, count, non_negative, positive_int
 from ue_dist.data.imageset import ImageSet
 from ue_dist.methods.base import register
-from ue_dist.methods.gue import (GeneratorMethod, _mean_across_workers, _sync_buffers,
-                                 build_classifier)
+from ue_dist.methods.gue import (GENERATOR_SPLIT, GeneratorMethod, _mean_across_workers,
+                                 _sync_buffers, build_classifier)
 
 PAPER = ("Feng, Cai & Zhou, Learning to Confuse: Generating Training Time Adversarial Data "
          "with Auto-Encoder (DeepConfuse), NeurIPS 2019")
@@ -147,12 +145,7 @@ class DeepConfuse(GeneratorMethod):
         "batch_size": positive_int("global batch, split over the workers"),
         "cls_lr": non_negative("classifier SGD rate, also the pseudo-update's step"),
         "gen_lr": non_negative("generator Adam rate"),
-        "train_fraction": fraction("seeded subset the generator sees"),
-        "val_fraction": Setting("float", "held out of the seen data for selection", low=0,
-                                below=1),
-        "split_seed": count("seeds the train/val/unseen split"),
-        "select_every": count("rounds between selection checks (0: keep the last)"),
-        "select_epochs": count(), "select_arch": choice(*sorted(ARCHITECTURES)),
+        **GENERATOR_SPLIT,
         "log_every": positive_int("steps between per-step metric reports"),
         "precision": choice(*PRECISIONS, protect_time=True),
     }
@@ -164,15 +157,9 @@ class DeepConfuse(GeneratorMethod):
         c, h, _ = train.image_shape
         device = ctx.device
         precision = resolve_precision(s["precision"], device)
-        torch.manual_seed(ctx.seed)  # the same generator on every worker
-        gen = prepare_model(UNetGenerator(c, self.eps, int(s["width"])).to(device), device,
-                            precision)
-        players: dict[str, Any] = {"gen": gen, "gen_opt": torch.optim.Adam(
-            gen.parameters(), lr=float(s["gen_lr"]))}
-        start, step, best = self._resume(players, train, ctx)
-        local_idx = fit_idx[ctx.shard_indices(len(fit_idx))]
-        local_batch = max(1, math.ceil(int(s["batch_size"]) / ctx.world_size))
-        steps_per_epoch = max(1, math.ceil(len(fit_idx) / int(s["batch_size"])))
+        run = self._adam_generator(train, split, ctx, precision)
+        gen, players, start, step, best = run.gen, run.players, run.start, run.step, run.best
+        local_idx, steps_per_epoch = run.local_idx, run.steps_per_epoch
         ctx.log(f"[{self.name}] fitting on {len(fit_idx)} images ({len(split['val'])} held out "
                 f"for selection), {int(s['cls_epochs'])} x {steps_per_epoch} steps per round")
         bar = ctx.progress(f"[{self.name}] rounds", int(s["epochs"]))
@@ -192,7 +179,7 @@ class DeepConfuse(GeneratorMethod):
                     (ctx.seed * 1000003 + epoch) * 997 + ctx.rank * 7919 + cls_epoch)
                 order = local_idx[torch.randperm(len(local_idx), generator=rng)]
                 for i in range(steps_per_epoch):
-                    idx = order[(torch.arange(local_batch) + i * local_batch) % max(1, len(order))]
+                    idx = run.batch(order, i)
                     m = confuse_step(players, ImageSet.to_float(train.images[idx]).to(device),
                                      train.labels[idx].to(device), s, ctx)
                     step += 1

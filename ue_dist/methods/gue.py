@@ -33,6 +33,7 @@ head, the losses, the barrier's inner products and all optimiser state stay fp32
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import torch
@@ -402,6 +403,15 @@ _COMMON = {
 }
 
 
+#: what every generator method declares about its data: the seeded split and model selection
+GENERATOR_SPLIT: dict[str, Setting] = {
+    "train_fraction": fraction("seeded subset the generator sees"),
+    "val_fraction": Setting("float", "held out of the seen data for selection", low=0, below=1),
+    "split_seed": count("seeds the train/val/unseen split (the fit's own seed is the run's)"),
+    "select_every": count("epochs (rounds) between selection checks (0: keep the last)"),
+    "select_epochs": count(), "select_arch": choice(*sorted(ARCHITECTURES)),
+}
+
 _DECLARED: dict[str, Setting] = {
     "eps": Setting("radius", "L-inf radius of the generator's output"),
     "width": positive_int("U-Net base width"), "arch": choice(*sorted(ARCHITECTURES)),
@@ -414,11 +424,7 @@ _DECLARED: dict[str, Setting] = {
     "inner_steps": count("Adam steps to theta^T"), "inner_lr": non_negative(),
     "gen_lr": non_negative(), "gen_momentum": non_negative(), "gen_weight_decay": non_negative(),
     "cls_lr": non_negative(),
-    "train_fraction": fraction("seeded subset the generator sees"),
-    "val_fraction": Setting("float", "held out of the seen data for selection", low=0, below=1),
-    "split_seed": count("seeds the train/val/unseen split (the fit's own seed is the run's)"),
-    "select_every": count("epochs between selection checks (0: keep the last)"),
-    "select_epochs": count(), "select_arch": choice(*sorted(ARCHITECTURES)),
+    **GENERATOR_SPLIT,
     "select_adv_eps": Setting("radius", "PGD-AT radius of the selection victim (0: standard)"),
     "select_adv_steps": positive_int("PGD steps of the selection victim's adversarial training"),
     "lr_milestones": Setting("list", "epochs after which both learning rates are multiplied by "
@@ -435,6 +441,24 @@ def _preset(**kw: Any) -> dict[str, Any]:
     out = dict(_COMMON)
     out.update(kw)
     return out
+
+
+@dataclass
+class AdamRun:
+    """A generator fit's starting point (``GeneratorMethod._adam_generator``)."""
+
+    gen: nn.Module
+    players: dict[str, Any]
+    start: int
+    step: int
+    best: dict[str, Any]
+    local_idx: torch.Tensor  # this worker's fit images
+    local_batch: int
+    steps_per_epoch: int
+
+    def batch(self, order: torch.Tensor, i: int) -> torch.Tensor:
+        """Step ``i``'s indices from this worker's shuffled ``order`` (wrapping around)."""
+        return order[(torch.arange(self.local_batch) + i * self.local_batch) % max(1, len(order))]
 
 
 class GeneratorMethod(Method):
@@ -460,6 +484,24 @@ class GeneratorMethod(Method):
             raise SettingsError(f"train_fraction={s['train_fraction']} and val_fraction="
                                 f"{s['val_fraction']} leave no images to fit on ({len(train)} given)")
         return split
+
+    def _adam_generator(self, train: ImageSet, split: Mapping[str, torch.Tensor],
+                        ctx: FitContext, precision: str) -> "AdamRun":
+        """The U-Net (the same initial weights on every worker) with its Adam at ``gen_lr``,
+        resumed from the context's checkpoint, and this worker's share of the fit images:
+        what DeepConfuse and ShortcutGen start from."""
+        s = self.settings
+        c = int(train.image_shape[0])
+        torch.manual_seed(ctx.seed)  # the same generator on every worker
+        gen = prepare_model(UNetGenerator(c, self.eps, int(s["width"])).to(ctx.device),
+                            ctx.device, precision)
+        players: dict[str, Any] = {"gen": gen, "gen_opt": torch.optim.Adam(
+            gen.parameters(), lr=float(s["gen_lr"]))}
+        start, step, best = self._resume(players, train, ctx)
+        fit_idx = split["fit"]
+        return AdamRun(gen, players, start, step, best, fit_idx[ctx.shard_indices(len(fit_idx))],
+                       max(1, math.ceil(int(s["batch_size"]) / ctx.world_size)),
+                       max(1, math.ceil(len(fit_idx) / int(s["batch_size"]))))
 
     def _resume(self, players: dict[str, Any], train: ImageSet,
                 ctx: FitContext) -> tuple[int, int, dict[str, Any]]:

@@ -36,7 +36,6 @@ averaged (one worker: plain Adam).
 """
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -47,11 +46,11 @@ from ue_dist.core.context import FitContext
 from ue_dist.core.defenses import eot_views
 from ue_dist.core.models import ARCHITECTURES
 from ue_dist.core.precision import PRECISIONS, in_precision, prepare_model, resolve_precision
-from ue_dist.core.settings import Setting, choice, count, fraction, non_negative, positive_int
-from ue_dist.core.unet import UNetGenerator
+from ue_dist.core.settings import Setting, choice, count, non_negative, positive_int
 from ue_dist.data.imageset import ImageSet
 from ue_dist.methods.base import register
-from ue_dist.methods.gue import GeneratorMethod, _mean_across_workers, _sync_buffers, build_classifier
+from ue_dist.methods.gue import (GENERATOR_SPLIT, GeneratorMethod, _mean_across_workers,
+                                 _sync_buffers, build_classifier)
 from ue_dist.methods.rem import eot_defences_setting
 
 PAPER = ("van Vlijmen et al., Generative Poisoning Using Random Discriminators (ShortcutGen), "
@@ -125,12 +124,7 @@ class ShortcutGen(GeneratorMethod):
         "augmentation": choice("auto", "crop-flip", "flip", "none",
                                help="views of x + g(x) the discriminator sees (auto: the "
                                     "dataset's training augmentation)"),
-        "train_fraction": fraction("seeded subset the generator sees"),
-        "val_fraction": Setting("float", "held out of the seen data for selection", low=0,
-                                below=1),
-        "split_seed": count("seeds the train/val/unseen split"),
-        "select_every": count("epochs between selection checks (0: keep the last)"),
-        "select_epochs": count(), "select_arch": choice(*sorted(ARCHITECTURES)),
+        **GENERATOR_SPLIT,
         "log_every": positive_int("steps between per-step metric reports"),
         "precision": choice(*PRECISIONS, protect_time=True),
         "eot_defences": eot_defences_setting(protect_time=False),
@@ -152,15 +146,9 @@ class ShortcutGen(GeneratorMethod):
         disc = prepare_model(random_discriminator(s["arch"], int(train.num_classes), c, h,
                                                   int(s["cls_width"]), ctx.seed * 7919 + 1,
                                                   device), device, precision)
-        torch.manual_seed(ctx.seed)  # the same generator on every worker
-        gen = prepare_model(UNetGenerator(c, self.eps, int(s["width"])).to(device), device,
-                            precision)
-        players: dict[str, Any] = {"gen": gen, "gen_opt": torch.optim.Adam(
-            gen.parameters(), lr=float(s["gen_lr"]))}
-        start, step, best = self._resume(players, train, ctx)
-        local_idx = fit_idx[ctx.shard_indices(len(fit_idx))]
-        local_batch = max(1, math.ceil(int(s["batch_size"]) / ctx.world_size))
-        steps_per_epoch = max(1, math.ceil(len(fit_idx) / int(s["batch_size"])))
+        run = self._adam_generator(train, split, ctx, precision)
+        gen, players, start, step, best = run.gen, run.players, run.start, run.step, run.best
+        local_idx, steps_per_epoch = run.local_idx, run.steps_per_epoch
         ctx.log(f"[{self.name}] fitting on {len(fit_idx)} images ({len(split['val'])} held out "
                 f"for selection) against a random {s['arch']}, {steps_per_epoch} steps per epoch")
         bar = ctx.progress(f"[{self.name}] epochs", int(s["epochs"]))
@@ -171,7 +159,7 @@ class ShortcutGen(GeneratorMethod):
             order = local_idx[torch.randperm(len(local_idx), generator=rng)]
             total = 0.0
             for i in range(steps_per_epoch):
-                idx = order[(torch.arange(local_batch) + i * local_batch) % max(1, len(order))]
+                idx = run.batch(order, i)
                 loss = shortcut_step(gen, disc, players["gen_opt"],
                                      ImageSet.to_float(train.images[idx]).to(device),
                                      train.labels[idx].to(device), aug, precision, rng, ctx,
