@@ -121,3 +121,31 @@ def test_methods_take_the_views_into_their_noise(name, fit):
         change = (outs[tuple(views)].int() - data.images.int()).abs().max()
         assert change <= 8
     assert not torch.equal(outs[()], outs[("jpeg", "bdr")])
+
+
+def test_the_source_model_of_em_and_rem_learns_from_the_views_too():
+    """In the min-min game the model step sees the defended images (else the noise would be made
+    easy for a model that never saw a defence)."""
+    from ue_dist.methods.rem import source_model_loss
+
+    seen = []
+
+    class Recorder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(3 * 8 * 8, 4)
+
+        def forward(self, z):
+            seen.append(z.detach().clone())
+            return self.fc(z.flatten(1))
+
+    x = torch.rand(32, 3, 8, 8, generator=torch.Generator().manual_seed(0)) + 1.0  # never 0
+    y = torch.arange(32) % 4
+    loss = source_model_loss(None, rho_a=0.0, step_a=0.0, steps_a=0, augmentation="none",
+                             views=(torch.zeros_like,))
+    loss(Recorder(), x, y, torch.Generator().manual_seed(1))
+    zeroed = (seen[-1].flatten(1).abs().sum(1) == 0)
+    assert zeroed.any() and (~zeroed).any()
+    plain = source_model_loss(None, rho_a=0.0, step_a=0.0, steps_a=0, augmentation="none")
+    plain(Recorder(), x, y, torch.Generator().manual_seed(1))
+    assert torch.equal(seen[-1], x)

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ue_dist.core.adversarial import adversarial_examples
-from ue_dist.core.augment import (AugParams, apply_params, augment, resolve_augmentation,
+from ue_dist.core.augment import (AugParams, apply_params, resolve_augmentation,
                                   sample_params)
 from ue_dist.core.config import SettingsError
 from ue_dist.core.context import FitContext
@@ -152,16 +152,18 @@ NoiseFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Generator], tor
 
 
 def source_model_loss(noise_fn: NoiseFn | None, *, rho_a: float, step_a: float, steps_a: int,
-                      augmentation: str) -> Loss:
+                      augmentation: str, views: tuple = ()) -> Loss:
     """Algorithm 1's inner step on a batch: ``t(x + noise_fn(x)) + da`` (noise and ``da`` from
-    the model in eval mode, so one sample's noise does not see the others), then CE."""
+    the model in eval mode, so one sample's noise does not see the others), then CE. With
+    defence-aware ``views`` the model trains on them too: in the min-min game the noise is
+    made easy for a model that learns from the defended images, as a defended victim does."""
     def loss(net: nn.Module, x: torch.Tensor, y: torch.Tensor,
              gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         model = unwrap(net)
         model.eval()
         if noise_fn is not None:
             x = x + noise_fn(model, x, y, gen)
-        x = augment(x, augmentation, gen)
+        x = apply_params(x, sample_params(augmentation, x.shape[0], gen, x.device, views=views))
         if rho_a > 0 and steps_a > 0:
             with torch.enable_grad():
                 x = adversarial_examples(model, x, y, method="pgd", eps=rho_a, step_size=step_a,
@@ -177,8 +179,8 @@ def train_source_model(method: Method, train: ImageSet, ctx: FitContext,
                        noise_fn: NoiseFn | None, *, rho_a: float = 0.0, step_a: float = 0.0,
                        steps_a: int = 0, augmentation: str = "none",
                        stop_acc: float = 0.0, extra_state: Mapping[str, Any] | None = None,
-                       stop_check: Callable[[nn.Module], float] | None = None
-                       ) -> dict[str, Any]:
+                       stop_check: Callable[[nn.Module], float] | None = None,
+                       views: tuple = ()) -> dict[str, Any]:
     """SGD on ``t(x + noise_fn(x)) + da`` (Algorithm 1, lines 6-20); returns the method's state.
 
     ``noise_fn(model, x, y, generator)`` gives ``du`` (None: clean training, TAP); ``rho_a > 0``
@@ -209,7 +211,7 @@ def train_source_model(method: Method, train: ImageSet, ctx: FitContext,
         return done
     fetch = uint8_fetch(train.images, train.labels, ctx.device)
     loss = source_model_loss(noise_fn, rho_a=rho_a, step_a=step_a, steps_a=steps_a,
-                             augmentation=augmentation)
+                             augmentation=augmentation, views=views)
     total, log_every = int(s["train_steps"]), max(1, int(s["log_every"]))
     ckpt_every = int(s["checkpoint_every"])
 
@@ -476,7 +478,7 @@ class REM(SourceModelMethod):
         # model step on t(x + du) + da (Algorithm 1, lines 17-19)
         return train_source_model(self, train, ctx, noise, rho_a=kw["rho_a"], step_a=kw["step_a"],
                                   steps_a=kw["steps_a"], augmentation=kw["augmentation"],
-                                  stop_acc=float(self.settings["stop_acc"]))
+                                  stop_acc=float(self.settings["stop_acc"]), views=kw["views"])
 
     def perturb(self, loaded: LoadedModel, images: torch.Tensor,
                 labels: torch.Tensor) -> torch.Tensor:
@@ -559,4 +561,5 @@ class EM(REM):
             return correct / max(1, len(mine))
 
         return train_source_model(self, train, ctx, noise, stop_acc=float(s["stop_acc"]),
+                                  views=kw["views"],
                                   stop_check=accuracy_on_noisy_set)
