@@ -31,8 +31,9 @@ $(VENV)/.installed-test: $(VENV)/.installed-run
 demo: venv
 	$(VENV)/bin/ue-dist demo --out out/demo
 
+# two pytest-xdist workers: most of the suite's time is Ray starting and waiting, not arithmetic
 test: venv-test
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2
 
 test-slow: venv-test
 	$(PY) -m pytest -q -m slow

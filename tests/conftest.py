@@ -20,6 +20,22 @@ os.environ.setdefault("UE_DIST_LOG_DIR", tempfile.mkdtemp(prefix="ue-dist-test-l
 from helpers import free_port  # noqa: E402  (after the Ray variable: helpers imports ue_dist)
 
 
+def _share_the_cores() -> None:
+    """Under pytest-xdist (`make test` runs `-n 2`) each worker process gets its share of the
+    cores for torch's intra-op threads (and the subprocesses it starts inherit it), so two
+    workers on 2 cores do not run 4 busy threads."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+    if workers > 1:
+        import torch
+
+        share = max(1, (os.cpu_count() or 1) // workers)
+        os.environ.setdefault("OMP_NUM_THREADS", str(share))
+        torch.set_num_threads(share)
+
+
+_share_the_cores()
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One intra-op thread for a module's tiny models: the test machine is shared, and several
