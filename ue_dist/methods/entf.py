@@ -54,7 +54,7 @@ from ue_dist.data.imageset import ImageSet
 from ue_dist.methods.base import StateError, register
 from ue_dist.methods.bayes import embed
 from ue_dist.methods.rem import (LoadedModel, SourceModelMethod, _schedule, batch_generator,
-                                 train_source_model)
+                                 source_model, train_source_model)
 from ue_dist.methods.tap import _CLEAN_MODEL_PGD
 
 PAPER = ("Wen et al., Is Adversarial Training Really a Silver Bullet for Mitigating Data "
@@ -107,6 +107,7 @@ class EntF(SourceModelMethod):
     recipe = ""
     kind, year, needs_labels = "error-maximising", 2023, True
     paper = PAPER
+    state_extras = ("centroids",)
     presets = {
         # 100 epochs of the 50,000 CIFAR-10 images (391 steps each), x0.1 at epoch 75
         "paper": _preset(),
@@ -131,17 +132,9 @@ class EntF(SourceModelMethod):
                                    steps_a=int(s["ref_steps"]) if ref_eps > 0 else 0,
                                    augmentation=self._augmentation(train.image_shape[1]))
         if "centroids" not in state:
-            loaded = self._model_only(state, ctx.device)
-            state["centroids"] = class_centroids(loaded, train, torch.device(ctx.device))
+            state["centroids"] = class_centroids(source_model(state, ctx.device), train,
+                                                 torch.device(ctx.device))
         return state
-
-    def _model_only(self, state: Mapping[str, Any], device: Any) -> torch.nn.Module:
-        from ue_dist.core.models import build_model
-
-        c, h, _ = (int(v) for v in state["image_shape"])
-        model = build_model(state["settings"]["arch"], int(state["num_classes"]), c, h)
-        model.load_state_dict(state["model"])
-        return model.to(device).eval().requires_grad_(False)
 
     def check_state(self, state: Mapping[str, Any], image_shape: Sequence[int] | None = None,
                     source: str = "state") -> None:

@@ -28,7 +28,7 @@ from __future__ import annotations
 import hashlib
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -327,10 +327,23 @@ def eot_defences_setting(protect_time: bool) -> Setting:
                    protect_time=protect_time, legacy=((),))
 
 
+def source_model(state: Mapping[str, Any], device: torch.device | str = "cpu") -> nn.Module:
+    """The state's classifier with its weights, in eval mode, without parameter gradients."""
+    channels, height, _ = (int(v) for v in state["image_shape"])
+    model = build_model(state["settings"]["arch"], int(state["num_classes"]), channels, height)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        raise StateError(f"state weights do not fit {state['settings']['arch']!r}: {exc}") from None
+    return model.to(device).eval().requires_grad_(False)
+
+
 class SourceModelMethod(Method):
     """Shared parts of methods whose state is one trained classifier (REM, EM, TAP)."""
 
     predicts = True
+    #: state entries besides the model that ``perturb`` needs (``LoadedModel.extra``)
+    state_extras: ClassVar[tuple[str, ...]] = ()
 
     @torch.no_grad()
     def predict(self, loaded: "LoadedModel", images: torch.Tensor) -> torch.Tensor:
@@ -360,18 +373,12 @@ class SourceModelMethod(Method):
 
     def load(self, state: Mapping[str, Any], device: torch.device | str = "cpu") -> LoadedModel:
         self.check_state(state)
-        channels, height, width = (int(v) for v in state["image_shape"])
-        num_classes = int(state["num_classes"])
-        model = build_model(state["settings"]["arch"], num_classes, channels, height)
-        try:
-            model.load_state_dict(state["model"])
-        except RuntimeError as exc:
-            raise StateError(f"state weights do not fit {state['settings']['arch']!r}: {exc}") from None
         device = torch.device(device)
-        model.to(device).eval().requires_grad_(False)
+        model = source_model(state, device)
         prepare_model(model, device, str(self.settings["precision"]))
-        return LoadedModel(model, (channels, height, width), num_classes, device,
-                           {k: v for k, v in state.items() if k in ("permutation", "centroids")})
+        channels, height, width = (int(v) for v in state["image_shape"])
+        return LoadedModel(model, (channels, height, width), int(state["num_classes"]), device,
+                           {k: state[k] for k in self.state_extras if k in state})
 
     def _inputs(self, loaded: LoadedModel, images: torch.Tensor,
                 labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

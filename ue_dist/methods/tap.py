@@ -57,6 +57,7 @@ class CleanModelAttack(SourceModelMethod):
 
     random_start: bool = True
     eot_augmented: bool = True
+    state_extras = ("permutation",)
 
     def _extra_state(self, train: ImageSet) -> dict[str, Any]:
         return {}
