@@ -33,3 +33,42 @@ def test_bayes_benchmark_small_scale_runs_and_agrees_with_dense():
         assert cmp_["dense_s"] > 0 and cmp_["blocked_s"] > 0
     assert out["large"]["n"] == 8192 and out["large"]["grad_finite"]
     assert out["large"]["peak_rss_delta_gb"] < 4
+
+
+def test_bench_smoke_run_on_cpu_writes_every_figure(tmp_path, monkeypatch):
+    """``--scale small --device cpu`` runs the REM, GUE and victim parts end to end (the code
+    of the GPU benchmark, at toy sizes): every row has its FLOPs and share of the peak, and the
+    REM part projects full CIFAR-10 REM."""
+    import json
+
+    from ue_dist.bench.__main__ import main
+    from ue_dist.bench.flops import DEVICE_ENV
+
+    monkeypatch.setenv(DEVICE_ENV, "auto")  # main sets it; monkeypatch restores it
+    out = tmp_path / "bench.json"
+    assert main(["--scale", "small", "--device", "cpu", "--only", "rem,gue,victim",
+                 "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["device"] == "cpu" and res["rem"]["device"] == "cpu"
+    for row in (res["gue"]["generator_paper"]["rows"]["fp32"], res["victim"]["resnet18"]["pgd_at"]):
+        assert row["gflop_per_image"] > 0 and 0 < row["pct_of_peak"]
+    # PGD-AT does the standard step's work plus 10 input-gradient passes per image
+    at, std = res["victim"]["resnet18"]["pgd_at"], res["victim"]["resnet18"]["standard"]
+    assert at["gflop_per_image"] > 5 * std["gflop_per_image"]
+    assert res["rem"]["projection"]["fp32"]["total_hours"] > 0
+
+
+def test_bench_gpu_is_refused_where_torch_sees_no_cuda(monkeypatch, capsys):
+    import pytest
+
+    from ue_dist.bench.__main__ import main
+    from ue_dist.bench.flops import DEVICE_ENV
+
+    monkeypatch.setenv(DEVICE_ENV, "auto")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as exc:
+        main(["--gpu"])
+    assert exc.value.code == 2 and "sees no CUDA device" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--gpu", "--scale", "cpu"])  # --gpu fixes the scale
+    assert "--gpu runs --scale cifar" in capsys.readouterr().err

@@ -23,6 +23,25 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 _PEAK_CACHE: dict[str, dict[str, float]] = {}
+#: ``auto`` (CUDA when torch sees one), ``cpu`` or ``cuda``; an environment variable rather than
+#: an argument so that the subprocesses and Ray actors a part starts measure on the same device.
+DEVICE_ENV = "UE_DIST_BENCH_DEVICE"
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def bench_device() -> torch.device:
+    """The device every part measures on (``python -m ue_dist.bench --device``)."""
+    import os
+
+    name = os.environ.get(DEVICE_ENV, "auto")
+    if name not in DEVICES:
+        raise ValueError(f"{DEVICE_ENV}={name!r}; valid: {', '.join(DEVICES)}")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"the benchmark was asked for CUDA, but torch {torch.__version__} sees "
+                           "no CUDA device")
+    return torch.device(name)
 
 
 def sync(device: torch.device | str) -> None:
@@ -99,22 +118,24 @@ def _restore_tf32(saved: tuple[bool, bool] | None) -> None:
 
 
 def matmul_peak(device: torch.device | str, n: int | None = None,
-                repeats: int = 3) -> dict[str, float]:
+                repeats: int = 3, smoke: bool = False) -> dict[str, float]:
     """The best dense-kernel GFLOP/s per precision, measured now (cached per device/threads).
 
     Two kernels per precision: an ``n x n`` matrix product (``matmul_<kind>``) and a 3x3
     convolution, 256 channels at 16x16, channels_last (``conv3x3_<kind>``); ``<kind>`` alone is
-    the larger of the two, the ceiling rows are set against. Both are needed: on AMD CPUs
+    the larger of the two, the ceiling rows are set against. ``smoke``: tiny sizes (a test of
+    the code, not a measurement). Both are needed: on AMD CPUs
     PyTorch's fp32 matmul goes through MKL's generic path and runs well below what oneDNN's
     convolutions reach on the same core, so the matmul alone is not the machine's limit.
     """
     dev = torch.device(device)
-    key = f"{dev}-{torch.get_num_threads()}"
+    key = f"{dev}-{torch.get_num_threads()}-{smoke}"
     if key in _PEAK_CACHE:
         return _PEAK_CACHE[key]
     cuda = dev.type == "cuda"
-    n = n or (8192 if cuda else 4096)
-    batch = 1024 if cuda else 64
+    # smoke (``--scale small``): tiny kernels, so that the code runs in seconds; not a peak
+    n = n or (256 if smoke else 8192 if cuda else 4096)
+    batch = 2 if smoke else 1024 if cuda else 64
     repeats = max(repeats, 10) if cuda else repeats
     kinds = ["fp32", "tf32", "bf16"] if cuda else ["fp32", "bf16"]
     out: dict[str, float] = {}

@@ -24,14 +24,15 @@ from typing import Any
 
 import torch
 
-from ue_dist.bench.flops import (best_seconds, count_flops, describe, matmul_peak, print_peaks,
-                                 rate_row)
+from ue_dist.bench.flops import (bench_device, best_seconds, count_flops, describe, matmul_peak,
+                                 print_peaks, rate_row)
 from ue_dist.core.models import build_model
 from ue_dist.core.precision import autocast, prepare_model
 from ue_dist.core.unet import UNetGenerator, count_parameters
 from ue_dist.methods.gue import Gue, bome_step
 
 SCALES: dict[str, dict[str, Any]] = {
+    "small": {"gen_batch": 4, "gen_repeats": 1, "bome_batch": 4, "inner": (0, 1), "repeats": 1},
     "cpu": {"gen_batch": 64, "gen_repeats": 2, "bome_batch": 32, "inner": (0, 2), "repeats": 2},
     "cifar": {"gen_batch": 512, "gen_repeats": 5, "bome_batch": 32, "inner": (10,), "repeats": 3},
 }
@@ -90,9 +91,9 @@ def run(scale: str = "cpu") -> dict[str, Any]:
     if scale not in SCALES:
         raise ValueError(f"unknown scale {scale!r}; valid: {', '.join(SCALES)}")
     cfg = SCALES[scale]
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = bench_device()
     out: dict[str, Any] = {"device": str(device), "threads": torch.get_num_threads()}
-    peaks = matmul_peak(device)
+    peaks = matmul_peak(device, smoke=scale == "small")
     print_peaks(device, peaks)
     out["matmul_peak_gflops"] = peaks
     for name, width in (("paper", 64), ("quick", int(Gue.resolve("quick")["width"]))):

@@ -30,14 +30,18 @@ from typing import Any
 
 import torch
 
-from ue_dist.bench.flops import (best_seconds, count_flops, describe, matmul_peak, pass_flops,
-                                 print_peaks, rate_row)
+from ue_dist.bench.flops import (bench_device, best_seconds, count_flops, describe, matmul_peak,
+                                 pass_flops, print_peaks, rate_row)
 from ue_dist.core.models import build_model
 from ue_dist.core.precision import prepare_model
 from ue_dist.methods.rem import robust_error_minimizing_noise
 
 SCALES: dict[str, dict[str, dict[str, Any]]] = {
     # per arch: batch, K_u, K_a (REM), J, and EM's batch and steps
+    "small": {"small-cnn": {"batch": 2, "steps_u": 1, "steps_a": 1, "eot": 2,
+                            "em_batch": 2, "em_steps": 1},
+              "resnet18": {"batch": 2, "steps_u": 1, "steps_a": 1, "eot": 2,
+                           "em_batch": 2, "em_steps": 1}},
     "cpu": {"small-cnn": {"batch": 16, "steps_u": 2, "steps_a": 2, "eot": 5,
                           "em_batch": 32, "em_steps": 10},
             "resnet18": {"batch": 4, "steps_u": 1, "steps_a": 2, "eot": 5,
@@ -113,11 +117,11 @@ def _print_rows(arch: str, cfg: dict[str, Any], rows: dict[str, dict[str, Any]],
 def run(scale: str = "cpu") -> dict[str, Any]:
     if scale not in SCALES:
         raise ValueError(f"unknown scale {scale!r}; valid: {', '.join(SCALES)}")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    repeats = 2 if scale == "cpu" else 3
+    device = bench_device()
+    repeats = {"small": 1, "cpu": 2}.get(scale, 3)
     eps, rho_a = 8 / 255, 2 / 255
     out: dict[str, Any] = {"device": str(device), "threads": torch.get_num_threads()}
-    peaks = matmul_peak(device)
+    peaks = matmul_peak(device, smoke=scale == "small")
     print_peaks(device, peaks)
     out["matmul_peak_gflops"] = peaks
     for arch, cfg in SCALES[scale].items():

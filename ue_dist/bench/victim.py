@@ -22,17 +22,19 @@ from typing import Any
 
 import torch
 
-from ue_dist.bench.flops import describe, matmul_peak, pass_flops, print_peaks, rate_row, sync
+from ue_dist.bench.flops import (bench_device, describe, matmul_peak, pass_flops, print_peaks,
+                                 rate_row, sync)
 from ue_dist.core.context import LocalContext
 from ue_dist.core.models import build_model
 from ue_dist.core.victim import resolve_victim_settings, train_victim
 from ue_dist.data.imageset import ImageSet
 
 SIZES = {  # scale -> arch -> (training images, batch size)
+    "small": {"small-cnn": (20, 10), "resnet18": (10, 5)},  # every class once
     "cpu": {"small-cnn": (512, 64), "resnet18": (96, 32)},
     "cifar": {"small-cnn": (10240, 128), "resnet18": (10240, 128)},
 }
-REPEATS = {"cpu": 2, "cifar": 3}
+REPEATS = {"small": 1, "cpu": 2, "cifar": 3}
 ADV_STEPS = 10
 
 
@@ -62,11 +64,11 @@ def _one(arch: str, n: int, batch: int, adv: bool, device: torch.device,
 def run(scale: str = "cpu") -> dict[str, Any]:
     if scale not in SIZES:
         raise ValueError(f"unknown scale {scale!r}; valid: {', '.join(SIZES)}")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = bench_device()
     results: dict[str, Any] = {"scale": scale, "device": str(device),
                                "threads": torch.get_num_threads(),
                                "adv": f"PGD-{ADV_STEPS}, eps 8/255"}
-    peaks = matmul_peak(device)
+    peaks = matmul_peak(device, smoke=scale == "small")
     print_peaks(device, peaks)
     results["matmul_peak_gflops"] = peaks
     for p in ("fp32", "bf16"):
