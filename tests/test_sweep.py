@@ -143,6 +143,18 @@ def test_example_spec_is_valid():
     assert validate_spec(spec)["archs"]
 
 
+def test_defence_matrix_job_covers_every_attack_and_the_defences():
+    from ue_dist.methods.base import method_names
+    from ue_dist.runtime.sweep import defence_settings, trial_count
+
+    here = os.path.dirname(__file__)
+    spec = validate_spec(load_spec(os.path.join(here, "..", "jobs", "defence-matrix.yaml")))
+    assert set(spec["methods"]) == set(method_names()) - {"test-stripes"}  # (a test-only method)
+    columns = defence_settings(spec)
+    assert len(columns) == 12 and columns[-1] == (2 / 255, "none")
+    assert trial_count(spec) == (len(spec["methods"]) + 1) * 12 * 2  # + the clean row
+
+
 # protection inside trials (no Ray) -------------------------------------------------------------
 def test_mix_marks_and_swaps_exactly_the_selected_samples():
     train = digits_imageset("train").subset(range(200))
@@ -456,3 +468,49 @@ def test_cli_evaluate_and_sweep_check(small_digits_urls, capsys, tmp_path):
     code = main(["sweep", str(spec), "--check"])
     err = capsys.readouterr().err
     assert code == 2 and "unknown key(s) 'seed' in sweep spec" in err and "seeds" in err
+
+
+# the attack x defence matrix ----------------------------------------------------------------------
+def test_matrix_grid_runs_each_defence_alone_and_adversarial_training_as_a_column():
+    from ue_dist.runtime.sweep import defence_settings, trial_count
+
+    spec = validate_spec(_spec({"train": "a", "test": "b"}, defence_grid="matrix",
+                               defenses=["none", "median", "ueraser:max"], adv_eps=[0, "2/255"]))
+    # ueraser-max owns the loss: fine here, it never meets adversarial training in a matrix
+    assert defence_settings(spec) == [(0.0, "none"), (0.0, "median"), (0.0, "ueraser-max"),
+                                      (2 / 255, "none")]
+    assert trial_count(spec) == 2 * 4  # two fractions x four columns, one seed
+    two = validate_spec(_spec({"train": "a", "test": "b"}, defence_grid="matrix",
+                              methods=["classwise", "em"], fractions=[0, 1.0]))
+    assert trial_count(two) == 3  # the clean row (fraction 0) is trained once, not per method
+    cross = validate_spec(_spec({"train": "a", "test": "b"}, defenses=["none", "median"],
+                                adv_eps=[0, "2/255"]))
+    assert len(defence_settings(cross)) == 4 and (2 / 255, "median") in defence_settings(cross)
+    with pytest.raises(SweepError, match="defence_grid must be one of"):
+        validate_spec(_spec({"train": "a", "test": "b"}, defence_grid="diagonal"))
+
+
+def test_defence_matrix_sweep_on_a_seeded_subset(ray_cluster, small_digits_urls, tmp_path):
+    from ue_dist.runtime.sweep import run_sweep
+
+    said = []
+    spec = _spec(small_digits_urls, name="matrix", methods=["classwise"],
+                 fractions=[0.0, 1.0], defence_grid="matrix", defenses=["none", "median"],
+                 adv_eps=[0, "1/255"], train_subset=100, train_subset_seed=3,
+                 victim_overrides={"epochs": 1, "augment": False, "adv_steps": 1})
+    out = run_sweep(spec, str(tmp_path), progress=said.append)
+    # (clean + classwise) x (none, median, PGD-AT)
+    assert out["trials"] == 2 * 3 and out["completed"] == 6 and not out["errors"], out["errors"]
+    assert any("class-stratified subset of 100 of the 400 training images" in s for s in said)
+    rows = out["rows"]
+    assert {r["train_size"] for r in rows} == {100}
+    assert {(round(r["adv_eps"] * 255), r["defense"]) for r in rows} == {
+        (0, "none"), (0, "median"), (1, "none")}
+    text = open(out["report"]["defence_matrix"]).read()
+    lines = text.splitlines()
+    assert lines[2] == "| method | protected | none | median | PGD-AT 1/255 | worst case |"
+    by_name = {line.split(" | ")[0].lstrip("| "): line for line in lines[4:]}
+    assert set(by_name) == {"clean", "classwise", "**best attack**"}
+    cells = [float(c) for c in by_name["classwise"].strip(" |").split(" | ")[2:]]
+    assert cells[-1] == max(cells[:-1])  # the worst case is the highest accuracy recovered
+    assert os.path.getsize(out["report"]["defence_matrix_png"]) > 5000

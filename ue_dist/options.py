@@ -471,7 +471,14 @@ SWEEP_SPEC = (
         help="adversarial-training radii (0 = standard training)"),
     Opt("defenses", type=list, default=("none",),
         help="victim defences (none, mixup, median, jpeg:quality=10, ...)"),
+    Opt("defence_grid", default="cross", choices=("cross", "matrix"),
+        help="cross: every adv_eps with every defence; matrix: each defence alone under "
+             "standard training, and each adv_eps > 0 alone (no other defence) -- the attack x "
+             "defence matrix, one column per defence"),
     Opt("seeds", type=list, default=(0,), help="seeds (protection choice, method fit and victim)"),
+    Opt("train_subset", type=int, low=1, help="train on a seeded, class-stratified subset of "
+        "this many training images (default: all); the report's train_size says it"),
+    Opt("train_subset_seed", type=int, default=0, help="seed of train_subset's choice"),
     VICTIM_PRESET,
     replace(VICTIM_SET, help="{key: value} victim settings"),
     Opt("resources_per_trial", type=dict, help="{cpu: float, gpu: float}"),

@@ -13,6 +13,9 @@
 * ``accuracy_vs_epoch.png``: train (dashed) and test (solid) accuracy per epoch, one panel per
   method, one colour per setting (the REM paper's Figure 7, the GUE paper's Figure 2: on an
   unlearnable set the training accuracy climbs while the test accuracy stays low).
+* ``defence_matrix.md`` / ``defence_matrix.png`` (two victim defences or more, adversarial
+  training counted as one): the attack x defence matrix of mean test accuracy, its worst-case
+  column (the highest accuracy any defence recovers) and the best attack per defence; a heatmap.
 * ``architectures.png`` (two architectures or more): bars per method and architecture.
 * ``examples.png``: per method a row of clean images, protected images and their perturbation
   amplified to the full grey range.
@@ -326,6 +329,83 @@ def _pivot_markdown(text) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _defence_label(eps: Any, defense: Any) -> str:
+    defense = defense or "none"
+    if float(eps or 0.0) == 0:
+        return defense
+    return f"PGD-AT {float(eps) * 255:.3g}/255" + ("" if defense == "none" else f" + {defense}")
+
+
+def defence_matrix(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
+    """The attack x defence matrix (APBench's leaderboard form) of the rows that train on the
+    whole (mixed) training set: mean test accuracy over seeds, one row per (method, protected
+    fraction), one column per victim defence (adversarial training is a column of its own),
+    ``worst case`` = the highest accuracy any defence recovers; ``best_attack`` per defence =
+    the protected row with the lowest accuracy. None when the rows have one defence or none.
+    One matrix per victim architecture: the first one's (``arch``)."""
+    import pandas as pd
+
+    rows = [r for r in rows if r.get("subset", "all") == "all"]
+    if not rows:
+        return None
+    arch = sorted({r["arch"] for r in rows})[0]
+    frame = pd.DataFrame([{"method": r["method"], "fraction": float(r["fraction"]),
+                           "defence": _defence_label(r.get("adv_eps"), r.get("defense")),
+                           "test_acc": r.get("test_acc")} for r in rows if r["arch"] == arch])
+    # no defence first, then the data defences by name, adversarial training last
+    order = sorted(set(frame["defence"]), key=lambda d: (d != "none", d.startswith("PGD-AT"), d))
+    if len(order) < 2:
+        return None
+    mean = frame.pivot_table(index=["method", "fraction"], columns="defence", values="test_acc",
+                             aggfunc="mean")[order]
+    seeds = int(frame.groupby(["method", "fraction", "defence"]).size().min())
+    mean["worst case"] = mean[order].max(axis=1)
+    protected = mean[mean.index.get_level_values("fraction") > 0]
+    best = {d: (f"{protected[d].idxmin()[0]}", float(protected[d].min()))
+            for d in order + ["worst case"] if protected[d].notna().any()}
+    return {"arch": arch, "mean": mean, "defences": order, "best_attack": best, "seeds": seeds}
+
+
+def defence_matrix_markdown(matrix: Mapping[str, Any]) -> str:
+    mean, cols = matrix["mean"], list(matrix["mean"].columns)
+    lines = [f"Test accuracy (%), {matrix['arch']} victims, mean over {matrix['seeds']}+ seed(s); "
+             "worst case = the highest accuracy any defence recovers (lower protects better)\n",
+             "| method | protected | " + " | ".join(cols) + " |",
+             "|---|---|" + "---|" * len(cols)]
+    for (method, fraction), row in mean.iterrows():
+        cells = ["" if _missing(v) else f"{100 * v:.1f}" for v in row]
+        name = "clean" if fraction == 0 else method  # fraction 0: the data of no method
+        lines.append(f"| {name} | {fraction:g} | " + " | ".join(cells) + " |")
+    best = matrix["best_attack"]
+    lines.append("| **best attack** | | " + " | ".join(
+        f"{best[c][0]} ({100 * best[c][1]:.1f})" if c in best else "" for c in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _missing(value: Any) -> bool:
+    return value is None or math.isnan(float(value))
+
+
+def plot_defence_matrix(matrix: Mapping[str, Any]) -> bytes:
+    """Heatmap of the matrix: attacks down, defences across, accuracy in each cell."""
+    plt = _pyplot()
+    mean = matrix["mean"]
+    values = mean.to_numpy(dtype=float) * 100
+    labels = ["clean" if f == 0 else f"{m}, {f:.0%} protected" if f < 1 else m
+              for m, f in mean.index]
+    fig, ax = plt.subplots(figsize=(1.0 + 0.85 * values.shape[1], 0.9 + 0.42 * values.shape[0]))
+    image = ax.imshow(values, cmap="RdYlGn_r", vmin=0, vmax=100, aspect="auto")
+    for i in range(values.shape[0]):
+        for j in range(values.shape[1]):
+            if not math.isnan(values[i, j]):
+                ax.text(j, i, f"{values[i, j]:.0f}", ha="center", va="center", fontsize=8)
+    ax.set_xticks(range(values.shape[1]), list(mean.columns), rotation=40, ha="right")
+    ax.set_yticks(range(values.shape[0]), labels)
+    ax.set_title(f"clean test accuracy (%) of {matrix['arch']} victims: attack x defence")
+    fig.colorbar(image, ax=ax, fraction=0.03)
+    return _figure_bytes(fig)
+
+
 def plot_examples(examples: Mapping[str, Mapping[str, Any]], n: int = 6) -> bytes:
     """``examples[method] = {"clean": uint8 NCHW, "protected": uint8 NCHW, "eps": float}``."""
     plt = _pyplot()
@@ -405,6 +485,15 @@ def write_report(out_url: str, rows: Sequence[Mapping[str, Any]],
         files["summary_csv"] = storage.join(out_url, "summary.csv")
         storage.write_bytes(files["summary_csv"], summary_frame(good).to_csv(
             index=False).encode(), storage_options)
+
+        matrix = defence_matrix(good)
+        if matrix is not None:
+            files["defence_matrix"] = storage.join(out_url, "defence_matrix.md")
+            storage.write_bytes(files["defence_matrix"],
+                                defence_matrix_markdown(matrix).encode(), storage_options)
+            files["defence_matrix_png"] = storage.join(out_url, "defence_matrix.png")
+            storage.write_bytes(files["defence_matrix_png"], plot_defence_matrix(matrix),
+                                storage_options)
 
     def distinct(key: str) -> int:
         return len({float(r.get(key) or 0.0) if key != "arch" else r[key] for r in good})

@@ -173,8 +173,11 @@ def validate_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
     for key in _GRID:
         out[key] = _grid(spec, key)
     out["victim_settings"] = _victim_settings(spec)
+    out["defence_grid"] = spec["defence_grid"]
+    out["train_subset"] = spec["train_subset"]
+    out["train_subset_seed"] = int(spec["train_subset_seed"])
     owners = [d for d in out["defenses"] if parse_defense(d).kind == "loss"]
-    if owners and any(e > 0 for e in out["adv_eps"]):  # each trial would refuse it: say so now
+    if owners and any(e > 0 for e in out["adv_eps"]) and out["defence_grid"] == "cross":  # each trial would refuse it: say so now
         raise SweepError(f"sweep spec: defenses {owners} own the training loss and cannot be "
                          "combined with adversarial training (adv_eps > 0); sweep them with "
                          "adv_eps [0] in a separate sweep")
@@ -359,7 +362,19 @@ def validation_split(train: ImageSet, fraction: float, seed: int) -> tuple[Image
     return train.subset(rest), train.subset(sorted(held))
 
 
+def flat_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A trial's config with a matrix grid's pairs unpacked: ``victim_defence`` as ``adv_eps``,
+    ``defense``; ``method_fraction`` as ``method``, ``fraction``."""
+    out = dict(config)
+    if "victim_defence" in out:
+        out["adv_eps"], out["defense"] = out.pop("victim_defence")
+    if "method_fraction" in out:
+        out["method"], out["fraction"] = out.pop("method_fraction")
+    return out
+
+
 def trial_key(config: Mapping[str, Any]) -> str:
+    config = flat_config(config)
     if config.get("mode") == "search":
         return "search-" + _digest(sorted(config.items()))
     eps = config["adv_eps"]
@@ -376,6 +391,7 @@ def trial_inputs(config: Mapping[str, Any], train: ImageSet, job: Mapping[str, A
     """``(row, data, victim)`` of one trial: its result row so far, the training set it trains
     on (its fraction protected, its subset) and its victim settings."""
     so = job["storage_options"]
+    config = flat_config(config)
     search = job.get("search")
     method = search["method"] if search else config["method"]
     fraction = search["fraction"] if search else float(config["fraction"])
@@ -477,13 +493,40 @@ def _winner(params: dict[str, Any], *, train: ImageSet, test: ImageSet,
 
 
 # the sweep -------------------------------------------------------------------------------------
+def defence_settings(spec: Mapping[str, Any]) -> list[tuple[float, str]]:
+    """The (adversarial radius, defence) pairs the victims train under: the product for
+    ``defence_grid: cross``; for ``matrix`` each defence under standard training, then each
+    radius > 0 with no other defence (adversarial training as one more column)."""
+    if spec.get("defence_grid", "cross") == "cross":
+        return [(e, d) for e in spec["adv_eps"] for d in spec["defenses"]]
+    return ([(0.0, d) for d in spec["defenses"]]
+            + [(e, "none") for e in spec["adv_eps"] if e > 0])
+
+
+def method_fractions(spec: Mapping[str, Any]) -> list[tuple[str, float]]:
+    """The (method, protected fraction) rows: every pair, except that a matrix trains its clean
+    row (fraction 0: the same data whatever the method) once, under the first method's name."""
+    pairs = [(m, f) for f in spec["fractions"] for m in spec["methods"]]
+    if spec.get("defence_grid", "cross") == "matrix":
+        pairs = [(m, f) for m, f in pairs if f > 0 or m == spec["methods"][0]]
+    return pairs
+
+
 def _param_space(spec: Mapping[str, Any]) -> dict[str, Any]:
     from ray import tune
 
-    space: dict[str, Any] = {
-        "arch": tune.grid_search(spec["archs"]), "adv_eps": tune.grid_search(spec["adv_eps"]),
-        "defense": tune.grid_search(spec["defenses"]), "seed": tune.grid_search(spec["seeds"])}
+    space: dict[str, Any] = {"arch": tune.grid_search(spec["archs"]),
+                             "seed": tune.grid_search(spec["seeds"])}
+    if spec.get("defence_grid", "cross") == "cross":  # the keys of the sweeps made before matrix
+        space.update(adv_eps=tune.grid_search(spec["adv_eps"]),
+                     defense=tune.grid_search(spec["defenses"]))
+    else:
+        space["victim_defence"] = tune.grid_search([list(p) for p in defence_settings(spec)])
     search = spec["search"]
+    if search is None and spec.get("defence_grid", "cross") == "matrix":
+        space.update(method_fraction=tune.grid_search([list(p) for p in method_fractions(spec)]),
+                     subset=tune.grid_search(spec["subsets"]))
+        return space
     if search is None:
         space.update(method=tune.grid_search(spec["methods"]),
                      fraction=tune.grid_search(spec["fractions"]),
@@ -530,6 +573,8 @@ def _error_line(result) -> str:
 
 _SPEC_IDENTITY = ("data", "methods", "method_preset", "method_overrides", "fractions", "subsets",
                   "archs", "adv_eps", "defenses", "seeds", "victim_settings", "search")
+#: keys that joined the identity later: part of it only when set, so older sweeps still resume
+_SPEC_IDENTITY_IF_SET = {"defence_grid": "cross", "train_subset": None, "train_subset_seed": 0}
 
 
 def _check_same_spec(spec: Mapping[str, Any], root: str, so, resumed: bool) -> None:
@@ -538,6 +583,8 @@ def _check_same_spec(spec: Mapping[str, Any], root: str, so, resumed: bool) -> N
     identity = {k: spec[k] for k in _SPEC_IDENTITY}
     if spec.get("bayes_mode", "streaming") != "streaming":  # older sweeps keep their identity
         identity["bayes_mode"] = spec["bayes_mode"]
+    identity.update({k: spec[k] for k, unset in _SPEC_IDENTITY_IF_SET.items()
+                     if spec.get(k, unset) != unset})
     mine = json.dumps(identity, sort_keys=True, default=str)
     if resumed and storage.exists(url, so):
         before = storage.read_bytes(url, so).decode()
@@ -574,9 +621,9 @@ def _new_tuner(spec: Mapping[str, Any], trainable: Any, path: str, fs: Any) -> A
 
 def trial_count(spec: Mapping[str, Any]) -> int:
     """How many trials the validated ``spec`` runs (the grid, times the search's samples)."""
-    n = len(spec["archs"]) * len(spec["adv_eps"]) * len(spec["defenses"]) * len(spec["seeds"])
+    n = len(spec["archs"]) * len(defence_settings(spec)) * len(spec["seeds"])
     if spec["search"] is None:
-        return n * len(spec["methods"]) * len(spec["fractions"]) * len(spec["subsets"])
+        return n * len(method_fractions(spec)) * len(spec["subsets"])
     return n * int(spec["search"]["num_samples"])
 
 
@@ -754,6 +801,12 @@ def run_sweep(spec: Mapping[str, Any], storage_path: str | None = None,
     train = load_imageset(spec["data"]["train"], so)
     test = load_imageset(spec["data"]["test"], so)
     check_compatible(train, test)
+    if spec["train_subset"] and spec["train_subset"] < len(train):
+        full = len(train)
+        _, train = validation_split(train, spec["train_subset"] / full, spec["train_subset_seed"])
+        progress(f"[ue-dist] sweep {spec['name']}: a seeded, class-stratified subset of "
+                 f"{len(train)} of the {full} training images (train_subset "
+                 f"{spec['train_subset']}, seed {spec['train_subset_seed']})")
     ensure_ray()
     _check_trial_resources(spec, progress)
     fs, path = pyarrow_filesystem(storage_path, so)
