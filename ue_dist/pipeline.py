@@ -8,8 +8,9 @@ state, settings and seed:
   sample makes it a bad shard: ``{"ok": False, "reason": ...}``), the seeded ``fraction`` of its
   samples chosen per key, torch seeded from (seed, shard name), the chosen samples perturbed in
   batches under the epsilon contract, written atomically under the input's file name in DST,
-  then its ledger record (the commit marker). The Ray Data actors of ``runtime/protect.py`` call
-  it once per shard.
+  then its ledger record (the commit marker). It is three stages in series, ``read_stage`` ->
+  ``perturb_stage`` -> ``commit_stage``: the Ray Data actors of ``runtime/protect.py`` call
+  ``protect_shard`` once per shard, or with ``--staged`` run the stages as separate steps.
 * ``protect_set(config, data, delta, DST)`` and ``finish_set``: a WHOLE set whose perturbation
   is computed elsewhere (the joint Bayes worker group, the sweep's cached protection): the same
   selection, contract and metadata, then the set is written as shards.
