@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import shutil
 import tempfile
@@ -114,8 +115,9 @@ def _pipeline(method: str, src: str, dst: str, state: str, actors: int, staged: 
     t0 = time.perf_counter()
 
     def progress(line: str) -> None:
-        if "images/s" in line:
-            stamps.append((time.perf_counter(), int(line.split(" shards, ")[1].split()[0])))
+        found = re.search(r"· (\d+) images ·", line)  # ProgressLine: "... 3/6 · 192 images · ..."
+        if found:
+            stamps.append((time.perf_counter(), int(found.group(1))))
 
     # the state's settings (those of the bare loop's method): protect takes them from the state
     with _PeakRss() as rss:
