@@ -10,8 +10,9 @@ path and ``--staged``, each with 1 and then 2 actors (1 CPU each). Two figures p
 ``wall`` (the whole call, including starting the actor pool) and ``steady`` (images after the
 first finished shard divided by the time to the last: the streaming rate once actors are up),
 and each one's ratio to the bare loop. Peak RSS: the driver's (``ru_maxrss``) and each Ray
-worker process's ``VmHWM`` (the kernel's high-water mark), read from /proc every 0.1 s while a
-run lasts, by process title (``MapWorker(...ShardProtector)`` = an actor). Every run must write
+worker process started or put to work during a run: its ``VmHWM`` (the kernel's high-water mark
+over the process's life; Ray may reuse an idle worker), read from /proc every 0.1 s, by process
+title (``MapWorker(...)`` = an actor). Every run must write
 the same bytes (checked). On a shared machine the ratios carry the noise of whatever else runs
 there.
 
@@ -69,26 +70,38 @@ class _PeakRss:
 
     def __init__(self) -> None:
         self.peaks: dict[int, tuple[str, float]] = {}
+        # a previous run's actors may still be exiting: only processes new to this run count
+        self._before = set(self._ray_pids())
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
-    def _loop(self) -> None:
-        while not self._stop.wait(0.1):
-            for pid in os.listdir("/proc"):
-                if not pid.isdigit():
-                    continue
+    @staticmethod
+    def _ray_pids() -> dict[int, str]:
+        out = {}
+        for pid in os.listdir("/proc"):
+            if pid.isdigit():
                 try:
                     with open(f"/proc/{pid}/cmdline", "rb") as f:
                         title = f.read().split(b"\0")[0].decode(errors="replace")
-                    if not title.startswith("ray::") or "IDLE" in title:
-                        continue
+                except OSError:
+                    continue  # the process ended meanwhile
+                if title.startswith("ray::") and "IDLE" not in title:
+                    out[int(pid)] = title
+        return out
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.1):
+            for pid, title in self._ray_pids().items():
+                if pid in self._before:
+                    continue
+                try:
                     with open(f"/proc/{pid}/status") as f:
                         hwm = next(int(line.split()[1]) for line in f if line.startswith("VmHWM"))
                 except (OSError, StopIteration, ValueError):
                     continue  # the process ended meanwhile
-                old = self.peaks.get(int(pid), ("", 0.0))
-                self.peaks[int(pid)] = (title if "MapWorker" in title or not old[0] else old[0],
-                                        max(old[1], hwm / 1024))
+                old = self.peaks.get(pid, ("", 0.0))
+                self.peaks[pid] = (title if "MapWorker" in title or not old[0] else old[0],
+                                   max(old[1], hwm / 1024))
 
     def __enter__(self) -> "_PeakRss":
         self._thread.start()
