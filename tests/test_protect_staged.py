@@ -41,7 +41,9 @@ def test_staged_writes_the_same_bytes_and_skips_the_same_bad_shards(ray_local, s
     root, src, state = source
     common = dict(state_url=state, fraction=0.5, seed=3, progress=None)
     old = protect("classwise", src, str(root / "old"), actors=1, **common)
-    new = protect("classwise", src, str(root / "new"), actors=1, staged=True, **common)
+    # a pool that takes every CPU of the session's 2-CPU Ray: the CPU steps must still run
+    new = protect("classwise", src, str(root / "new"), actors=2, cpus_per_actor=1.0,
+                  staged=True, **common)
     for summary in (old, new):
         assert sorted(_bad(summary)) == sorted(BAD) and not summary["ok"]
         for name, why in BAD.items():

@@ -583,9 +583,14 @@ def _actor_dataset(pending: list[tuple[str, Any]], method, dst_url: str,
     # (no state: only the actors load it)
     light = PipelineConfig(method=method, fraction=float(opts.fraction), seed=int(opts.seed),
                            storage_options=opts.storage_options, settings_hash=run_hash)
-    # a step is idempotent like the whole shard: a transient storage error reruns it, bounded
-    # (Ray 2.60 has no named parameter for these yet; the remote args warn of a future removal)
-    tasks = {"batch_size": 1, "num_cpus": min(1.0, cpus), "max_retries": ACTOR_TASK_RETRIES,
+    # The steps ask for no CPU of their own, at most MAX of each at a time: a pool that takes
+    # every CPU would leave them none and the run would wait forever (seen: --actors 2
+    # --cpus-per-actor 1 on 2 CPUs). A step is idempotent like the whole shard: a transient
+    # storage error reruns it, bounded (Ray 2.60 has no named parameter for these yet; the
+    # remote args warn of a future removal).
+    most = opts_schema.actor_range(opts.actors, "--actors", SettingsError)[1]
+    tasks = {"batch_size": 1, "num_cpus": 0, "concurrency": max(1, min(most, len(pending))),
+             "max_retries": ACTOR_TASK_RETRIES,
              "retry_exceptions": [storage.StorageTransientError]}
     ds = ds.map_batches(read_step, fn_kwargs={"config": light}, **tasks)
     ds = ds.map_batches(StagedProtector, **actor_kwargs)
