@@ -1,6 +1,6 @@
 """Crash safety and fault tolerance, with real processes killed by SIGKILL.
 
-* ``ue-dist protect`` killed mid-run, then run again: DST ends exactly as after an uninterrupted
+* ``ue-dist protect`` (one-step and ``--staged``) killed mid-run, then run again: DST ends exactly as after an uninterrupted
   run (same shard set, same bytes, ledger and shards agree, no temporaries).
 * A fit with ``--max-failures 1`` survives one of its Ray Train worker processes being killed
   (found by its process title, ``ray::RayTrainWorker...``, in the command's session); killed
@@ -86,12 +86,13 @@ def _wait_for(predicate, proc, timeout, log: Path, what: str):
 
 
 @pytest.mark.system
-def test_protect_killed_mid_run_then_rerun_equals_an_uninterrupted_run(tmp_path, ray_local):
+@pytest.mark.parametrize("path", [[], ["--staged"]], ids=["one-step", "staged"])
+def test_protect_killed_mid_run_then_rerun_equals_an_uninterrupted_run(tmp_path, ray_local, path):
     src, state = str(tmp_path / "src"), str(tmp_path / "state.pt")
     n_shards = 16
     make_source(src, n_shards=n_shards, per_shard=24)
     fit_classwise(state)
-    common = ["--method", "classwise", "--state", state, "--actors", "1"]
+    common = ["--method", "classwise", "--state", state, "--actors", "1", *path]
 
     dst = tmp_path / "dst"
     log = tmp_path / "killed.log"

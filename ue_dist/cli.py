@@ -185,7 +185,7 @@ def _protect_cmd(args: argparse.Namespace) -> int:
                       actors=args.actors, gpus_per_actor=args.gpus_per_actor,
                       cpus_per_actor=args.cpus_per_actor, batch_size=args.batch_size,
                       labels=args.labels, mode=args.mode, watch=args.watch,
-                      joint=args.joint, workers=args.workers,
+                      joint=args.joint, workers=args.workers, staged=args.staged,
                       checkpoint_every=args.checkpoint_every,
                       poll_seconds=args.poll_seconds,
                       max_polls=args.max_polls, stop_file=args.stop_file,

@@ -68,6 +68,9 @@ class Opt:
     cli: bool = True
     spec: bool = True
     aliases: tuple[Alias, ...] = ()
+    # a value that is not one plain type (``--actors N`` or ``MIN:MAX``): ``check(value, where,
+    # error)`` refuses a bad one, naming ``where``
+    check: Callable[[Any, str, type[Exception]], Any] | None = None
 
     def valid_choices(self) -> Sequence[Any] | None:
         return self.choices() if callable(self.choices) else self.choices
@@ -122,6 +125,20 @@ def _resize_modes() -> Sequence[str]:
 def _views() -> Sequence[str]:
     from ue_dist.data.views import VIEWS
     return VIEWS
+
+
+def actor_range(value: Any, where: str, error: type[Exception]) -> tuple[int, int]:
+    """``N`` (a fixed pool of N actors) or ``MIN:MAX`` (a pool Ray Data scales between MIN and
+    MAX) as ``(min, max)``; anything else is refused, naming ``where``."""
+    parts = [] if isinstance(value, bool) else str(value).strip().split(":")
+    if not 1 <= len(parts) <= 2 or not all(p.strip().isdigit() for p in parts):
+        raise error(f"{where} must be N or MIN:MAX (whole numbers, e.g. 2 or 1:8), got {value!r}")
+    low, high = int(parts[0]), int(parts[-1])
+    if low < 1:
+        raise error(f"{where} must be >= 1 (a pool needs an actor), got {value!r}")
+    if low > high:
+        raise error(f"{where} MIN:MAX needs MIN <= MAX, got {value!r}")
+    return low, high
 
 
 def deprecated(old: str, new: str, where: str) -> None:
@@ -308,7 +325,13 @@ PROTECT = Command("protect", "Protect every shard of SRC into DST on Ray Data (r
     Opt("fraction", type=float, default=1.0, low=0.0, high=1.0,
         help="fraction of samples to protect, chosen per key with --seed"),
     Opt("seed", type=int, default=0, help="selection and perturbation seed"),
-    Opt("actors", type=int, default=1, low=1, help="Ray Data actors"),
+    Opt("actors", default=1, metavar="N|MIN:MAX", check=actor_range,
+        help="Ray Data actors: N (a fixed pool) or MIN:MAX (a pool Ray Data grows from MIN to "
+             "MAX actors while shards wait, e.g. 1:8)"),
+    Opt("staged", type=bool,
+        help="run each shard as three Ray Data steps: read + decode (CPU tasks), perturb (the "
+             "actor pool), PNG encode + write + ledger record (CPU tasks), so the actors only "
+             "perturb; the same bytes as without it"),
     Opt("gpus_per_actor", type=float, default=0.0, low=0.0, help="GPUs per actor"),
     Opt("cpus_per_actor", type=float, default=0.5, low=0.01,
         help="CPUs per actor, fractional allowed"),
@@ -636,6 +659,9 @@ def check_value(value: Any, opt: Opt, where: str, error: type[Exception]) -> Any
     """One spec value, checked against its declaration (``where`` names it in errors)."""
     if value is None:
         return None
+    if opt.check is not None:
+        opt.check(value, where, error)
+        return value
     if opt.type in (int, float):
         value = _number(value, opt, where, error)
     elif opt.type is bool:

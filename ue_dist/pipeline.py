@@ -8,8 +8,9 @@ state, settings and seed:
   sample makes it a bad shard: ``{"ok": False, "reason": ...}``), the seeded ``fraction`` of its
   samples chosen per key, torch seeded from (seed, shard name), the chosen samples perturbed in
   batches under the epsilon contract, written atomically under the input's file name in DST,
-  then its ledger record (the commit marker). The Ray Data actors of ``runtime/protect.py`` call
-  it once per shard.
+  then its ledger record (the commit marker). It is three stages in series, ``read_stage`` ->
+  ``perturb_stage`` -> ``commit_stage``: the Ray Data actors of ``runtime/protect.py`` call
+  ``protect_shard`` once per shard, or with ``--staged`` run the stages as separate steps.
 * ``protect_set(config, data, delta, DST)`` and ``finish_set``: a WHOLE set whose perturbation
   is computed elsewhere (the joint Bayes worker group, the sweep's cached protection): the same
   selection, contract and metadata, then the set is written as shards.
@@ -191,23 +192,55 @@ def check_samples(config: PipelineConfig, src: str, samples: list[Sample]) -> No
                              f"the {classes} classes of the state {config.state_url}")
 
 
+@dataclass
+class ProtectedShard:
+    """One shard between its perturb and commit stages: the output samples, which of them were
+    chosen, and how many of the chosen inputs were already protected (their metadata says so)."""
+
+    samples: list[Sample]
+    mask: np.ndarray
+    already_protected: int = 0
+
+
+def read_stage(config: PipelineConfig, src: str) -> list[Sample]:
+    """Stage 1 (CPU): read and decode shard ``src`` whole; a bad sample raises ``ShardError``."""
+    return read_shard(src, config.storage_options)
+
+
+def perturb_stage(config: PipelineConfig, src: str, samples: list[Sample]) -> ProtectedShard:
+    """Stage 2 (the loaded state): check the samples, choose the seeded ``fraction`` per key,
+    perturb the chosen ones; a sample the state cannot protect raises ``ShardError``."""
+    check_samples(config, src, samples)
+    mask = selected_for_protection([s.key for s in samples], config.fraction, config.seed)
+    already = sum(1 for s, p in zip(samples, mask) if p and (s.meta or {}).get("protected"))
+    return ProtectedShard(protect_samples(config, src, samples, mask), mask, already)
+
+
+def commit_stage(config: PipelineConfig, src: str, dst_url: str, shard: ProtectedShard,
+                 fingerprint: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Stage 3 (CPU): PNG-encode and write the shard, then its ledger record; the result row."""
+    commit_shard(config, src, dst_url, shard.samples, shard.mask, fingerprint)
+    return {"ok": True, "count": len(shard.samples), "protected": int(shard.mask.sum()),
+            "already_protected": shard.already_protected}
+
+
+def bad_shard(exc: ShardError) -> dict[str, Any]:
+    """The result row of a bad shard (no record written; a rerun retries it)."""
+    return {"ok": False, "reason": str(exc)}
+
+
 def protect_shard(config: PipelineConfig, src: str, dst_url: str,
                   fingerprint: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Protect the shard ``src`` into ``dst_url`` under its own name and commit it.
+    """Protect the shard ``src`` into ``dst_url`` under its own name and commit it: the three
+    stages in series (``runtime/protect.py --staged`` runs them as separate Ray Data steps).
 
     Returns ``{"ok": True, "count", "protected", "already_protected"}``, or ``{"ok": False,
     "reason"}`` for a bad shard (no record written; a rerun retries it)."""
     try:
-        samples = read_shard(src, config.storage_options)
-        check_samples(config, src, samples)
-        mask = selected_for_protection([s.key for s in samples], config.fraction, config.seed)
-        written = protect_samples(config, src, samples, mask)
-        commit_shard(config, src, dst_url, written, mask, fingerprint)
+        shard = perturb_stage(config, src, read_stage(config, src))
+        return commit_stage(config, src, dst_url, shard, fingerprint)
     except ShardError as exc:
-        return {"ok": False, "reason": str(exc)}
-    already = sum(1 for s, p in zip(samples, mask) if p and (s.meta or {}).get("protected"))
-    return {"ok": True, "count": len(samples), "protected": int(mask.sum()),
-            "already_protected": already}
+        return bad_shard(exc)
 
 
 def sample_labels(config: PipelineConfig, samples: list[Sample]) -> torch.Tensor:
@@ -325,6 +358,8 @@ def protect_set(config: PipelineConfig, data: ImageSet, delta: torch.Tensor, dst
     return out, shards
 
 
-__all__ = ["PipelineConfig", "check_samples", "commit_shard", "finish_set", "no_state",
-           "open_config", "open_method", "open_protect_config", "output_meta", "perturb_selected", "protect_samples", "protect_set",
-           "protect_shard", "read_state", "seed_everything", "shard_seed"]
+__all__ = ["PipelineConfig", "ProtectedShard", "bad_shard", "check_samples", "commit_shard",
+           "commit_stage", "finish_set", "no_state", "open_config", "open_method",
+           "open_protect_config", "output_meta", "perturb_selected", "perturb_stage",
+           "protect_samples", "protect_set", "protect_shard", "read_stage", "read_state",
+           "seed_everything", "shard_seed"]

@@ -277,7 +277,7 @@ def run_job(spec: Mapping[str, Any], progress: Callable[[str], None] = print) ->
         preset=method["preset"], overrides=method["overrides"], fraction=prot["fraction"],
         seed=prot["seed"], actors=prot["actors"], gpus_per_actor=prot["gpus_per_actor"],
         cpus_per_actor=prot["cpus_per_actor"], batch_size=prot["batch_size"], labels=prot["labels"],
-        mode=prot["mode"], joint=prot["joint"], workers=prot["workers"],
+        mode=prot["mode"], joint=prot["joint"], workers=prot["workers"], staged=prot["staged"],
         checkpoint_every=prot["checkpoint_every"],
         storage_options=so, progress=say)
 

@@ -74,11 +74,12 @@ class ProtectOptions:
     overrides: Sequence[str] | Mapping[str, Any] = ()
     fraction: float = _declared("fraction")
     seed: int = _declared("seed")
-    actors: int = _declared("actors")
+    actors: int | str = _declared("actors")  # N, or "MIN:MAX" for an autoscaling pool
     gpus_per_actor: float = _declared("gpus_per_actor")
     cpus_per_actor: float = _declared("cpus_per_actor")
     batch_size: int = _declared("batch_size")
     joint: bool = False
+    staged: bool = False  # read/decode and encode/write as CPU tasks around the actor pool
     workers: int = _declared("workers")
     checkpoint_every: int = _declared("checkpoint_every")
     labels: str = _declared("labels")
@@ -98,6 +99,25 @@ class ProtectOptions:
                      "poll_seconds", "wait_for_lease", "max_polls"):
             opt = opts_schema.option(opts_schema.PROTECT.options, name)
             opts_schema.check_value(getattr(self, name), opt, opt.flag, SettingsError)
+        if self.joint and self.staged:
+            raise SettingsError("--staged streams shards through an actor pool; --joint "
+                                "optimises one set on --workers Ray Train workers: give one")
+
+
+def _result_columns() -> dict[str, list]:
+    return {"shard": [], "ok": [], "reason": [], "count": [], "protected": [],
+            "already_protected": [], "seconds": []}
+
+
+def _add_result(out: dict[str, list], src: str, row: Mapping[str, Any], seconds: float) -> None:
+    """One shard's result row (as ``protect_shard`` returns it) appended to ``out``."""
+    out["shard"].append(ledger.shard_name(src))
+    out["ok"].append(row["ok"])
+    out["reason"].append(row.get("reason", ""))
+    out["count"].append(row.get("count", 0))
+    out["protected"].append(row.get("protected", 0))
+    out["already_protected"].append(row.get("already_protected", 0))
+    out["seconds"].append(seconds)
 
 
 class ShardProtector:
@@ -140,19 +160,92 @@ class ShardProtector:
             raise
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        out: dict[str, list] = {"shard": [], "ok": [], "reason": [], "count": [],
-                                "protected": [], "already_protected": [], "seconds": []}
+        out = _result_columns()
         for src, fingerprint in zip(batch["src"], batch["fingerprint"]):
             t0 = time.perf_counter()
             row = self._protect_shard(str(src), json.loads(str(fingerprint)))
-            out["shard"].append(ledger.shard_name(str(src)))
-            out["ok"].append(row["ok"])
-            out["reason"].append(row.get("reason", ""))
-            out["count"].append(row.get("count", 0))
-            out["protected"].append(row.get("protected", 0))
-            out["already_protected"].append(row.get("already_protected", 0))
-            out["seconds"].append(time.perf_counter() - t0)
+            _add_result(out, str(src), row, time.perf_counter() - t0)
         return out
+
+
+# --staged: one row per shard through three steps; the decoded shard travels pickled -----------
+def _staged_row(src: Any, fingerprint: Any, reason: str, payload: bytes, seconds: float
+                ) -> dict[str, Any]:
+    return {"src": str(src), "fingerprint": str(fingerprint), "reason": reason,
+            "payload": payload, "seconds": float(seconds)}
+
+
+def _staged_columns(rows: list[dict[str, Any]]) -> dict[str, list]:
+    return {k: [r[k] for r in rows] for k in ("src", "fingerprint", "reason", "payload",
+                                               "seconds")}
+
+
+def read_step(batch: dict[str, np.ndarray], *, config) -> dict[str, list]:
+    """Ray Data CPU task: read and decode each shard (``pipeline.read_stage``); a bad shard
+    goes on as its reason with no payload."""
+    import pickle
+
+    from ue_dist.data.shards import ShardError
+    from ue_dist.pipeline import bad_shard, read_stage
+
+    rows = []
+    for src, fingerprint in zip(batch["src"], batch["fingerprint"]):
+        t0 = time.perf_counter()
+        try:  # protocol 5: the image arrays are copied as buffers, not re-encoded
+            reason, payload = "", pickle.dumps(read_stage(config, str(src)), protocol=5)
+        except ShardError as exc:
+            reason, payload = bad_shard(exc)["reason"], b""
+        rows.append(_staged_row(src, fingerprint, reason, payload, time.perf_counter() - t0))
+    return _staged_columns(rows)
+
+
+class StagedProtector(ShardProtector):
+    """Ray Data actor of ``--staged``: only the perturb step (``pipeline.perturb_stage``) on the
+    shards the read step decoded; the state is loaded once, as in ``ShardProtector``."""
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        import pickle
+
+        from ue_dist.data.shards import ShardError
+        from ue_dist.pipeline import bad_shard, perturb_stage
+
+        rows = []
+        for src, fingerprint, reason, payload, seconds in zip(
+                batch["src"], batch["fingerprint"], batch["reason"], batch["payload"],
+                batch["seconds"]):
+            t0 = time.perf_counter()
+            if not reason:
+                try:
+                    shard = perturb_stage(self.config, str(src), pickle.loads(payload))
+                    payload = pickle.dumps(shard, protocol=5)
+                except ShardError as exc:
+                    reason, payload = bad_shard(exc)["reason"], b""
+            rows.append(_staged_row(src, fingerprint, reason, payload,
+                                    seconds + time.perf_counter() - t0))
+        return _staged_columns(rows)
+
+
+def commit_step(batch: dict[str, np.ndarray], *, config, dst_url: str) -> dict[str, list]:
+    """Ray Data CPU task: PNG-encode, write and commit each perturbed shard
+    (``pipeline.commit_stage``); the result rows are those of ``ShardProtector``."""
+    import pickle
+
+    from ue_dist.data.shards import ShardError
+    from ue_dist.pipeline import bad_shard, commit_stage
+
+    out = _result_columns()
+    for src, fingerprint, reason, payload, seconds in zip(
+            batch["src"], batch["fingerprint"], batch["reason"], batch["payload"],
+            batch["seconds"]):
+        t0 = time.perf_counter()
+        try:
+            row = ({"ok": False, "reason": str(reason)} if reason else
+                   commit_stage(config, str(src), dst_url, pickle.loads(payload),
+                                json.loads(str(fingerprint))))
+        except ShardError as exc:
+            row = bad_shard(exc)
+        _add_result(out, str(src), row, float(seconds) + time.perf_counter() - t0)
+    return out
 
 
 # driver ---------------------------------------------------------------------------------------
@@ -314,7 +407,7 @@ def protect(method_name: str, src_url: str, dst_url: str, options: ProtectOption
             protect_bucket_jointly(run.summary, method, src_url, dst_url, opts, lease, say)
             _copy_manifest(src_url, dst_url, run.summary, so)
         else:
-            _poll(run, method, state, lease, say, method_name=method_name, src_url=src_url,
+            _poll(run, method, state, lease, say, src_url=src_url,
                   dst_url=dst_url, opts=opts)
         _remove_temps(dst_url, so, say)  # e.g. left by an actor Ray restarted
     finally:
@@ -350,7 +443,7 @@ def _remove_temps(dst_url: str, storage_options, say: Progress) -> None:
         say(f"[protect] removed {len(removed)} temporary file(s) left by an interrupted run")
 
 
-def _poll(run: _Run, method, state, lease: Lease, say: Progress, *, method_name: str,
+def _poll(run: _Run, method, state, lease: Lease, say: Progress, *,
           src_url: str, dst_url: str, opts: ProtectOptions) -> None:
     """List SRC, protect what is pending, repeat while watching."""
     from ue_dist.data.shards import list_shards
@@ -374,7 +467,7 @@ def _poll(run: _Run, method, state, lease: Lease, say: Progress, *, method_name:
             if pending:
                 say(f"[protect] {len(pending)} shard(s) to protect, "
                     f"{summary['shards_skipped']} already committed in {dst_url}")
-                rows = _run_pipeline(pending, method_name, dst_url, opts, summary["settings_hash"],
+                rows = _run_pipeline(pending, method, dst_url, opts, summary["settings_hash"],
                                      say)
                 _absorb_rows(run, rows, dict(pending), lease, say)
             _copy_manifest(src_url, dst_url, summary, so)
@@ -442,10 +535,26 @@ def _copy_manifest(src_url: str, dst_url: str, summary: Mapping[str, Any],
                         json.dumps(manifest, indent=1, sort_keys=True).encode(), storage_options)
 
 
-def _actor_dataset(pending: list[tuple[str, Any]], method_name: str, dst_url: str,
-                   opts: ProtectOptions, run_hash: str, say: Progress):
-    """The pending shards as a Ray Dataset mapped through a pool of ``ShardProtector`` actors."""
+def actor_pool(actors: int | str, shards: int):
+    """The Ray Data pool for ``--actors`` N (fixed) or MIN:MAX (autoscaling), no larger than
+    the number of pending ``shards`` (an actor with no shard would only load the state)."""
     import ray.data
+
+    low, high = opts_schema.actor_range(actors, "--actors", SettingsError)
+    high = min(high, max(1, shards))
+    low = min(low, high)
+    if low == high:
+        return ray.data.ActorPoolStrategy(size=low)
+    return ray.data.ActorPoolStrategy(min_size=low, max_size=high)
+
+
+def _actor_dataset(pending: list[tuple[str, Any]], method, dst_url: str,
+                   opts: ProtectOptions, run_hash: str, say: Progress):
+    """The pending shards as a Ray Dataset mapped through a pool of ``ShardProtector`` actors
+    (``--staged``: read step -> ``StagedProtector`` pool -> commit step)."""
+    import ray.data
+
+    from ue_dist.pipeline import PipelineConfig
 
     from ue_dist.runtime.ray_env import check_resources
 
@@ -462,16 +571,33 @@ def _actor_dataset(pending: list[tuple[str, Any]], method_name: str, dst_url: st
         ctx.wait_for_min_actors_s = RESOURCE_WAIT_S
     ds = ray.data.from_items([{"src": url, "fingerprint": json.dumps(fp, sort_keys=True)}
                               for url, fp in pending], override_num_blocks=len(pending))
-    return ds.map_batches(
-        ShardProtector, batch_size=1,
-        compute=ray.data.ActorPoolStrategy(size=min(int(opts.actors), len(pending))),
+    actor_kwargs = dict(
+        batch_size=1, compute=actor_pool(opts.actors, len(pending)),
         num_cpus=cpus, num_gpus=gpus or None,
-        fn_constructor_kwargs={"method_name": method_name, "options": opts, "dst_url": dst_url,
+        fn_constructor_kwargs={"method_name": method.name, "options": opts, "dst_url": dst_url,
                                "run_hash": run_hash, "threads": max(1, int(math.floor(cpus))),
                                "use_gpu": gpus > 0, "task_retries": ACTOR_TASK_RETRIES})
+    if not opts.staged:
+        return ds.map_batches(ShardProtector, **actor_kwargs)
+    # what the CPU steps need: the method's name and eps, the storage options, the run's hash
+    # (no state: only the actors load it)
+    light = PipelineConfig(method=method, fraction=float(opts.fraction), seed=int(opts.seed),
+                           storage_options=opts.storage_options, settings_hash=run_hash)
+    # The steps ask for no CPU of their own, at most MAX of each at a time: a pool that takes
+    # every CPU would leave them none and the run would wait forever (seen: --actors 2
+    # --cpus-per-actor 1 on 2 CPUs). A step is idempotent like the whole shard: a transient
+    # storage error reruns it, bounded (Ray 2.60 has no named parameter for these yet; the
+    # remote args warn of a future removal).
+    most = opts_schema.actor_range(opts.actors, "--actors", SettingsError)[1]
+    tasks = {"batch_size": 1, "num_cpus": 0, "concurrency": max(1, min(most, len(pending))),
+             "max_retries": ACTOR_TASK_RETRIES,
+             "retry_exceptions": [storage.StorageTransientError]}
+    ds = ds.map_batches(read_step, fn_kwargs={"config": light}, **tasks)
+    ds = ds.map_batches(StagedProtector, **actor_kwargs)
+    return ds.map_batches(commit_step, fn_kwargs={"config": light, "dst_url": dst_url}, **tasks)
 
 
-def _run_pipeline(pending: list[tuple[str, Any]], method_name: str, dst_url: str,
+def _run_pipeline(pending: list[tuple[str, Any]], method, dst_url: str,
                   opts: ProtectOptions, run_hash: str, say: Progress
                   ) -> Iterator[dict[str, Any]]:
     """Protect ``pending`` on the actor pool; yields one result row per shard as it finishes
@@ -484,7 +610,7 @@ def _run_pipeline(pending: list[tuple[str, Any]], method_name: str, dst_url: str
 
     ensure_ray()
     console.hush()  # ray.data installs console handlers of its own on import
-    ds = _actor_dataset(pending, method_name, dst_url, opts, run_hash, say)
+    ds = _actor_dataset(pending, method, dst_url, opts, run_hash, say)
     try:
         yield from ds.iter_rows()
     except ray.exceptions.GetTimeoutError:
@@ -498,4 +624,5 @@ def _run_pipeline(pending: list[tuple[str, Any]], method_name: str, dst_url: str
         raise
 
 
-__all__ = ["protect", "ProtectOptions", "refuse_overlap", "shard_seed", "ShardProtector", "MODES"]
+__all__ = ["protect", "ProtectOptions", "refuse_overlap", "shard_seed", "ShardProtector",
+           "StagedProtector", "actor_pool", "commit_step", "read_step", "MODES"]
