@@ -39,7 +39,9 @@ from typing import Any
 import numpy as np
 import torch
 
-SIZES = {"cpu": (384, 64, 256), "cifar": (10000, 1000, 512)}  # images, shard size, batch size
+from ue_dist.bench.flops import bench_device
+
+SIZES = {"small": (64, 32, 32), "cpu": (384, 64, 256), "cifar": (10000, 1000, 512)}  # images, shard size, batch
 PRESET = "quick"
 # states fitted for a few steps: throughput does not depend on how well they are trained
 OVERRIDES = {"em": {"train_steps": 3, "log_every": 3, "checkpoint_every": 0, "stop_acc": 0.0},
@@ -243,7 +245,7 @@ def run(scale: str = "cpu", data: str = "generated", methods: tuple[str, ...] = 
     n, shard_size, batch = SIZES[scale]
     if data == "fashion-mnist":
         shard_size = 1000
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = bench_device()
     images, labels = _images(n, scale, data)
     n = len(labels)
     tmp = tempfile.mkdtemp(prefix="ue-bench-protect-")
