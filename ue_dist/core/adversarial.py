@@ -28,8 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ue_dist.core.fold import fold_batchnorm
 from ue_dist.core.pgd import pgd
 from ue_dist.core.precision import autocast, resolve_precision, upcast
+from ue_dist.core.transfer import to_device
 
 Model = Callable[[torch.Tensor], torch.Tensor]
 AT_METHODS = ("pgd", "trades")
@@ -69,7 +71,7 @@ def adversarial_examples(model: Model, x: torch.Tensor, targets: torch.Tensor, *
             p_clean = F.softmax(_logits(model, x.detach()), dim=1)
         # drawn where the generator lives (a CPU generator gives the same start on any device)
         where = generator.device if generator is not None else x.device
-        init = 0.001 * torch.randn(x.shape, generator=generator, device=where).to(x.device)
+        init = 0.001 * to_device(torch.randn(x.shape, generator=generator, device=where), x.device)
         delta = pgd(lambda z: F.kl_div(F.log_softmax(_logits(model, z), dim=1), p_clean,
                                        reduction="sum"),
                     x, eps=eps, step_size=step_size, steps=steps, norm=norm, maximize=True,
@@ -121,6 +123,8 @@ def robust_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
     the model in eval mode, forwards under ``precision`` (the attack's delta stays fp32)."""
     precision = resolve_precision(precision, device)
     model.eval()
+    if eps > 0:  # the attack's passes without batch norm (core.fold; the same function)
+        model = fold_batchnorm(model)
     generator = torch.Generator().manual_seed(seed + 7919) if device.type == "cpu" else None
     correct = torch.zeros((), dtype=torch.long, device=device)
     for start in range(0, len(indices), batch_size):

@@ -56,6 +56,7 @@ from ue_dist.core.config import SettingsError
 from ue_dist.core.context import FitContext, LocalContext
 from ue_dist.core.defenses import (Defense, batch_augment, defense_loss, parse_defense,
                                    preprocess)
+from ue_dist.core.fold import folded_views
 from ue_dist.core.models import build_model, check_arch
 from ue_dist.core.pgd import NORMS
 from ue_dist.core.precision import PRECISIONS, upcast
@@ -212,6 +213,9 @@ def victim_loss(s: Mapping[str, Any], defense: Defense, aug_kind: str, num_class
     step = float(s["adv_step_size"]) if s["adv_step_size"] is not None else \
         eps * float(s["adv_step_frac"])
 
+    # the attack runs the model in eval mode: its batch norms folded (core.fold), same function
+    attack_view = folded_views()
+
     def loss(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
              generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         x = augment_batch(x, aug_kind, generator=generator)
@@ -223,8 +227,8 @@ def victim_loss(s: Mapping[str, Any], defense: Defense, aug_kind: str, num_class
         bare = unwrap(net)  # no DDP hooks for the attack's forwards
         # PGD's random start draws on the data's device; a CPU generator only works on CPU
         with evaluating(bare):
-            x_adv = adversarial_examples(bare, x, targets, method=s["adv_method"], eps=eps,
-                                         step_size=step, steps=int(s["adv_steps"]),
+            x_adv = adversarial_examples(attack_view(bare), x, targets, method=s["adv_method"],
+                                         eps=eps, step_size=step, steps=int(s["adv_steps"]),
                                          generator=generator if device.type == "cpu" else None,
                                          norm=s["adv_norm"])
         return adversarial_loss(net, x, x_adv.detach(), targets, method=s["adv_method"],

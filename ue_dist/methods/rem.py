@@ -40,6 +40,7 @@ from ue_dist.core.augment import (AugParams, apply_params, resolve_augmentation,
 from ue_dist.core.config import SettingsError
 from ue_dist.core.context import FitContext
 from ue_dist.core.defenses import eot_views
+from ue_dist.core.fold import fold_batchnorm, folded_views
 from ue_dist.core.models import ARCHITECTURES, build_model
 from ue_dist.core.pgd import pgd
 from ue_dist.core.training import (Loss, TrainLoop, cpu_state_dict, decay_every_schedule,
@@ -151,23 +152,39 @@ def batch_generator(seed: int, images: torch.Tensor, labels: torch.Tensor) -> to
 NoiseFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor]
 
 
+def source_model_noise(precision: str, noise_kwargs: Mapping[str, Any]) -> NoiseFn:
+    """REM's (or EM's) noise for a batch, as the source model's training step computes it."""
+    def noise(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+              gen: torch.Generator) -> torch.Tensor:
+        return robust_error_minimizing_noise(model, x, y, generator=gen, precision=precision,
+                                             **noise_kwargs)
+    return noise
+
+
 def source_model_loss(noise_fn: NoiseFn | None, *, rho_a: float, step_a: float, steps_a: int,
-                      augmentation: str, views: tuple = ()) -> Loss:
+                      augmentation: str, views: tuple = (), fold: bool = True) -> Loss:
     """Algorithm 1's inner step on a batch: ``t(x + noise_fn(x)) + da`` (noise and ``da`` from
     the model in eval mode, so one sample's noise does not see the others), then CE. With
     defence-aware ``views`` the model trains on them too: in the min-min game the noise is
-    made easy for a model that learns from the defended images, as a defended victim does."""
+    made easy for a model that learns from the defended images, as a defended victim does.
+    ``fold``: the noise and ``da`` passes run the model with its batch norms folded into the
+    convolutions (``core.fold``; refreshed from the current weights at every step), the same
+    function with less memory traffic; the training pass itself keeps its batch norms."""
+    eval_model = folded_views(fold)
+
     def loss(net: nn.Module, x: torch.Tensor, y: torch.Tensor,
              gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         model = unwrap(net)
         model.eval()
+        frozen = eval_model(model) if noise_fn is not None or (rho_a > 0 and steps_a > 0) \
+            else model
         if noise_fn is not None:
-            x = x + noise_fn(model, x, y, gen)
+            x = x + noise_fn(frozen, x, y, gen)
         x = apply_params(x, sample_params(augmentation, x.shape[0], gen, x.device, views=views))
         if rho_a > 0 and steps_a > 0:
             with torch.enable_grad():
-                x = adversarial_examples(model, x, y, method="pgd", eps=rho_a, step_size=step_a,
-                                         steps=steps_a, generator=gen)
+                x = adversarial_examples(frozen, x, y, method="pgd", eps=rho_a,
+                                         step_size=step_a, steps=steps_a, generator=gen)
         net.train()
         out = upcast(net(x.detach()))
         return F.cross_entropy(out, y), out
@@ -284,6 +301,15 @@ class LoadedModel:
     num_classes: int
     device: torch.device
     extra: dict[str, Any] = field(default_factory=dict)
+    _folded: nn.Module | None = field(default=None, repr=False)
+
+    @property
+    def folded(self) -> nn.Module:
+        """``model`` with its batch norms folded into its convolutions (``core.fold``; the same
+        function, less memory traffic), made once: for perturb's eval-mode gradient passes."""
+        if self._folded is None:
+            self._folded = fold_batchnorm(self.model)
+        return self._folded
 
 
 _TRAIN_KEYS = ("arch", "train_steps", "batch_size", "lr", "momentum", "weight_decay",
@@ -475,13 +501,7 @@ class REM(SourceModelMethod):
 
     def fit(self, train: ImageSet, ctx: FitContext) -> dict[str, Any]:
         kw = self.noise_kwargs(train.image_shape[1])
-        precision = str(self.settings["precision"])
-
-        def noise(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                  gen: torch.Generator) -> torch.Tensor:
-            return robust_error_minimizing_noise(model, x, y, generator=gen, precision=precision,
-                                                 **kw)
-
+        noise = source_model_noise(str(self.settings["precision"]), kw)
         # model step on t(x + du) + da (Algorithm 1, lines 17-19)
         return train_source_model(self, train, ctx, noise, rho_a=kw["rho_a"], step_a=kw["step_a"],
                                   steps_a=kw["steps_a"], augmentation=kw["augmentation"],
@@ -493,7 +513,7 @@ class REM(SourceModelMethod):
         if len(x) == 0:
             return torch.zeros_like(images, dtype=torch.float32)
         gen = batch_generator(int(self.settings["seed"]), x, y)
-        delta = robust_error_minimizing_noise(loaded.model, x, y, generator=gen,
+        delta = robust_error_minimizing_noise(loaded.folded, x, y, generator=gen,
                                               precision=str(self.settings["precision"]),
                                               **self.noise_kwargs(loaded.image_shape[1]))
         return delta.to(images.device)
@@ -547,11 +567,7 @@ class EM(REM):
         kw = self.noise_kwargs(train.image_shape[1])
         s = self.settings
         mine = ctx.shard_indices(len(train)) if ctx.distributed else torch.arange(len(train))
-
-        def noise(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                  gen: torch.Generator) -> torch.Tensor:
-            return robust_error_minimizing_noise(model, x, y, generator=gen,
-                                                 precision=str(s["precision"]), **kw)
+        noise = source_model_noise(str(s["precision"]), kw)
 
         def accuracy_on_noisy_set(model: nn.Module) -> float:
             was_training = model.training

@@ -81,7 +81,7 @@ class CleanModelAttack(SourceModelMethod):
         kind = self._augmentation(loaded.image_shape[1]) if self.eot_augmented else "none"
         views = int(s.get("eot_samples", 1))
         defences = eot_views(s.get("eot_defences", ()))
-        model = loaded.model
+        model = loaded.folded  # eval-mode passes only: batch norms folded (core.fold)
         # bf16 covers the forward only; delta and its projection stay fp32 inside pgd
         precision = resolve_precision(s.get("precision", "fp32"), x.device)
 
