@@ -20,6 +20,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from ue_dist.core.transfer import to_device
+
 AUGMENTATIONS = ("crop-flip", "flip", "none")
 
 
@@ -31,9 +33,10 @@ def _check_kind(kind: str) -> None:
 def crop_flip_params(batch: int, pad: int, generator: torch.Generator | None = None,
                      device: torch.device | str = "cpu", flip: bool = True):
     # drawn on the CPU (where a CPU generator lives), then moved: same numbers on any device
-    offsets = torch.randint(0, 2 * pad + 1, (batch, 2), generator=generator, device="cpu").to(device)
-    flips = (torch.rand(batch, generator=generator, device="cpu") < 0.5).to(device) if flip else \
-        torch.zeros(batch, dtype=torch.bool, device=device)
+    offsets = to_device(torch.randint(0, 2 * pad + 1, (batch, 2), generator=generator,
+                                       device="cpu"), device)
+    flips = (to_device(torch.rand(batch, generator=generator, device="cpu") < 0.5, device)
+             if flip else torch.zeros(batch, dtype=torch.bool, device=device))
     return offsets, flips
 
 
@@ -99,8 +102,8 @@ def sample_params(kind: str, n: int, generator: torch.Generator | None = None,
         params = AugParams(kind, crop_pad, offsets, flips)
     if views:
         params.views = tuple(views)
-        params.choice = torch.randint(0, len(views) + 1, (n,), generator=generator,
-                                      device="cpu").to(device)
+        params.choice = to_device(torch.randint(0, len(views) + 1, (n,), generator=generator,
+                                                device="cpu"), device)
     return params
 
 

@@ -6,6 +6,8 @@ from typing import Callable
 
 import torch
 
+from ue_dist.core.transfer import to_device
+
 NORMS = ("linf", "l2")
 
 
@@ -32,7 +34,7 @@ def random_init(x: torch.Tensor, eps: float, norm: str = "linf",
         radius = torch.rand((x.shape[0],) + (1,) * (x.ndim - 1), generator=generator,
                             device=gen_device, dtype=x.dtype) * eps
         delta = direction / _per_sample_norm(direction) * radius
-    delta = delta.to(x.device)
+    delta = to_device(delta, x.device)
     return (x + delta).clamp(0, 1) - x
 
 
