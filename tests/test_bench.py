@@ -72,3 +72,28 @@ def test_bench_gpu_is_refused_where_torch_sees_no_cuda(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         main(["--gpu", "--scale", "cpu"])  # --gpu fixes the scale
     assert "--gpu runs --scale cifar" in capsys.readouterr().err
+
+
+def test_rem_profile_counts_each_units_flops_and_splits_its_time():
+    """The profile's FLOPs per unit (passes x per-pass counts) match a direct count of the same
+    unit, and its smoke run times both variants: the folded noise step runs no batch norm."""
+    from ue_dist.bench import rem_profile
+    from ue_dist.core.models import build_model
+
+    cfg = rem_profile.SCALES["small"]
+    passes = pass_flops(build_model("resnet18", 10), "cpu")
+    units = rem_profile._units(cfg, "fp32", False, torch.device("cpu"))
+    for unit in rem_profile.UNITS:
+        counted = count_flops(units[unit])
+        # the training pass skips the first convolution's input gradient: 0.2 % of the pass
+        assert abs(counted - rem_profile.unit_flops(unit, cfg, passes)) <= 0.01 * counted, unit
+    out = rem_profile.run("small", ("fp32",))
+    for unit in rem_profile.UNITS:
+        for variant in rem_profile.VARIANTS:
+            row = out[f"{unit}_fp32_{variant}"]
+            assert row["wall_s"] > 0 and 0 < row["pct_of_peak"]
+            assert row["share"]["convolution / matmul"] > 0.2
+            assert sum(row["seconds"].values()) >= 0.9 * row["profiled_wall_s"]
+        assert out[f"{unit}_fp32_baseline"]["seconds"]["batch norm"] > 0
+    assert out["noise_step_fp32_folded"]["seconds"]["batch norm"] == 0
+    assert out["noise_step_fp32_speedup"] > 0

@@ -3,7 +3,9 @@
 For the small CNN and ResNet-18 at 32x32, in one process: EM (plain PGD descent) and REM
 (K_u descent steps, each averaging J EOT views with a K_a-step inner PGD ascent), REM both with
 the J views as one ``J x B`` batch and with a Python loop over J (the ratio is the speed-up of
-batching). The source models are untrained (the cost does not depend on the weights).
+batching). The source models are untrained (the cost does not depend on the weights) and run
+with their batch norms folded into the convolutions, as REM/EM run them (``core.fold``;
+``ue_dist.bench.rem_profile`` measures the difference).
 
 ``cpu`` scale shortens the PGD (fewer K_u / K_a steps, small batches) to stay within about a
 minute on a loaded 2-core machine; ``paper_equiv_images_per_s`` rescales a REM figure to the
@@ -32,6 +34,7 @@ import torch
 
 from ue_dist.bench.flops import (bench_device, best_seconds, count_flops, describe, matmul_peak,
                                  pass_flops, print_peaks, rate_row)
+from ue_dist.core.fold import fold_batchnorm
 from ue_dist.core.models import build_model
 from ue_dist.core.precision import prepare_model
 from ue_dist.methods.rem import robust_error_minimizing_noise
@@ -127,7 +130,9 @@ def run(scale: str = "cpu") -> dict[str, Any]:
     for arch, cfg in SCALES[scale].items():
         torch.manual_seed(0)
         base = build_model(arch, 10).to(device).eval().requires_grad_(False)
-        models = {"fp32": base, "bf16": prepare_model(copy.deepcopy(base), device, "bf16")}
+        # batch norm folded into the convolutions, as REM/EM's perturb and fit run the model
+        models = {"fp32": fold_batchnorm(base),
+                  "bf16": fold_batchnorm(prepare_model(copy.deepcopy(base), device, "bf16"))}
         gen = torch.Generator().manual_seed(0)
 
         def em(prec: str, b: int = cfg["em_batch"]) -> torch.Tensor:
