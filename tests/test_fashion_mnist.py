@@ -226,6 +226,63 @@ def test_convert_fashion_mnist_from_a_folder(tmp_path, capsys, gz_names):
     assert np.array_equal(s[0].image, expect)
 
 
+def test_train_images_keeps_a_seeded_balanced_subset_with_the_full_conversions_keys(tmp_path,
+                                                                                   capsys):
+    _fake_fashion_folder(tmp_path / "fm", n_train=40)  # labels 0..9, 4 each
+    full, sub = tmp_path / "full", tmp_path / "sub"
+    assert cli(["convert", "fashion-mnist", str(tmp_path / "fm"), str(full)]) == 0
+    assert cli(["convert", "fashion-mnist", str(tmp_path / "fm"), str(sub), "--train-images", "23",
+                "--seed", "3", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert (r["train"]["samples"], r["test"]["samples"]) == (23, 10)  # the test split whole
+    assert r["train_subset"] == {"images": 23, "seed": 3, "of": 40}
+    whole = {t.key: t for f in shards_under(full / "train") for t in read_shard(f)}
+    kept = [t for f in sorted(shards_under(sub / "train")) for t in read_shard(f)]
+    # 23 = 2 per class + 3 more: no class has fewer than 2 or more than 3
+    assert sorted(Counter(t.label for t in kept).values()) == [2] * 7 + [3] * 3
+    for t in kept:  # the key is the image's key in the full conversion, the pixels the same
+        assert np.array_equal(t.image, whole[t.key].image) and t.label == whole[t.key].label
+    again = tmp_path / "again"
+    assert cli(["convert", "fashion-mnist", str(tmp_path / "fm"), str(again), "--train-images",
+                "23", "--seed", "3"]) == 0
+    assert [t.key for f in sorted(shards_under(again / "train")) for t in read_shard(f)] == \
+        [t.key for t in kept]  # seeded
+    capsys.readouterr()
+    for argv, needle in [
+            (["--train-images", "41"], "a subset of 41 samples asked for, it holds 40"),
+            (["--train-images", "0"], "--train-images"),
+    ]:
+        err = one_line_error(capsys, ["convert", "fashion-mnist", str(tmp_path / "fm"),
+                                      str(tmp_path / "bad"), *argv])
+        assert needle in err, (argv, err)
+    err = one_line_error(capsys, ["convert", "digits", str(tmp_path / "bad"), "--train-images", "5"])
+    assert "--train-images applies to fashion-mnist and idx only" in err
+    assert not os.path.exists(tmp_path / "bad")
+
+
+def test_convert_idx_train_images_subsets_the_train_part_of_a_split_pair(tmp_path, capsys):
+    x, y = small_set(50)
+    paths = [write_idx(tmp_path / "x", x), write_idx(tmp_path / "y", y)]
+    assert cli(["convert", "idx", *paths, str(tmp_path / "full"), "--native"]) == 0
+    assert cli(["convert", "idx", *paths, str(tmp_path / "sub"), "--native",
+                "--train-images", "20"]) == 0
+    capsys.readouterr()
+    full = {t.key for f in shards_under(tmp_path / "full" / "train") for t in read_shard(f)}
+    kept = [t for f in shards_under(tmp_path / "sub" / "train") for t in read_shard(f)]
+    assert len(kept) == 20 and {t.key for t in kept} <= full  # keys: positions in the file
+    for t in kept:
+        assert np.array_equal(t.image[..., 0], x[int(t.key.rsplit("-", 1)[1])])
+    assert dataset_info(str(tmp_path / "sub" / "test"))["samples"] == 10  # untouched
+
+
+def test_balanced_subset_tops_up_a_class_too_small_for_its_share():
+    labels = np.array([0] * 2 + [1] * 10 + [2] * 10)
+    chosen = converters.balanced_subset(labels, 15, seed=0)
+    assert len(chosen) == 15 and len(set(chosen.tolist())) == 15
+    assert Counter(labels[chosen].tolist())[0] == 2  # all it has; the others make up the rest
+    assert np.array_equal(chosen, np.sort(chosen))
+
+
 def test_convert_fashion_mnist_from_an_fsspec_url(tmp_path):
     import fsspec
     arrays = _fake_fashion_folder(tmp_path / "fm")

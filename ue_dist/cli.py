@@ -59,7 +59,7 @@ def _convert(args: argparse.Namespace) -> int:
                      native=args.native, channels=args.channels, shard_size=args.shard_size,
                      seed=args.seed, overwrite=args.overwrite, labels=args.labels,
                      test_fraction=args.test_fraction, resize_mode=args.resize_mode,
-                     storage_options=storage_options(args))
+                     train_images=args.train_images, storage_options=storage_options(args))
     emit(args, result, lambda r: "\n".join(
         f"{split}: {r[split]['samples']} samples in {r[split]['shards']} shard(s) -> {r[split]['url']}"
         for split in ("train", "test") if split in r))

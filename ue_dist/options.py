@@ -212,8 +212,12 @@ CONVERT = Command("convert", "Convert a dataset into WebDataset shards: OUT/trai
     Opt("channels", type=int, metavar="{1,3}", spec=False,
         help="digits, fashion-mnist, idx: 1 (grayscale) or 3 (gray repeated; default, 1 with "
              "--native for fashion-mnist/idx)"),
+    Opt("train_images", type=int, low=1,
+        help="fashion-mnist, idx: keep only a seeded (--seed), class-balanced subset of N "
+             "training images (N // classes per class; keys keep each image's position in the "
+             "full split); the test split stays whole. Default: every training image"),
     Opt("shard_size", type=int, default=1000, low=1, help="samples per shard"),
-    Opt("seed", type=int, default=0, help="seed of the train/test split"),
+    Opt("seed", type=int, default=0, help="seed of the train/test split (and --train-images)"),
     Opt("overwrite", type=bool, spec=False, help="replace shards already in OUT"),
     *COMMON), "ue-dist convert digits out/digits")
 

@@ -64,6 +64,43 @@ def write_splits(out: str, splits: Mapping[str, tuple[np.ndarray, np.ndarray]], 
     return result
 
 
+def balanced_subset(labels: np.ndarray, n: int, seed: int = 0, what: str = "labels") -> np.ndarray:
+    """Sorted indices of a seeded, class-balanced subset of ``n`` samples: ``n // K`` per class
+    (each class drawn without replacement, in class order, from one generator seeded by
+    ``seed``), the remainder -- and the share of any class too small for it -- drawn from the
+    samples left. ``n`` above the number of samples is an error naming ``what``."""
+    labels = np.asarray(labels)
+    if not 1 <= int(n) <= len(labels):
+        raise ConvertError(f"{what}: a subset of {n} samples asked for, it holds {len(labels)}")
+    rng = np.random.default_rng(seed)
+    classes = np.unique(labels)
+    share = int(n) // len(classes)
+    parts = [rng.choice(np.flatnonzero(labels == c), min(share, int((labels == c).sum())),
+                        replace=False) for c in classes]
+    chosen = np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
+    short = int(n) - len(chosen)
+    if short:
+        rest = np.setdiff1d(np.arange(len(labels)), chosen)
+        chosen = np.concatenate([chosen, rng.choice(rest, short, replace=False)])
+    return np.sort(chosen)
+
+
+def _train_subset(splits: Splits, keys: Mapping[str, list[str]] | None, prefix: str,
+                  train_images: int | None, seed: int, what: str
+                  ) -> tuple[Splits, dict[str, list[str]] | None]:
+    """Only ``train_images`` of the training split (``balanced_subset``); each kept image's key
+    names its position in the full split, so a subset's keys are a full conversion's."""
+    if not train_images:
+        return splits, dict(keys) if keys else None
+    x, y = splits["train"]
+    chosen = balanced_subset(y, int(train_images), seed, what)
+    full = (keys or {}).get("train") or [f"{prefix}-train-{i:06d}" for i in range(len(y))]
+    test_keys = (keys or {}).get("test") or [f"{prefix}-test-{i:06d}"
+                                             for i in range(len(splits["test"][1]))]
+    return ({**splits, "train": (x[chosen], y[chosen])},
+            {"train": [full[i] for i in chosen], "test": test_keys})
+
+
 def _maybe_resize(splits: Splits, image_size: int | None) -> Splits:
     if image_size is None:
         return splits
@@ -745,14 +782,23 @@ def fashion_mnist_arrays(folder: str | None = None, image_size: int | None = 32,
 
 
 def convert_fashion_mnist(out: str, folder: str | None = None, image_size: int | None = 32,
-                          channels: int = 3, **kw: Any) -> dict:
+                          channels: int = 3, train_images: int | None = None, seed: int = 0,
+                          **kw: Any) -> dict:
     """``OUT/train`` (60,000) and ``OUT/test`` (10,000), keys ``fashion-mnist-train-000000`` ...
-    in file order; the class names go into the result and both manifests (``classes``)."""
+    in file order; the class names go into the result and both manifests (``classes``).
+    ``train_images``: only a seeded (``seed``), class-balanced subset of the training set
+    (``balanced_subset``; keys keep the images' positions), the test set whole."""
     splits, folder, files = fashion_mnist_arrays(folder, image_size, channels,
                                                  kw.get("storage_options"))
     storage.refuse_inside(out, folder)
+    extra: dict[str, Any] = {"classes": FASHION_MNIST_CLASSES}
+    if train_images:
+        extra["train_subset"] = {"images": int(train_images), "seed": int(seed),
+                                 "of": int(len(splits["train"][1]))}
+    splits, keys = _train_subset(splits, None, "fashion-mnist", train_images, seed,
+                                 f"fashion-mnist: --train-images ({files['train'][0]})")
     result = write_splits(out, splits, "fashion-mnist", num_classes=len(FASHION_MNIST_CLASSES),
-                          extra={"classes": FASHION_MNIST_CLASSES}, **kw)
+                          keys=keys, extra=extra, **kw)
     result["inputs"] = {split: list(pair) for split, pair in files.items()}
     return result
 
@@ -794,11 +840,14 @@ def idx_arrays(paths: list[str] | tuple[str, ...], test_fraction: float = 0.2, s
 
 
 def convert_idx(paths: list[str] | tuple[str, ...], out: str, image_size: int | None = 32,
-                channels: int = 3, seed: int = 0, **kw: Any) -> dict:
+                channels: int = 3, seed: int = 0, train_images: int | None = None,
+                **kw: Any) -> dict:
     for path in paths:
         storage.refuse_inside(out, path)
     splits, keys = idx_arrays(paths, seed=seed, image_size=image_size, channels=channels,
                               storage_options=kw.get("storage_options"))
+    splits, keys = _train_subset(splits, keys, "idx", train_images, seed,
+                                 f"idx: --train-images ({paths[0]})")
     result = write_splits(out, splits, "idx", keys=keys, **kw)
     result["inputs"] = list(paths)
     return result

@@ -95,6 +95,7 @@ def convert(source: str, paths: Sequence[str], *, n: int = 5000, image_size: int
             labels: str = default(CONVERT, "labels"),
             test_fraction: float = default(CONVERT, "test_fraction"),
             resize_mode: str | None = default(CONVERT, "resize_mode"),
+            train_images: int | None = None,
             storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Convert ``source`` (inputs ``paths[:-1]``) into ``OUT/train`` and ``OUT/test``, ``OUT =
     paths[-1]``. Grayscale sources (digits, fashion-mnist, idx) become 32x32x3 by default, the
@@ -112,6 +113,12 @@ def convert(source: str, paths: Sequence[str], *, n: int = 5000, image_size: int
         raise ConvertError(f"convert {source} expects {USAGE[source]}, got {len(paths)} path(s)")
     _check_options(source, image_size, shard_size, seed, native, channels)
     _check_photo_options(source, labels, test_fraction, resize_mode)
+    if train_images is not None:
+        if source not in ("fashion-mnist", "idx"):
+            raise ConvertError(f"convert {source}: --train-images applies to fashion-mnist and "
+                               "idx only")
+        if int(train_images) < 1:
+            raise ConvertError(f"convert {source}: --train-images must be >= 1, got {train_images}")
     if source == "fashion-mnist" and len(paths) == 2 and "://" not in paths[0] \
             and os.path.isfile(paths[0]):
         raise ConvertError(f"convert fashion-mnist: input {paths[0]!r} is a file, not the folder "
@@ -129,9 +136,11 @@ def convert(source: str, paths: Sequence[str], *, n: int = 5000, image_size: int
         chans = int(channels) if channels is not None else 1 if native else 3
         if source == "idx":
             return converters.convert_idx(list(paths[:-1]), paths[-1], image_size=size,
-                                          channels=chans, seed=seed, **kw)
+                                          channels=chans, seed=seed, train_images=train_images,
+                                          **kw)
         return converters.convert_fashion_mnist(paths[-1], paths[0] if len(paths) == 2 else None,
-                                                image_size=size, channels=chans, **kw)
+                                                image_size=size, channels=chans, seed=seed,
+                                                train_images=train_images, **kw)
     if source == "synthetic":
         return converters.convert_synthetic(paths[0], n=n, image_size=image_size or 32, seed=seed, **kw)
     if source in ("cifar10", "cifar100"):

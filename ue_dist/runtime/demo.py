@@ -125,23 +125,18 @@ def _demo_data(data: str, dataset: str, max_train: int | None, storage_options) 
 
 def _demo_arrays(dataset: str) -> tuple[dict[str, Any], dict[str, list[str]] | None, dict]:
     """(splits, keys, manifest extras) of the demo's dataset, 32x32x3 uint8."""
-    import numpy as np
-
     if dataset == "digits":
         from ue_dist.data.sources import digits_arrays
 
         return dict(digits_arrays()), None, {}
-    from ue_dist.data.converters import FASHION_MNIST_CLASSES, _image_format, fashion_mnist_arrays
+    from ue_dist.data.converters import (FASHION_MNIST_CLASSES, _image_format, balanced_subset,
+                                         fashion_mnist_arrays)
 
     # native 28x28x1 first (a missing package: the error says how to get it), then only the
     # chosen images are resized to the 32x32x3 every victim takes, as `convert` would
     native, _, _ = fashion_mnist_arrays(image_size=None, channels=1)
     x, y = native["train"]
-    rng = np.random.default_rng(0)
-    per_class = FASHION_MNIST_DEMO_TRAIN // len(FASHION_MNIST_CLASSES)
-    chosen = np.sort(np.concatenate([
-        rng.choice(np.flatnonzero(y == c), min(per_class, int((y == c).sum())), replace=False)
-        for c in range(len(FASHION_MNIST_CLASSES))]))
+    chosen = balanced_subset(y, FASHION_MNIST_DEMO_TRAIN, seed=0, what="fashion-mnist demo")
     xt, yt = native["test"]
     # keys name each image's position in the official files
     keys = {"train": [f"fashion-mnist-train-{i:06d}" for i in chosen],

@@ -245,7 +245,8 @@ def run_job(spec: Mapping[str, Any], progress: Callable[[str], None] = print) ->
                                        image_size=conv["image_size"], shard_size=conv["shard_size"],
                                        seed=conv["seed"], labels=conv["labels"],
                                        test_fraction=conv["test_fraction"],
-                                       resize_mode=conv["resize_mode"], storage_options=so)
+                                       resize_mode=conv["resize_mode"],
+                                       train_images=conv["train_images"], storage_options=so)
 
     method, fit = spec["method"], spec["fit"]
     state_url = fit["state"]
