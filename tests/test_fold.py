@@ -27,19 +27,20 @@ def _with_statistics(arch: str, seed: int = 0) -> nn.Module:
 
 @pytest.mark.parametrize("arch,pairs", [("small-cnn", 5), ("resnet18", 20), ("wrn-16-2", 7)])
 def test_folded_model_is_the_same_function_with_the_same_input_gradient(arch, pairs):
-    model = _with_statistics(arch)
+    # float64: in fp32, rounding moves pre-activations across ReLU kinks often enough in
+    # ResNet-18's 20 layers that the gradient's difference depends on the thread count
+    model = _with_statistics(arch).double()
     folder = BatchNormFolder(model)
     assert len(folder.pairs) == pairs  # every conv -> bn; wrn's pre-activation bn1s stay
     folded = folder()
     assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules()) or arch == "wrn-16-2"
-    x = torch.rand(4, 3, 32, 32, requires_grad=True)
+    x = torch.rand(4, 3, 32, 32, dtype=torch.float64, requires_grad=True)
     y = torch.tensor([0, 1, 2, 3])
     out, out_f = model(x), folded(x)
     (g,) = torch.autograd.grad(F.cross_entropy(out, y), x)
     (g_f,) = torch.autograd.grad(F.cross_entropy(out_f, y), x)
-    assert torch.allclose(out, out_f, atol=1e-4, rtol=1e-4)
-    # rounding can move a pre-activation across a ReLU's kink: a few entries differ a little
-    assert float((g - g_f).norm() / g.norm()) < 1e-3
+    assert torch.allclose(out, out_f, atol=1e-9, rtol=1e-9)
+    assert float((g - g_f).norm() / g.norm()) < 1e-6
     assert float((g - g_f).abs().max()) <= 1e-2 * float(g.abs().max())
     # the model itself is untouched: its own convolutions have no bias, its batch norms remain
     assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) >= pairs
