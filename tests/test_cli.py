@@ -151,7 +151,8 @@ SPECS = {"none": "none", "mean": "mean:size=5", "median": "median",
          "jpeg": "jpeg:quality=30", "grayscale": "grayscale", "bdr": "bdr:bits=3",
          "mixup": "mixup:alpha=0.5", "cutmix": "cutmix", "cutout": "cutout:size=8",
          "noise": "noise:eps=4/255,dist=gaussian", "ueraser": "ueraser:epochs=10",
-         "ueraser-max": "ueraser:max:repeat=5", "ueraser-lite": "ueraser:lite"}
+         "ueraser-max": "ueraser:max:repeat=5", "ueraser-lite": "ueraser:lite",
+         "avatar": "avatar:model=/checkpoints/purifier.pt,t=30,steps=10"}
 
 
 def _evaluate_settings(monkeypatch, argv):

@@ -347,6 +347,9 @@ def test_every_defence_has_a_paper_and_valid_defaults():
     from ue_dist.core.defenses import DEFENSES, listing
     for name, entry in DEFENSES.items():
         assert entry.paper and entry.kind in ("none", "pre", "batch", "loss"), name
+        if name == "avatar":  # its checkpoint has no default
+            assert parse_defense("avatar:model=/m.pt").params == {**entry.params, "model": "/m.pt"}
+            continue
         assert parse_defense(name).params == entry.params
     out = listing()
     assert set(DEFENSES) | {"pgd-at", "trades"} == set(out)

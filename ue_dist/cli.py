@@ -304,6 +304,18 @@ def _sweep(args: argparse.Namespace) -> int:
     return 3 if result["errors"] else 0
 
 
+# --- train-purifier (the avatar defence's denoiser) --------------------------------------------
+@command("train-purifier")
+def _train_purifier(args: argparse.Namespace) -> int:
+    from ue_dist.runtime.purifier import train_purifier
+    result = train_purifier(args.clean, args.out, steps=args.steps, batch_size=args.batch_size,
+                            t_max=args.t_max, width=args.width, seed=args.seed,
+                            overwrite=args.overwrite, storage_options=storage_options(args),
+                            progress=to_stderr)
+    emit(args, result)
+    return 0
+
+
 # --- run (job specs) --------------------------------------------------------------------------
 @command("run")
 def _run_cmd(args: argparse.Namespace) -> int:

@@ -455,8 +455,25 @@ RUN = Command("run", "Run a job spec end to end: convert -> fit -> protect -> ev
         help="only load and validate the spec (nothing runs); print the resolved spec"),
     JSON), "ue-dist run jobs/digits-quick.yaml --check")
 
+TRAIN_PURIFIER = Command("train-purifier", "Train the denoiser of the avatar defence (diffusion "
+                         "purification, core/diffusion.py) on clean images the defender has.", (
+    Opt("clean", positional=True, metavar="CLEAN_URL",
+        help="clean shards to learn from (labels are not used), e.g. OUT/test or clean photos"),
+    Opt("out", positional=True, metavar="OUT",
+        help="where to write the checkpoint (.pt; any fsspec URL); then `--defense "
+             "avatar:model=OUT`"),
+    Opt("steps", type=int, default=4000, low=1, help="optimiser steps"),
+    Opt("batch_size", type=int, default=64, low=1, help="images per step"),
+    Opt("t_max", type=int, default=200, low=1, high=1000,
+        help="highest noise level trained (of 1000); purification needs t <= t_max"),
+    Opt("width", type=int, default=32, low=8, help="U-Net base width (32: 0.58 M parameters)"),
+    Opt("seed", type=int, default=0, help="seed of the initialisation, batches and noise"),
+    Opt("overwrite", type=bool, help="replace an existing OUT"),
+    *COMMON), "ue-dist train-purifier out/fashion-mnist/test out/purifier.pt --steps 2000")
+
 COMMANDS: dict[str, Command] = {c.name: c for c in (
-    CONVERT, INFO, EXPORT, PREVIEW, FIT, METHODS, DEFENCES, DEMO, PROTECT, BAYES_ERROR, EVALUATE, SWEEP, RUN)}
+    CONVERT, INFO, EXPORT, PREVIEW, FIT, METHODS, DEFENCES, DEMO, PROTECT, BAYES_ERROR, EVALUATE,
+    SWEEP, RUN, TRAIN_PURIFIER)}
 
 # job specs (runtime/jobs.py): top-level keys and the sections that are not a command's ------------
 DATA = (Opt("train", help="training shards URL"), Opt("test", help="clean test shards URL"))

@@ -8,7 +8,8 @@ Three kinds, named by one string (``"median"``, ``"jpeg:quality=30"``, ``"uerase
   3x3 ``mean``, ``median`` and ``gaussian`` low-pass filters (REM paper, App. D; as the
   REM authors' ``cv2.blur`` / ``cv2.medianBlur`` / ``cv2.GaussianBlur(x, (3, 3), 0)``), ``jpeg``
   re-compression, ``grayscale`` and ``bdr`` bit-depth reduction (image shortcut squeezing, Liu
-  et al. 2023);
+  et al. 2023), and ``avatar``, diffusion purification with a denoiser the defender trained
+  on clean data (Dolatabadi et al. 2023; ``core/diffusion.py``);
 * ``batch``: augmentations applied to every float training batch, returning soft targets:
   ``mixup`` (Zhang et al. 2017), ``cutout`` (DeVries & Taylor 2017), ``cutmix`` (Yun et al.
   2019) -- the augmentations the GUE paper evaluates against -- and ``noise``, random noise of a
@@ -88,6 +89,13 @@ DEFENSES: dict[str, Entry] = {
                          "max per-sample loss over `repeat` draws, every epoch (epochs 0 = "
                          "all): " + _UE_AUG),
     "ueraser-lite": Entry("loss", {"plasma_p": 1.0}, _UERASER, "one draw per step: " + _UE_AUG),
+    # t=60 of 1,000 steps: APBench's defense/diffusion (args.t); steps 0 = all t of them
+    "avatar": Entry("pre", {"model": "", "t": 60, "steps": 0, "seed": 0},
+                    "Dolatabadi, Erfani & Leckie: The Devil's Advocate: Shattering the Illusion "
+                    "of Unexploitable Data using Diffusion Models (AVATAR), SaTML 2024",
+                    "diffusion purification: diffuse to t of 1000 VP steps, DDPM's reverse chain "
+                    "back (`steps` respaced ones, 0 = all) with the denoiser at model=PATH|URL "
+                    "(`ue-dist train-purifier`; core/diffusion.py)"),
 }
 
 #: adversarial training: victim settings, not data defences (listed by `ue-dist defences`)
@@ -181,6 +189,8 @@ def _check_params(name: str, p: dict[str, Any]) -> None:
         raise SettingsError(f"defense {name!r}: alpha must be > 0, got {p['alpha']}")
     if name == "cutout" and p["size"] < 0:
         raise SettingsError(f"defense 'cutout': size must be >= 0, got {p['size']}")
+    if name == "avatar":
+        _check_avatar(p)
     if name == "bdr" and not 1 <= p["bits"] <= 8:
         raise SettingsError(f"defense 'bdr': bits must lie in [1, 8], got {p['bits']}")
     if name == "noise":
@@ -199,6 +209,46 @@ def _check_params(name: str, p: dict[str, Any]) -> None:
         if not 0 <= p["plasma_p"] <= 1:
             raise SettingsError(f"defense {name!r}: plasma_p must lie in [0, 1], got "
                                 f"{p['plasma_p']}")
+
+
+def _check_avatar(p: dict[str, Any]) -> None:
+    import os
+
+    if not p["model"]:
+        raise SettingsError("defense 'avatar' needs model=PATH: a denoiser checkpoint (train one "
+                            "on clean images with `ue-dist train-purifier CLEAN_URL OUT.pt`)")
+    if "://" not in p["model"]:  # trials may run in another working directory
+        p["model"] = os.path.abspath(p["model"])
+    if p["t"] < 1:
+        raise SettingsError(f"defense 'avatar': t must be >= 1 (diffusion steps of 1000), got "
+                            f"{p['t']}")
+    if p["steps"] < 0:
+        raise SettingsError(f"defense 'avatar': steps must be >= 0 (0: all t), got {p['steps']}")
+
+
+def avatar(images_uint8: torch.Tensor, model: str, t: int = 60, steps: int = 0, seed: int = 0,
+           batch_size: int = 256) -> torch.Tensor:
+    """AVATAR's purification of uint8 NCHW images with the denoiser checkpoint at ``model``
+    (``core.diffusion.purify``), seeded; quantised back to uint8."""
+    from ue_dist.core.diffusion import Denoiser, purify
+    from ue_dist.data import storage
+
+    try:
+        raw = storage.read_bytes(model)
+    except FileNotFoundError:
+        raise SettingsError(f"defense 'avatar': model {model!r} does not exist (train one with "
+                            "`ue-dist train-purifier CLEAN_URL OUT.pt`)") from None
+    try:
+        denoiser = Denoiser.from_bytes(raw, f"defense 'avatar': model {model!r}")
+        gen = torch.Generator().manual_seed(int(seed))
+        out = []
+        for start in range(0, len(images_uint8), batch_size):
+            x = images_uint8[start:start + batch_size].float().div(255.0)
+            y = purify(denoiser, x, t_star=int(t), steps=int(steps), generator=gen)
+            out.append(y.mul(255.0).round().to(torch.uint8))
+    except ValueError as exc:
+        raise SettingsError(f"defense 'avatar': {exc}") from None
+    return torch.cat(out) if out else images_uint8.clone()
 
 
 # pre-processing (float [0,1] NCHW in, same out) ---------------------------------------------------
@@ -298,6 +348,8 @@ def bdr_straight_through(x: torch.Tensor, bits: int = 2) -> torch.Tensor:
 
 
 EOT_VIEW_KINDS = ("pre",)
+# a diffusion chain per view and step, and a checkpoint the protector does not have
+NOT_EOT_VIEWS = ("avatar",)
 
 
 def eot_view(spec: str) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -312,10 +364,15 @@ def eot_view(spec: str) -> Callable[[torch.Tensor], torch.Tensor]:
         raise SettingsError(f"eot_defences: {exc}") from None
     if d.kind == "none":
         raise SettingsError("eot_defences: 'none' is no view; leave the list empty for none")
+    valid = ", ".join(sorted(n for n, e in DEFENSES.items()
+                             if e.kind in EOT_VIEW_KINDS and n not in NOT_EOT_VIEWS))
     if d.kind not in EOT_VIEW_KINDS:
-        valid = ", ".join(sorted(n for n, e in DEFENSES.items() if e.kind in EOT_VIEW_KINDS))
         raise SettingsError(f"eot_defences: {spec!r} is a {d.kind} defence; only the "
                             f"pre-processing defences can be EOT views ({valid})")
+    if d.name in NOT_EOT_VIEWS:
+        raise SettingsError(f"eot_defences: {d.name!r} (diffusion purification) is no EOT view: "
+                            f"it runs a diffusion chain with the defender's own model; views: "
+                            f"{valid}")
     p = dict(d.params)
     if d.name == "jpeg":
         return lambda x: jpeg_differentiable(x, int(p["quality"]))
@@ -342,6 +399,8 @@ def preprocess(defense: Defense | str, images_uint8: torch.Tensor,
         return jpeg(images_uint8, d.params["quality"])
     if d.name == "bdr":
         return bdr(images_uint8, d.params["bits"])
+    if d.name == "avatar":
+        return avatar(images_uint8, **d.params)
     fn = _PRE[d.name]
     out = []
     for start in range(0, len(images_uint8), batch_size):
