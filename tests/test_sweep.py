@@ -216,7 +216,7 @@ def test_class_wise_shortcut_protects_digits():
 
 # Ray: one fast sweep with the resume path ------------------------------------------------------
 def test_fast_sweep_writes_report_and_resumes(ray_cluster, small_digits_urls, tmp_path):
-    from ue_dist.runtime.sweep import run_sweep
+    from ue_dist.runtime.sweep import report_sweep, run_sweep
 
     spec = _spec(small_digits_urls, max_failures=0)  # the failed trial stays failed: resume redoes it
     failing = trial_key({"method": "classwise", "fraction": 1.0, "subset": "all",
@@ -233,6 +233,15 @@ def test_fast_sweep_writes_report_and_resumes(ray_cluster, small_digits_urls, tm
     assert "injected failure" in first["errors"][0]
     assert not first["resumed"]
     done_before = {r["key"]: r["finished_at"] for r in first["rows"]}
+    # --report: the finished trial's report, nothing trained (an interrupted or running sweep)
+    partial = report_sweep(spec, str(tmp_path))
+    assert (partial["trials"], partial["completed"]) == (2, 1)
+    assert [r["key"] for r in partial["rows"]] == list(done_before)
+    assert len(open(partial["report"]["csv"]).read().splitlines()) == 2
+    with pytest.raises(SweepError, match=r"different spec \(changed: seeds\)"):
+        report_sweep(dict(spec, seeds=[1]), str(tmp_path))
+    with pytest.raises(SweepError, match="no sweep 'other'.*nothing has run"):
+        report_sweep(dict(spec, name="other"), str(tmp_path))
 
     said = []
     second = run_sweep(spec, str(tmp_path), progress=said.append)

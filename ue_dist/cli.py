@@ -287,7 +287,7 @@ def _sweep_text(r: dict) -> str:
 
 @command("sweep")
 def _sweep(args: argparse.Namespace) -> int:
-    from ue_dist.runtime.sweep import load_spec, run_sweep, validate_spec
+    from ue_dist.runtime.sweep import load_spec, report_sweep, run_sweep, validate_spec
 
     so = storage_options(args)
     spec = load_spec(args.spec, so)
@@ -298,6 +298,9 @@ def _sweep(args: argparse.Namespace) -> int:
     if args.check:
         from ue_dist.data.storage import mask_secrets
         emit(args, mask_secrets(checked))  # credentials in storage_options are shown as ***
+        return 0
+    if args.report:
+        emit(args, report_sweep(spec, args.storage), _sweep_text)
         return 0
     result = run_sweep(spec, args.storage, progress=to_stderr)
     emit(args, result, _sweep_text)

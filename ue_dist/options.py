@@ -444,6 +444,9 @@ SWEEP = Command("sweep", "Ray Tune sweep of victims (method x fraction x archite
         help="where the sweep lives (default: $UE_DIST_STORAGE or ./runs); rerunning with the "
              "same storage resumes it"),
     Opt("check", type=bool, help="only validate the spec and print it"),
+    Opt("report", type=bool,
+        help="only write the report of the trials finished so far (no Ray, nothing trains): "
+             "for a sweep still running or interrupted; a rerun without it trains the rest"),
     *COMMON), "ue-dist sweep jobs/sweep-digits.yaml --storage runs")
 
 RUN = Command("run", "Run a job spec end to end: convert -> fit -> protect -> evaluate -> sweep "

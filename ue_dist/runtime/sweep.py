@@ -35,6 +35,7 @@ import io
 import json
 import math
 import os
+import posixpath
 import sys
 import threading
 import time
@@ -772,6 +773,36 @@ def _test_winner(params: dict[str, Any], train: ImageSet, test: ImageSet, job: d
                                    if k not in ("before_trial", "after_epoch")}))
     storage.write_bytes(url, json.dumps(out, default=str).encode(), so)
     return out
+
+
+def report_sweep(spec: Mapping[str, Any], storage_path: str | None = None) -> dict[str, Any]:
+    """The report of the trials of ``spec`` finished so far, without running any (no Ray): for
+    a sweep still running elsewhere or interrupted, whose rerun would train the rest first.
+    A search's winner is not tested here."""
+    from ue_dist.runtime.ray_env import default_storage
+    from ue_dist.runtime.report import write_report
+
+    spec = validate_spec(spec)
+    so = spec["storage_options"]
+    storage_path = storage_path or default_storage()
+    if "://" not in storage_path:
+        storage_path = os.path.abspath(storage_path)
+    root = storage.join(storage_path, spec["name"])
+    if not storage.exists(storage.join(root, "_cache", "spec.json"), so):
+        raise SweepError(f"no sweep {spec['name']!r} under {storage_path!r} (nothing has run "
+                         "there yet: `ue-dist sweep SPEC --storage PATH` starts it)")
+    _check_same_spec(spec, root, so, resumed=True)
+    try:
+        names = sorted(n for n in storage.ls(storage.join(root, "results"), so)
+                       if str(n).endswith(".json"))
+    except FileNotFoundError:
+        names = []
+    rows = [json.loads(storage.read_bytes(storage.join(root, "results", posixpath.basename(
+        str(n))), so)) for n in names]
+    files = write_report(storage.join(root, "report"), rows, None, so)
+    return {"name": spec["name"], "storage": root, "trials": trial_count(spec),
+            "completed": len(rows), "errors": [], "resumed": False, "report": files,
+            "rows": [{k: v for k, v in r.items() if k != "per_epoch"} for r in rows]}
 
 
 def run_sweep(spec: Mapping[str, Any], storage_path: str | None = None,
