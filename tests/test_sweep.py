@@ -523,3 +523,11 @@ def test_defence_matrix_sweep_on_a_seeded_subset(ray_cluster, small_digits_urls,
     cells = [float(c) for c in by_name["classwise"].strip(" |").split(" | ")[2:]]
     assert cells[-1] == max(cells[:-1])  # the worst case is the highest accuracy recovered
     assert os.path.getsize(out["report"]["defence_matrix_png"]) > 5000
+
+
+def test_trial_keys_are_one_file_name_even_with_a_path_in_the_defence():
+    base = {"method": "em", "fraction": 1.0, "subset": "all", "arch": "small-cnn",
+            "adv_eps": 0.0, "seed": 0}
+    assert trial_key(dict(base, defense="jpeg:quality=10")) == "em-f1-all-small-cnn-at0-jpeg_quality10-s0"
+    key = trial_key(dict(base, defense="avatar:model=/w/runs/p.pt,steps=5"))
+    assert "/" not in key and key == "em-f1-all-small-cnn-at0-avatar_model_w_runs_p.pt,steps5-s0"

@@ -36,6 +36,7 @@ import json
 import math
 import os
 import posixpath
+import re
 import sys
 import threading
 import time
@@ -379,8 +380,13 @@ def trial_key(config: Mapping[str, Any]) -> str:
     if config.get("mode") == "search":
         return "search-" + _digest(sorted(config.items()))
     eps = config["adv_eps"]
+    # a defence's parameters may hold a path (avatar:model=/x/p.pt): the key is one file name
+    defence = _UNSAFE_IN_KEY.sub("_", config["defense"].replace(":", "_").replace("=", ""))
     return (f"{config['method']}-f{config['fraction']:g}-{config['subset']}-{config['arch']}-"
-            f"at{eps * 255:.3g}-{config['defense'].replace(':', '_').replace('=', '')}-s{config['seed']}")
+            f"at{eps * 255:.3g}-{defence}-s{config['seed']}")
+
+
+_UNSAFE_IN_KEY = re.compile(r"[^A-Za-z0-9._,+-]")
 
 
 def _result_url(root: str, key: str) -> str:
