@@ -149,3 +149,28 @@ def test_the_source_model_of_em_and_rem_learns_from_the_views_too():
     plain = source_model_loss(None, rho_a=0.0, step_a=0.0, steps_a=0, augmentation="none")
     plain(Recorder(), x, y, torch.Generator().manual_seed(1))
     assert torch.equal(seen[-1], x)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_ueraser_view_draws_fresh_augmentations_and_passes_gradients(channels):
+    view = eot_view("ueraser-lite")
+    x = _images(n=8, c=channels).float().div(255).requires_grad_(True)
+    first, second = view(x), view(x)
+    assert first.shape == x.shape and 0 <= float(first.min()) and float(first.max()) <= 1
+    assert (first - x).abs().mean() > 0.01       # it changes the image
+    assert not torch.equal(first, second)        # and each call is a new draw
+    # a new view repeats the draws (its generator is seeded)
+    again = eot_view("ueraser-lite")
+    torch.testing.assert_close(again(x), first)
+    grads = 0
+    for _ in range(6):
+        x.grad = None
+        view(x).sum().backward()
+        assert torch.isfinite(x.grad).all()
+        grads += int(x.grad.abs().sum() > 0)
+    assert grads >= 3  # plasma brightness and contrast are differentiable
+
+
+def test_em_takes_the_ueraser_view():
+    method = build_method("em", "quick", ["eot_defences=ueraser-lite,jpeg:quality=10"])
+    assert len(eot_views(method.settings["eot_defences"])) == 2

@@ -348,16 +348,20 @@ def bdr_straight_through(x: torch.Tensor, bits: int = 2) -> torch.Tensor:
 
 
 EOT_VIEW_KINDS = ("pre",)
+# UEraser is a loss defence, but what its loss draws from is a distribution of augmentations of
+# one image: a view (one fresh draw per call; -Max's maximum over draws is the defender's
+# training rule, which an expectation over the same draws stands in for)
+AUGMENTATION_VIEWS = ("ueraser", "ueraser-max", "ueraser-lite")
 # a diffusion chain per view and step, and a checkpoint the protector does not have
 NOT_EOT_VIEWS = ("avatar",)
 
 
 def eot_view(spec: str) -> Callable[[torch.Tensor], torch.Tensor]:
     """The defence ``spec`` (``jpeg``, ``jpeg:quality=30``, ``bdr:bits=3``, ``grayscale``,
-    ``median``, ``mean``, ``gaussian``) as a differentiable map of float ``B x C x H x W``
-    images in [0, 1]: what an EOT expectation over the victims' defences draws from. Only the
-    pre-processing defences can be views (a batch augmentation or a loss is not a function of
-    one image)."""
+    ``median``, ``mean``, ``gaussian``, ``ueraser``) as a differentiable map of float
+    ``B x C x H x W`` images in [0, 1]: what an EOT expectation over the victims' defences draws
+    from. The pre-processing defences and UEraser's augmentation (random, ``ueraser_view``) can
+    be views; a batch augmentation or another loss is not a function of one image."""
     try:
         d = parse_defense(spec)
     except SettingsError as exc:
@@ -365,10 +369,14 @@ def eot_view(spec: str) -> Callable[[torch.Tensor], torch.Tensor]:
     if d.kind == "none":
         raise SettingsError("eot_defences: 'none' is no view; leave the list empty for none")
     valid = ", ".join(sorted(n for n, e in DEFENSES.items()
-                             if e.kind in EOT_VIEW_KINDS and n not in NOT_EOT_VIEWS))
+                             if (e.kind in EOT_VIEW_KINDS or n in AUGMENTATION_VIEWS)
+                             and n not in NOT_EOT_VIEWS))
+    if d.name in AUGMENTATION_VIEWS:
+        return ueraser_view(float(d.params["plasma_p"]))
     if d.kind not in EOT_VIEW_KINDS:
         raise SettingsError(f"eot_defences: {spec!r} is a {d.kind} defence; only the "
-                            f"pre-processing defences can be EOT views ({valid})")
+                            f"pre-processing defences and UEraser's augmentation can be EOT "
+                            f"views ({valid})")
     if d.name in NOT_EOT_VIEWS:
         raise SettingsError(f"eot_defences: {d.name!r} (diffusion purification) is no EOT view: "
                             f"it runs a diffusion chain with the defender's own model; views: "
@@ -380,6 +388,17 @@ def eot_view(spec: str) -> Callable[[torch.Tensor], torch.Tensor]:
         return lambda x: bdr_straight_through(x, int(p["bits"]))
     fn = _PRE[d.name]
     return lambda x: fn(x, **p)
+
+
+def ueraser_view(plasma_p: float = 1.0, seed: int = 0) -> Callable[[torch.Tensor], torch.Tensor]:
+    """UEraser's augmentation (``ueraser_pipeline``) as an EOT view: a fresh draw per call from
+    a generator of its own (seeded, so a fit in one process repeats its draws). kornia's plasma
+    and contrast operations pass gradients to the input, some TrivialAugment operations do not
+    (6 of 60 draws on random 8-image batches gave a zero input gradient): those samples' noise
+    does not move in that step."""
+    draws = UEraserLoss(repeat=1, plasma_p=plasma_p)
+    generator = torch.Generator().manual_seed(int(seed))
+    return lambda x: draws.augment(x, generator)
 
 
 def eot_views(specs: Any) -> tuple[Callable[[torch.Tensor], torch.Tensor], ...]:
