@@ -267,6 +267,21 @@ def test_fast_sweep_writes_report_and_resumes(ray_cluster, small_digits_urls, tm
     cached = os.listdir(os.path.join(tmp_path, "t", "_cache"))
     assert sum(name.endswith(".state.pt") for name in cached) == 1
 
+    # one more seed extends the sweep: only the new seed's trials train
+    said = []
+    third = run_sweep(dict(spec, seeds=[0, 1]), str(tmp_path), progress=said.append)
+    assert any("extending the sweep" in line for line in said), said
+    assert third["trials"] == 4 and third["completed"] == 4 and not third["errors"]
+    rows3 = {r["key"]: r for r in third["rows"]}
+    for key, r in rows.items():
+        assert rows3[key]["finished_at"] == r["finished_at"]  # kept, not retrained
+    assert {r["seed"] for r in third["rows"]} == {0, 1}
+    assert len(open(third["report"]["csv"]).read().splitlines()) == 5
+    # the extended spec is now the sweep's: its report and a rerun take it as it is
+    assert report_sweep(dict(spec, seeds=[0, 1]), str(tmp_path))["completed"] == 4
+    with pytest.raises(SweepError, match=r"different spec \(changed: seeds\)"):
+        report_sweep(spec, str(tmp_path))  # dropping a seed is no extension
+
 
 @pytest.mark.system
 def test_killed_trial_resumes_from_its_epoch_checkpoint(ray_cluster, small_digits_urls, tmp_path):

@@ -584,8 +584,23 @@ _SPEC_IDENTITY = ("data", "methods", "method_preset", "method_overrides", "fract
 _SPEC_IDENTITY_IF_SET = {"defence_grid": "cross", "train_subset": None, "train_subset_seed": 0}
 
 
-def _check_same_spec(spec: Mapping[str, Any], root: str, so, resumed: bool) -> None:
-    """A sweep resumes only with the spec it started with (Tune would keep the old grid)."""
+#: the grid's axes: a spec whose only change is more values on these extends the sweep
+_GRID_AXES = ("methods", "fractions", "subsets", "archs", "adv_eps", "defenses", "seeds")
+
+
+def _extends(old: Mapping[str, Any], new: Mapping[str, Any], changed: list[str]) -> bool:
+    """Whether ``new`` only adds values to ``old``'s grid axes (every old trial is in it)."""
+    def values(spec, k):
+        return [json.dumps(v, sort_keys=True, default=str) for v in spec.get(k) or ()]
+    return all(k in _GRID_AXES and set(values(old, k)) <= set(values(new, k)) for k in changed)
+
+
+def _check_same_spec(spec: Mapping[str, Any], root: str, so, resumed: bool,
+                     write: bool = True) -> bool:
+    """A sweep resumes only with the spec it started with (Tune would keep the old grid), or
+    with one that adds values to its grid axes (more seeds, methods, defences...): returns True
+    for such an extension, which the caller runs as a new grid whose finished trials are read
+    back from their results instead of trained. ``write``: record ``spec`` as the sweep's."""
     url = storage.join(root, "_cache", "spec.json")
     identity = {k: spec[k] for k in _SPEC_IDENTITY}
     if spec.get("bayes_mode", "streaming") != "streaming":  # older sweeps keep their identity
@@ -593,15 +608,22 @@ def _check_same_spec(spec: Mapping[str, Any], root: str, so, resumed: bool) -> N
     identity.update({k: spec[k] for k, unset in _SPEC_IDENTITY_IF_SET.items()
                      if spec.get(k, unset) != unset})
     mine = json.dumps(identity, sort_keys=True, default=str)
+    extended = False
     if resumed and storage.exists(url, so):
         before = storage.read_bytes(url, so).decode()
         if before != mine:
             old, new = json.loads(before), json.loads(mine)
             changed = sorted(k for k in new if old.get(k) != new.get(k))
-            raise SweepError(f"sweep {spec['name']!r} in {root} was started with a different spec "
-                             f"(changed: {', '.join(changed)}); use another name or storage path "
-                             "to run the new one, or the original spec to resume")
-    storage.write_bytes(url, mine.encode(), so)
+            extended = spec["search"] is None and _extends(old, new, changed)
+            if not extended:
+                raise SweepError(
+                    f"sweep {spec['name']!r} in {root} was started with a different spec "
+                    f"(changed: {', '.join(changed)}); use another name or storage path to run "
+                    "the new one, or the original spec to resume (adding values to "
+                    f"{', '.join(_GRID_AXES)} extends it)")
+    if write:
+        storage.write_bytes(url, mine.encode(), so)
+    return extended
 
 
 def _new_tuner(spec: Mapping[str, Any], trainable: Any, path: str, fs: Any) -> Any:
@@ -797,7 +819,7 @@ def report_sweep(spec: Mapping[str, Any], storage_path: str | None = None) -> di
     if not storage.exists(storage.join(root, "_cache", "spec.json"), so):
         raise SweepError(f"no sweep {spec['name']!r} under {storage_path!r} (nothing has run "
                          "there yet: `ue-dist sweep SPEC --storage PATH` starts it)")
-    _check_same_spec(spec, root, so, resumed=True)
+    _check_same_spec(spec, root, so, resumed=True, write=False)
     try:
         names = sorted(n for n in storage.ls(storage.join(root, "results"), so)
                        if str(n).endswith(".json"))
@@ -849,7 +871,7 @@ def run_sweep(spec: Mapping[str, Any], storage_path: str | None = None,
     fs, path = pyarrow_filesystem(storage_path, so)
     exp_path = storage.join(path, spec["name"]) if fs is not None else os.path.join(path, spec["name"])
     resumed = bool(tune.Tuner.can_restore(exp_path, storage_filesystem=fs))
-    _check_same_spec(spec, root, so, resumed)
+    extended = _check_same_spec(spec, root, so, resumed)
     cache = _fit_all(spec, train, root, so, progress) if spec["search"] is None else {}
     trial_train, trial_test = train, test
     if spec["search"] is not None:  # the objective is a held-out part of the training set
@@ -865,7 +887,13 @@ def run_sweep(spec: Mapping[str, Any], storage_path: str | None = None,
     trainable = tune.with_resources(tune.with_parameters(_trial, train=trial_train,
                                                          test=trial_test, job=job),
                                     {"cpu": spec["resources"]["cpu"], "gpu": spec["resources"]["gpu"]})
-    if resumed:
+    if extended:
+        # Tune restores only the grid it started with: a new grid, in which every trial that
+        # finished before returns its stored result (an unfinished one starts over)
+        progress(f"[ue-dist] sweep {spec['name']}: extending the sweep in {root} to "
+                 f"{trial_count(spec)} trials; the finished ones are kept, not retrained")
+        tuner = _new_tuner(spec, trainable, path, fs)
+    elif resumed:
         progress(f"[ue-dist] sweep {spec['name']}: resuming the interrupted sweep in {root}")
         tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True,
                                    resume_errored=True, storage_filesystem=fs)
