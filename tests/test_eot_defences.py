@@ -104,7 +104,10 @@ def _digits(n=48):
             "stop_acc": 0.0, "steps_u": 3}),
     ("tap", {"train_steps": 4, "batch_size": 16, "lr_decay_every": 4, "checkpoint_every": 0,
              "steps": 3}),
-    ("shortcutgen", {"width": 4, "cls_width": 4, "epochs": 1, "batch_size": 16})])
+    ("shortcutgen", {"width": 4, "cls_width": 4, "epochs": 1, "batch_size": 16}),
+    ("gue", {"width": 4, "cls_width": 4, "epochs": 1, "batch_size": 16, "inner_steps": 1}),
+    ("deepconfuse", {"width": 4, "cls_width": 4, "epochs": 1, "cls_epochs": 1,
+                     "batch_size": 16})])
 def test_methods_take_the_views_into_their_noise(name, fit):
     """The same fit with and without views: different noise, both within the bound; the state
     records the views (fit-time for em/shortcutgen, protect-time for tap)."""

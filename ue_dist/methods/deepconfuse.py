@@ -48,22 +48,28 @@ from ue_dist.core.precision import PRECISIONS, in_precision, prepare_model, reso
 from ue_dist.core.settings import Setting, choice, count, non_negative, positive_int
 from ue_dist.data.imageset import ImageSet
 from ue_dist.methods.base import register
+from ue_dist.core.defenses import eot_views
 from ue_dist.methods.gue import (GENERATOR_SPLIT, GeneratorMethod, _mean_across_workers,
-                                 _sync_buffers, build_classifier)
+                                 _sync_buffers, build_classifier, defended)
+from ue_dist.methods.rem import eot_defences_setting
 
 PAPER = ("Feng, Cai & Zhou, Learning to Confuse: Generating Training Time Adversarial Data "
          "with Auto-Encoder (DeepConfuse), NeurIPS 2019")
 
 
 def pseudo_update_objective(gen: nn.Module, cls: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                            lr: float, precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
+                            lr: float, precision: str = "fp32", views: tuple = (),
+                            generator: torch.Generator | None = None
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
     """(CE of ``cls`` on ``x + gen(x)``, CE on the clean ``x`` of ``cls`` after one SGD step of
     rate ``lr`` on the former); the second is differentiable in ``gen``'s weights through the
-    step. ``cls``'s parameters and running statistics are left as they were."""
+    step. ``cls``'s parameters and running statistics are left as they were. ``views``: the
+    pseudo-update learns from defended views of ``x + gen(x)`` (``gue.defended``)."""
     device = x.device
     names = [n for n, p in cls.named_parameters() if p.requires_grad]
     theta = [p for p in cls.parameters() if p.requires_grad]
-    x_g = (x + in_precision(gen, device, precision)(x)).clamp(0.0, 1.0)
+    x_g = defended((x + in_precision(gen, device, precision)(x)).clamp(0.0, 1.0), views,
+                   generator)
     pseudo_loss = F.cross_entropy(in_precision(cls, device, precision)(x_g), y)
     grads = torch.autograd.grad(pseudo_loss, theta, create_graph=True)
     updated = {n: p - lr * g for n, p, g in zip(names, theta, grads)}
@@ -75,9 +81,11 @@ def pseudo_update_objective(gen: nn.Module, cls: nn.Module, x: torch.Tensor, y: 
 
 
 def confuse_step(players: Mapping[str, Any], x: torch.Tensor, y: torch.Tensor,
-                 settings: Mapping[str, Any], ctx: FitContext | None = None) -> dict[str, float]:
+                 settings: Mapping[str, Any], ctx: FitContext | None = None, views: tuple = (),
+                 generator: torch.Generator | None = None) -> dict[str, float]:
     """One batch: the generator's Adam step through the classifier's pseudo-update (ascending
-    the clean loss after it), then the classifier's SGD step on the frozen generator's data.
+    the clean loss after it), then the classifier's SGD step on the frozen generator's data,
+    both through ``views`` (defence-aware EOT) when given.
     Updates ``players`` (gen, atk, cls and their optimisers) in place."""
     gen, atk, cls = players["gen"], players["atk"], players["cls"]
     gen.train()
@@ -86,7 +94,8 @@ def confuse_step(players: Mapping[str, Any], x: torch.Tensor, y: torch.Tensor,
     theta = [p for p in cls.parameters() if p.requires_grad]
     w_params = [p for p in gen.parameters() if p.requires_grad]
     pseudo_loss, clean_loss_after = pseudo_update_objective(
-        gen, cls, x, y, float(players["cls_opt"].param_groups[0]["lr"]), precision)
+        gen, cls, x, y, float(players["cls_opt"].param_groups[0]["lr"]), precision, views,
+        generator)
     g_w = _mean_across_workers(torch.autograd.grad(-clean_loss_after, w_params), ctx)
     players["gen_opt"].zero_grad(set_to_none=True)
     for p, g in zip(w_params, g_w):
@@ -95,7 +104,8 @@ def confuse_step(players: Mapping[str, Any], x: torch.Tensor, y: torch.Tensor,
 
     # the classifier learns from the generator as it was at the round's start
     with torch.no_grad():
-        x_atk = (x + in_precision(atk, x.device, precision)(x)).clamp(0.0, 1.0)
+        x_atk = defended((x + in_precision(atk, x.device, precision)(x)).clamp(0.0, 1.0),
+                         views, generator)
     poison_loss = F.cross_entropy(in_precision(cls, x.device, precision)(x_atk), y)
     g_c = _mean_across_workers(torch.autograd.grad(poison_loss, theta), ctx)
     players["cls_opt"].zero_grad(set_to_none=True)
@@ -112,7 +122,8 @@ def _preset(**kw: Any) -> dict[str, Any]:
     out = {"eps": 0.032, "width": 64, "arch": "vgg11", "cls_width": 0, "epochs": 1000,
            "cls_epochs": 20, "batch_size": 256, "cls_lr": 0.01, "gen_lr": 1e-4,
            "train_fraction": 1.0, "val_fraction": 0.1, "split_seed": 0, "select_every": 1,
-           "select_epochs": 20, "select_arch": "vgg11", "log_every": 50, "precision": "fp32"}
+           "select_epochs": 20, "select_arch": "vgg11", "log_every": 50, "precision": "fp32",
+           "eot_defences": []}
     out.update(kw)
     return out
 
@@ -148,6 +159,7 @@ class DeepConfuse(GeneratorMethod):
         **GENERATOR_SPLIT,
         "log_every": positive_int("steps between per-step metric reports"),
         "precision": choice(*PRECISIONS, protect_time=True),
+        "eot_defences": eot_defences_setting(protect_time=False),
     }
 
     def fit(self, train: ImageSet, ctx: FitContext) -> dict[str, Any]:
@@ -157,6 +169,7 @@ class DeepConfuse(GeneratorMethod):
         c, h, _ = train.image_shape
         device = ctx.device
         precision = resolve_precision(s["precision"], device)
+        views = eot_views(s["eot_defences"])
         run = self._adam_generator(train, split, ctx, precision)
         gen, players, start, step, best = run.gen, run.players, run.start, run.step, run.best
         local_idx, steps_per_epoch = run.local_idx, run.steps_per_epoch
@@ -181,7 +194,7 @@ class DeepConfuse(GeneratorMethod):
                 for i in range(steps_per_epoch):
                     idx = run.batch(order, i)
                     m = confuse_step(players, ImageSet.to_float(train.images[idx]).to(device),
-                                     train.labels[idx].to(device), s, ctx)
+                                     train.labels[idx].to(device), s, ctx, views, rng)
                     step += 1
                     for key, v in m.items():
                         sums[key] = sums.get(key, 0.0) + v

@@ -44,7 +44,9 @@ from torch.func import functional_call
 
 from ue_dist.core.adversarial import adversarial_examples, adversarial_loss
 from ue_dist.core.config import SettingsError, parse_radius
+from ue_dist.core.augment import apply_params, sample_params
 from ue_dist.core.context import FitContext, format_metrics
+from ue_dist.core.defenses import eot_views
 from ue_dist.core.models import ARCHITECTURES, SmallCNN, WithNormalize, build_model
 from ue_dist.core.precision import PRECISIONS, in_precision, prepare_model, resolve_precision
 from ue_dist.core.settings import (Setting, choice, count, fraction, non_negative, positive,
@@ -52,6 +54,7 @@ from ue_dist.core.settings import (Setting, choice, count, fraction, non_negativ
 from ue_dist.core.unet import UNetGenerator
 from ue_dist.data.imageset import ImageSet
 from ue_dist.methods.base import Method, StateError, register
+from ue_dist.methods.rem import eot_defences_setting
 
 PAPER = ("Liu et al., Game-Theoretic Unlearnable Example Attacks (GUE), AAAI 2024, "
          "arXiv:2401.17523")
@@ -156,11 +159,23 @@ def _sync_buffers(module: nn.Module, ctx: FitContext | None) -> None:
 
 
 # one BOME iteration -----------------------------------------------------------------------------
+def defended(x: torch.Tensor, views: tuple, generator: torch.Generator | None) -> torch.Tensor:
+    """Each image through the image itself or one of ``views`` (defence-aware EOT,
+    ``core.defenses.eot_views``), drawn per sample as a defending victim's pipeline would
+    apply them; ``x`` unchanged (and no draw made) without views."""
+    if not views:
+        return x
+    return apply_params(x, sample_params("none", len(x), generator, x.device, views=views))
+
+
 def bome_step(gen: nn.Module, cls: nn.Module, gen_opt: torch.optim.Optimizer,
               cls_opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
               settings: Mapping[str, Any], ctx: FitContext | None = None,
-              generator: torch.Generator | None = None) -> dict[str, float]:
+              generator: torch.Generator | None = None, views: tuple = (),
+              view_generator: torch.Generator | None = None) -> dict[str, float]:
     """One iteration of Algorithm 1 on the batch ``(x, y)``; updates ``gen`` and ``cls`` in place.
+    ``views``: the follower trains on defended views of the perturbed batch (one draw per
+    sample and step, the same in ``J_c(theta)``, ``J_c(theta^T)`` and the inner steps).
 
     ``gen`` / ``cls`` are the bare modules (not DDP wrappers); gradients are averaged over
     workers explicitly. Returns the step's metrics (plain floats).
@@ -175,7 +190,7 @@ def bome_step(gen: nn.Module, cls: nn.Module, gen_opt: torch.optim.Optimizer,
     theta = [p for p in cls.parameters() if p.requires_grad]
 
     # the perturbed batch carries the graph back to w
-    x_p = (x + gen_fn(x)).clamp(0.0, 1.0)
+    x_p = defended((x + gen_fn(x)).clamp(0.0, 1.0), views, view_generator)
 
     # theta^T: T Adam steps on a copy of theta, w fixed (x_p detached)
     theta_t = {n: p.detach().clone().requires_grad_(True) for n, p in zip(names, theta)}
@@ -289,7 +304,7 @@ def set_learning_rates(players: Mapping[str, Any], settings: Mapping[str, Any], 
 
 def bome_epoch(players: dict[str, Any], train: ImageSet, local_idx: torch.Tensor, epoch: int,
                step: int, steps_per_epoch: int, settings: Mapping[str, Any],
-               ctx: FitContext) -> tuple[dict[str, Any], int]:
+               ctx: FitContext, views: tuple = ()) -> tuple[dict[str, Any], int]:
     """One epoch of BOME steps over this worker's images; (the epoch's record, step)."""
     s = settings
     local_batch = max(1, math.ceil(int(s["batch_size"]) / ctx.world_size))
@@ -306,7 +321,7 @@ def bome_epoch(players: dict[str, Any], train: ImageSet, local_idx: torch.Tensor
         x = ImageSet.to_float(train.images[idx]).to(ctx.device)
         y = train.labels[idx].to(ctx.device)
         m = bome_step(players["gen"], players["cls"], players["gen_opt"], players["cls_opt"],
-                      x, y, s, ctx, pgd_gen)
+                      x, y, s, ctx, pgd_gen, views, rng)
         step += 1
         for key, v in m.items():
             sums[key] = sums.get(key, 0.0) + v / steps_per_epoch
@@ -400,6 +415,7 @@ _COMMON = {
     "cls_width": 0,               # > 0: width of the small CNN follower (0: the arch's default)
     "log_every": 1,               # steps between per-step metric reports
     "precision": "fp32",          # fp32 | bf16 | auto: autocast for generator/classifier forwards
+    "eot_defences": [],           # defence-aware EOT views of the follower's data
 }
 
 
@@ -434,6 +450,7 @@ _DECLARED: dict[str, Setting] = {
     "log_every": positive_int(),
     # the only setting perturb reads besides eps, which the generator's eps * tanh fixes
     "precision": choice(*PRECISIONS, protect_time=True),
+    "eot_defences": eot_defences_setting(protect_time=False),
 }
 
 
@@ -470,6 +487,10 @@ class GeneratorMethod(Method):
     resumed_players: ClassVar[tuple[tuple[str, str], ...]] = (
         ("gen", "generator"), ("cls", "classifier"), ("gen_opt", "gen_opt"),
         ("cls_opt", "cls_opt"))
+
+    def validate_settings(self) -> None:
+        super().validate_settings()
+        eot_views(self.settings.get("eot_defences", ()))  # unknown or unusable names: by name
 
     def _split(self, train: ImageSet) -> dict[str, torch.Tensor]:
         """The seeded fit / val / unseen split (``split_indices``), refusing one with nothing
@@ -635,6 +656,7 @@ class Gue(GeneratorMethod):
         split = self._split(train)
         fit_idx = split["fit"]
         players = build_players(s, self.eps, train, ctx)
+        views = eot_views(s["eot_defences"])
         start_epoch, step, best = self._resume(players, train, ctx)
         gen = players["gen"]
         steps_per_epoch = max(1, math.ceil(len(fit_idx) / int(s["batch_size"])))  # same on every worker
@@ -646,7 +668,7 @@ class Gue(GeneratorMethod):
         for epoch in range(start_epoch, epochs):
             set_learning_rates(players, s, epoch)
             record, step = bome_epoch(players, train, fit_idx[ctx.shard_indices(len(fit_idx))],
-                                      epoch, step, steps_per_epoch, s, ctx)
+                                      epoch, step, steps_per_epoch, s, ctx, views)
             _sync_buffers(gen, ctx)
             best = self._end_epoch(players, train, split, best, record, epoch, step, bar, ctx)
         return self._state(train, gen, best, split)

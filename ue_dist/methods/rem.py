@@ -349,7 +349,7 @@ def eot_defences_setting(protect_time: bool) -> Setting:
     the fit where the fit itself computes noise (REM, EM), protect-time where it does not."""
     return Setting("list", "victims' pre-processing defences the noise is optimised through as "
                    "EOT views, each drawn as often as the plain image (e.g. jpeg,grayscale,"
-                   "bdr:bits=2,median; `ue-dist defences`); empty: none",
+                   "bdr:bits=2,median,ueraser-lite; `ue-dist defences`); empty: none",
                    protect_time=protect_time, legacy=((),))
 
 

@@ -130,10 +130,6 @@ class ShortcutGen(GeneratorMethod):
         "eot_defences": eot_defences_setting(protect_time=False),
     }
 
-    def validate_settings(self) -> None:
-        super().validate_settings()
-        eot_views(self.settings["eot_defences"])  # unknown or unusable names: by name
-
     def fit(self, train: ImageSet, ctx: FitContext) -> dict[str, Any]:
         s = self.settings
         split = self._split(train)
