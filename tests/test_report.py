@@ -89,3 +89,14 @@ def test_radius_and_architecture_sweep_gets_their_plots_not_a_one_point_fraction
     assert {"accuracy_vs_radius", "architectures", "accuracy_vs_epoch"} <= set(files)
     assert "accuracy_vs_fraction" not in files  # one fraction: a panel of single points
     _look(files, tmp_path)
+
+
+def test_pivot_leaves_out_rows_the_grid_never_filled():
+    # a sweep trains fraction 0 once, under its first method's name: the other methods'
+    # fraction-0 rows have no trial and no line in the table
+    rows = [r for r in _rows(methods=("lsp", "em"), fractions=(0.0, 1.0))
+            if not (r["method"] == "em" and r["fraction"] == 0.0)]
+    pivots = pivot_tables(rows)
+    for value in ("test_acc", "best_acc"):
+        assert list(pivots[value]["mean"].index) == [("em", 1.0, "all"), ("lsp", 0.0, "all"),
+                                                     ("lsp", 1.0, "all")]

@@ -293,6 +293,10 @@ def pivot_tables(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         if frame[value].notna().any():
             grouped = frame.pivot_table(index=PIVOT_INDEX, columns=PIVOT_COLUMNS, values=value,
                                         aggfunc=["mean", "std", "count"], dropna=False)
+            # dropna=False keeps the grid's empty cells; a row with none filled (a method's
+            # fraction-0 row, trained once under another method's name) is left out
+            keep = grouped["mean"].notna().any(axis=1)
+            grouped = grouped[keep]
             mean, std, n = grouped["mean"], grouped["std"].fillna(0.0), grouped["count"]
             text = (mean * 100).map(lambda v: "" if pd.isna(v) else f"{v:.1f}") \
                 + (std * 100).map(lambda v: f" ± {v:.1f}")
