@@ -118,6 +118,15 @@ def apply_views(x: torch.Tensor, views: tuple[Callable[[torch.Tensor], torch.Ten
     return out
 
 
+def defended(x: torch.Tensor, views: tuple, generator: torch.Generator | None) -> torch.Tensor:
+    """Each image through the image itself or one of ``views`` (defence-aware EOT,
+    ``core.defenses.eot_views``), drawn per sample as a defending victim's pipeline would
+    apply them; ``x`` unchanged (and no draw made) without views."""
+    if not views:
+        return x
+    return apply_params(x, sample_params("none", len(x), generator, x.device, views=views))
+
+
 def apply_params(x: torch.Tensor, params: AugParams) -> torch.Tensor:
     if len(params) and len(params) != x.shape[0]:
         raise ValueError(f"augmentation parameters for {len(params)} samples, batch has {x.shape[0]}")

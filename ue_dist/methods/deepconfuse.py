@@ -42,15 +42,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from ue_dist.core.augment import defended
 from ue_dist.core.context import FitContext
+from ue_dist.core.defenses import eot_views
 from ue_dist.core.models import ARCHITECTURES
 from ue_dist.core.precision import PRECISIONS, in_precision, prepare_model, resolve_precision
 from ue_dist.core.settings import Setting, choice, count, non_negative, positive_int
 from ue_dist.data.imageset import ImageSet
 from ue_dist.methods.base import register
-from ue_dist.core.defenses import eot_views
 from ue_dist.methods.gue import (GENERATOR_SPLIT, GeneratorMethod, _mean_across_workers,
-                                 _sync_buffers, build_classifier, defended)
+                                 _sync_buffers, build_classifier)
 from ue_dist.methods.rem import eot_defences_setting
 
 PAPER = ("Feng, Cai & Zhou, Learning to Confuse: Generating Training Time Adversarial Data "
@@ -64,7 +65,7 @@ def pseudo_update_objective(gen: nn.Module, cls: nn.Module, x: torch.Tensor, y: 
     """(CE of ``cls`` on ``x + gen(x)``, CE on the clean ``x`` of ``cls`` after one SGD step of
     rate ``lr`` on the former); the second is differentiable in ``gen``'s weights through the
     step. ``cls``'s parameters and running statistics are left as they were. ``views``: the
-    pseudo-update learns from defended views of ``x + gen(x)`` (``gue.defended``)."""
+    pseudo-update learns from defended views of ``x + gen(x)`` (``augment.defended``)."""
     device = x.device
     names = [n for n, p in cls.named_parameters() if p.requires_grad]
     theta = [p for p in cls.parameters() if p.requires_grad]

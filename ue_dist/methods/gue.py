@@ -43,8 +43,8 @@ from torch import nn
 from torch.func import functional_call
 
 from ue_dist.core.adversarial import adversarial_examples, adversarial_loss
+from ue_dist.core.augment import defended
 from ue_dist.core.config import SettingsError, parse_radius
-from ue_dist.core.augment import apply_params, sample_params
 from ue_dist.core.context import FitContext, format_metrics
 from ue_dist.core.defenses import eot_views
 from ue_dist.core.models import ARCHITECTURES, SmallCNN, WithNormalize, build_model
@@ -159,15 +159,6 @@ def _sync_buffers(module: nn.Module, ctx: FitContext | None) -> None:
 
 
 # one BOME iteration -----------------------------------------------------------------------------
-def defended(x: torch.Tensor, views: tuple, generator: torch.Generator | None) -> torch.Tensor:
-    """Each image through the image itself or one of ``views`` (defence-aware EOT,
-    ``core.defenses.eot_views``), drawn per sample as a defending victim's pipeline would
-    apply them; ``x`` unchanged (and no draw made) without views."""
-    if not views:
-        return x
-    return apply_params(x, sample_params("none", len(x), generator, x.device, views=views))
-
-
 def bome_step(gen: nn.Module, cls: nn.Module, gen_opt: torch.optim.Optimizer,
               cls_opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
               settings: Mapping[str, Any], ctx: FitContext | None = None,
